@@ -1,0 +1,27 @@
+"""Helpers shared by the Triton kernel modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# Triton signature type of each dtype the kernels take, for ahead-of-time compiles.
+TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass(frozen=True)
+class AotCase:
+    """One kernel configuration a launcher can choose, described well enough to compile it offline.
+
+    signature maps every argument name to a Triton type ("*bf16", "i32", "constexpr", ...);
+    constexprs gives the values of the constexpr ones. An integer argument that the launch specialises
+    to the constant 1 (a unit stride) appears as a constexpr equal to 1.
+    """
+
+    name: str
+    kernel: object
+    signature: dict
+    constexprs: dict = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
