@@ -15,10 +15,14 @@ import triton.language as tl
 
 from .common import TRITON_DTYPES, AotCase
 
-EPS = 1e-8
-# One configuration each (BLOCK_C = 128 elements is 256 contiguous bytes per token row in 16-bit).
-FWD_CONFIG = dict(BLOCK_N=16, BLOCK_C=128, num_warps=4)
-BWD_CONFIG = dict(BLOCK_N=16, BLOCK_C=128, num_warps=4)
+EPS = tl.constexpr(1e-8)  # F.cosine_similarity's default eps
+# One configuration each. BLOCK_C = 128 elements is 256 contiguous bytes per token row in 16-bit.
+# Register counts from `python -m vidtok aot` (sm_90): the forward at [16, 128] x 4 warps took 168,
+# at [8, 128] x 4 warps 48; the backward (three token tiles and their pointers) took 166 at 4 warps
+# and 80 at 8. Fewer registers mean more resident warps, hence more loads in flight for these
+# bandwidth-bound kernels.
+FWD_CONFIG = dict(BLOCK_N=8, BLOCK_C=128, num_warps=4)
+BWD_CONFIG = dict(BLOCK_N=8, BLOCK_C=128, num_warps=8)
 
 
 @triton.jit
@@ -76,11 +80,13 @@ def _paired_similarity_bwd_kernel(
     prev_p = base + t_prev.to(tl.int64) * s_t
     next_p = base + t_next.to(tl.int64) * s_t
 
-    d_prev = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-    d_next = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-    ss = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-    pp = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-    nn = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    # Row sums reduced every chunk (not 2-D accumulators): five [BLOCK_N, BLOCK_C] fp32 tiles plus
+    # three loaded ones took ~160 registers on sm_90.
+    d_prev = tl.zeros([BLOCK_N], dtype=tl.float32)
+    d_next = tl.zeros([BLOCK_N], dtype=tl.float32)
+    ss = tl.zeros([BLOCK_N], dtype=tl.float32)
+    pp = tl.zeros([BLOCK_N], dtype=tl.float32)
+    nn = tl.zeros([BLOCK_N], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         cols = offs_c.to(tl.int64)[None, :] * s_c
@@ -88,15 +94,15 @@ def _paired_similarity_bwd_kernel(
         vs = tl.load(self_p + cols, mask=mask, other=0.0).to(tl.float32)
         vp = tl.load(prev_p + cols, mask=mask, other=0.0).to(tl.float32)
         vn = tl.load(next_p + cols, mask=mask, other=0.0).to(tl.float32)
-        d_prev += vs * vp
-        d_next += vs * vn
-        ss += vs * vs
-        pp += vp * vp
-        nn += vn * vn
-    norm_self = tl.sqrt(tl.sum(ss, axis=1))
+        d_prev += tl.sum(vs * vp, axis=1)
+        d_next += tl.sum(vs * vn, axis=1)
+        ss += tl.sum(vs * vs, axis=1)
+        pp += tl.sum(vp * vp, axis=1)
+        nn += tl.sum(vn * vn, axis=1)
+    norm_self = tl.sqrt(ss)
     ns = tl.maximum(norm_self, EPS)
-    denom_prev = ns * tl.maximum(tl.sqrt(tl.sum(pp, axis=1)), EPS)
-    denom_next = ns * tl.maximum(tl.sqrt(tl.sum(nn, axis=1)), EPS)
+    denom_prev = ns * tl.maximum(tl.sqrt(pp), EPS)
+    denom_next = ns * tl.maximum(tl.sqrt(nn), EPS)
     g_row = grad_out_ptr + b.to(tl.int64) * T_out * N + offs_n
     # (scalar conditions broadcast to vectors: the interpreter rejects scalar-and-vector mask dtypes)
     zero = tl.zeros([BLOCK_N], dtype=tl.int32)
@@ -104,7 +110,7 @@ def _paired_similarity_bwd_kernel(
     g_next = tl.load(g_row + t.to(tl.int64) * N, mask=mask_n & (zero + t + lag < T), other=0.0)
     coef_prev = g_prev / denom_prev
     coef_next = g_next / denom_next
-    coef_self = g_prev * (tl.sum(d_prev, axis=1) / denom_prev) + g_next * (tl.sum(d_next, axis=1) / denom_next)
+    coef_self = g_prev * (d_prev / denom_prev) + g_next * (d_next / denom_next)
     coef_self = tl.where(norm_self > EPS, coef_self / (ns * ns), 0.0)
 
     out_row = grad_x_ptr + pid_bt.to(tl.int64) * N * C + offs_n.to(tl.int64)[:, None] * C

@@ -120,6 +120,8 @@ def reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str]
     out: list[str] = []
     if backend == "reference":
         return out
+    if backend in ("triton", "cuda") and dtype not in FLOAT_DTYPES:
+        out.append(f"the {backend} kernels take float32, float16 or bfloat16, got {dtype}")
     if backend == "triton":
         if (err := triton_import_error()) is not None:
             out.append(err)
@@ -143,8 +145,6 @@ def reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str]
             out.append(f"the CUDA C++ kernels need cuda tensors, got {device.type}")
         elif torch.cuda.get_device_capability(device) < (8, 0):
             out.append(f"vidtok._C is built for sm_80 and sm_90, got {torch.cuda.get_device_capability(device)}")
-        if dtype not in CUDA_DTYPE_CODES:
-            out.append(f"the CUDA C++ kernels take float32, float16 or bfloat16, got {dtype}")
         return out
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 

@@ -12,7 +12,9 @@ import torch
 
 from vidtok import _backend
 from vidtok import reference as ref
+from vidtok._backend import FLOAT_DTYPES
 from vidtok._validation import check_int, check_tensor
+from vidtok.reference.merge import accumulation_dtype
 
 __all__ = ["paired_similarity"]
 
@@ -76,7 +78,7 @@ def _paired_similarity_op(x: torch.Tensor, lag: int, backend: str) -> torch.Tens
 @_paired_similarity_op.register_fake
 def _(x, lag, backend):
     B, T, N, _ = x.shape
-    return x.new_empty((B, T - lag, N), dtype=torch.float32)
+    return x.new_empty((B, T - lag, N), dtype=accumulation_dtype(x.dtype))
 
 
 @torch.library.custom_op("vidtok::paired_similarity_backward", mutates_args=())
@@ -109,20 +111,20 @@ def paired_similarity(x: torch.Tensor, lag: int = 1, *, backend: str | None = No
 
     Args:
         x: ``[B, T, N, C]`` tokens — B videos, T frames, N tokens per frame, C channels; float32,
-            float16 or bfloat16, any strides.
+            float16 or bfloat16, any strides (float64 runs on the reference backend, for gradcheck).
         lag: frames between the compared tokens, ``1 <= lag < T``.
         backend: "reference", "triton", "cuda" or "auto" (default: ``use_backend``/``VIDTOK_BACKEND``,
             else auto).
 
     Returns:
-        float32 ``[B, T - lag, N]``: ``out[b, t, n] = cos(x[b, t + lag, n], x[b, t, n])`` computed as
+        float32 (float64 for float64 x) ``[B, T - lag, N]``: ``out[b, t, n] = cos(x[b, t + lag, n], x[b, t, n])`` computed as
         ``F.cosine_similarity``: dot / (max(|a|, 1e-8) * max(|b|, 1e-8)), accumulated in fp32. A zero
         token gives 0, not NaN; a NaN in a token gives NaN for the pairs it is in. Differentiable in x.
 
     This is the signal FrameFusion (Fu et al. 2024), DyCoke (Tao et al. 2025), PruneVid and vLLM's
     EVS threshold to find tokens that did not change between frames. One read of x; no host sync.
     """
-    check_tensor("x", x, rank=4, layout="[B, T, N, C]")
+    check_tensor("x", x, rank=4, layout="[B, T, N, C]", dtypes=FLOAT_DTYPES + (torch.float64,))
     T = x.shape[1]
     if T < 2:
         raise ValueError(f"x must have at least 2 frames to compare (x.shape[1] = T), got shape {tuple(x.shape)}")

@@ -8,14 +8,19 @@ import torch
 EPS = 1e-8
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for 16- and 32-bit inputs; float64 stays float64 (for gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def paired_similarity(x: torch.Tensor, lag: int = 1) -> torch.Tensor:
     """Cosine similarity of token (t, n) with token (t - lag, n).
 
-    x: [B, T, N, C] float. Returns fp32 [B, T - lag, N] where out[:, t] compares frame t + lag with
+    x: [B, T, N, C] float. Returns fp32 (fp64 for fp64 x) [B, T - lag, N] where out[:, t] compares frame t + lag with
     frame t, as ``F.cosine_similarity(x[:, lag:], x[:, :-lag], dim=-1)`` does:
     dot(a, b) / (max(|a|, eps) * max(|b|, eps)), eps = 1e-8, so a zero-norm token gives 0.
     """
-    xf = x.float()
+    xf = x.to(accumulation_dtype(x.dtype))
     norms = torch.linalg.vector_norm(xf, dim=-1).clamp_min(EPS)  # each token's norm, once
     dot = torch.linalg.vecdot(xf[:, lag:], xf[:, :-lag])
     return dot / (norms[:, lag:] * norms[:, :-lag])
@@ -27,8 +32,8 @@ def paired_similarity_backward(grad: torch.Tensor, x: torch.Tensor, lag: int = 1
     With |v|_e = max(|v|, eps): d cos(a, b)/da = b / (|a|_e |b|_e) - [|a| > eps] * cos * a / |a|^2.
     Frame t is the "a" of output t - lag and the "b" of output t; both terms land in grad_x[:, t].
     """
-    xf = x.float()
-    grad = grad.float()
+    xf = x.to(accumulation_dtype(x.dtype))
+    grad = grad.to(xf.dtype)
     norms = torch.linalg.vector_norm(xf, dim=-1)
     clamped = norms.clamp_min(EPS)
     # 1/|v|^2 where the norm is not clamped, 0 where it is (the clamp has no gradient there).
