@@ -1,0 +1,95 @@
+"""Render pytest-benchmark JSON files under bench/results/ into a Markdown table and a PNG chart.
+
+    python bench/render.py [bench/results/<device>.json ...]
+
+For each JSON file: <name>.md (one table per benchmark group: median time, achieved GB/s, fraction
+of the device's measured copy bandwidth, speed-up over the eager baseline of the same group) and
+<name>.png (the same speed-ups as bars).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _impl(bench: dict) -> str:
+    return bench["param"].rsplit("-", 1)[-1] if "param" in bench else bench["name"]
+
+
+def load(path: Path):
+    data = json.loads(path.read_text())
+    groups = defaultdict(list)
+    for bench in data["benchmarks"]:
+        groups[bench["group"]].append(bench)
+    return data["machine_info"], data.get("commit_info", {}), groups
+
+
+def _baseline(benches):
+    """The eager baseline's seconds per call in a group (the impl whose name starts with "eager")."""
+    return next((b["extra_info"]["seconds_per_call"] for b in benches if _impl(b).startswith("eager")), None)
+
+
+def markdown(path: Path) -> str:
+    machine, commit, groups = load(path)
+    lines = [
+        f"# {path.stem}",
+        "",
+        f"Device: **{machine.get('vidtok_device')}**; measured copy bandwidth "
+        f"{machine.get('copy_bandwidth_GBps')} GB/s; torch {machine.get('torch')}, triton {machine.get('triton')}; "
+        f"commit {(machine.get('git_commit') or commit.get('id') or '?')[:10]}.",
+        "",
+    ]
+    for group, benches in groups.items():
+        base = _baseline(benches)
+        lines += [f"## {group}", "", "| implementation | median | GB/s | of copy bandwidth | vs eager |", "|---|---|---|---|---|"]
+        for b in sorted(benches, key=lambda b: b["extra_info"]["seconds_per_call"]):
+            info = b["extra_info"]
+            seconds = info["seconds_per_call"]
+            speedup = f"{base / seconds:.2f}x" if base else "-"
+            lines.append(
+                f"| {_impl(b)} | {seconds * 1e3:.3f} ms | {info['GBps']:.1f} | "
+                f"{info['fraction_of_copy_bandwidth']:.0%} | {speedup} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def chart(path: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    machine, _, groups = load(path)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 2.2 * len(groups) + 0.8), squeeze=False)
+    for ax, (group, benches) in zip(axes[:, 0], groups.items()):
+        names = [_impl(b) for b in benches]
+        fractions = [b["extra_info"]["fraction_of_copy_bandwidth"] for b in benches]
+        colors = ["tab:gray" if n.startswith("eager") else "tab:blue" for n in names]
+        ax.barh(names, fractions, color=colors)
+        ax.set_title(group, fontsize=9)
+        ax.set_xlim(0, max(1.0, max(fractions) * 1.1))
+        ax.tick_params(labelsize=8)
+    axes[-1, 0].set_xlabel("achieved bandwidth / measured copy bandwidth (higher is better)")
+    fig.suptitle(str(machine.get("vidtok_device")), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(paths: list[str]) -> None:
+    files = [Path(p) for p in paths] or sorted(RESULTS.glob("*.json"))
+    for path in files:
+        md = path.with_suffix(".md")
+        md.write_text(markdown(path))
+        chart(path, path.with_suffix(".png"))
+        print(f"wrote {md} and {path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

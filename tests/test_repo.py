@@ -1,0 +1,24 @@
+"""The repository keeps its promises to a newcomer: CI runs exactly the README's commands."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Set up and run", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.+?)\n```", section, flags=re.S)
+
+
+def test_readme_has_exactly_two_setup_commands():
+    commands = _readme_commands()
+    assert len(commands) == 2 and all("\n" not in c for c in commands), commands
+    assert "pytest" in commands[1]
+
+
+def test_ci_runs_the_readme_commands():
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    for command in _readme_commands():
+        assert command in ci_lines, f".ci/run does not run the README command: {command}"
