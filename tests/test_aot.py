@@ -58,3 +58,11 @@ def test_cuda_module_has_no_spills(resources):
     assert rows, "no kernels found in vidtok._C"
     for row in rows:
         assert row["local_bytes"] == 0, f"{row['kernel']} spills {row['local_bytes']} bytes"
+
+
+def test_cuda_module_links_neither_libtorch_nor_a_shared_cuda_runtime():
+    """One build of vidtok._C must serve every torch version and need no CUDA runtime library."""
+    module = pytest.importorskip("vidtok._C", reason="vidtok._C is not built (no nvcc at install time)")
+    linked = subprocess.run(["ldd", module.__file__], capture_output=True, text=True).stdout
+    assert "libtorch" not in linked and "libc10" not in linked, linked
+    assert "libcudart.so" not in linked, linked

@@ -169,3 +169,31 @@ def test_compiles_fullgraph_without_recompiles():
         f(xe).backward()
         torch.testing.assert_close(y, f(x.detach()))
         torch.testing.assert_close(x.grad, xe.grad)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 0, 4), (0, 3, 2, 4), (1, 3, 2, 0)], ids=str)
+@pytest.mark.parametrize("device,dtype,backend", [c for c in _cases() if c.values[1] == torch.float32])
+def test_empty_dimensions(shape, device, dtype, backend):
+    x = torch.zeros(shape, device=device, dtype=dtype, requires_grad=True)
+    out = vidtok.paired_similarity(x, 1, backend=backend)
+    assert out.shape == (shape[0], shape[1] - 1, shape[2])
+    assert torch.equal(out.cpu(), torch.zeros(out.shape))  # C = 0: zero-norm tokens give 0
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    assert gx.shape == x.shape
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="realistic sizes run on a GPU only")
+@pytest.mark.parametrize("shape", [(1, 64, 576, 1152), (8, 16, 196, 768), (2, 9, 197, 1001)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gpu_backends_at_realistic_sizes(shape, dtype):
+    x = video_tokens(*shape, dtype=dtype, device="cuda", seed=1).requires_grad_()
+    grad = torch.randn(shape[0], shape[1] - 1, shape[2], device="cuda")
+    expected = ref.paired_similarity(x.detach(), 1)
+    expected_grad = ref.paired_similarity_backward(grad, x.detach(), 1)
+    for backend in runnable_backends("cuda", dtype):
+        out = vidtok.paired_similarity(x, 1, backend=backend)
+        assert_close(out, expected, dtype=torch.float32, reduce_dim=shape[-1], msg=backend)
+        (gx,) = torch.autograd.grad(out, x, grad)
+        scale = expected_grad.float().abs().max()
+        assert_close(gx.float() / scale, expected_grad.float() / scale, dtype=dtype, reduce_dim=shape[-1], msg=backend)
