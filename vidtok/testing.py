@@ -113,3 +113,48 @@ def real_clip(name: str = "carphone_pristine.mp4", *, max_frames: int | None = N
             if max_frames is not None and len(frames) >= max_frames:
                 break
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
+
+
+def synthetic_clip(
+    T: int = 48, H: int = 128, W: int = 160, *, cut_at: int | None = None, objects: int = 3, seed: int = 0
+) -> torch.Tensor:
+    """A clip vidtok can be shown on without any file: uint8 [T, 3, H, W].
+
+    A static textured background with ``objects`` textured squares moving at constant velocity (so
+    most patches never change and a few do every frame); at frame ``cut_at`` (default T // 2; pass T
+    for none) a scene cut switches to a new background and new objects. Deterministic in ``seed``.
+    """
+    cut_at = T // 2 if cut_at is None else cut_at
+    g = torch.Generator().manual_seed(seed)
+
+    def texture(h, w):
+        # smooth random colour field plus fine noise: patches differ from each other but are not flat
+        coarse = torch.rand(1, 3, max(h // 16, 2), max(w // 16, 2), generator=g)
+        field = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0]
+        return (0.8 * field + 0.2 * torch.rand(3, h, w, generator=g)) * 255
+
+    def scene():
+        size = max(min(H, W) // 5, 4)
+        sprites = []
+        for _ in range(objects):
+            pos = torch.rand(2, generator=g) * torch.tensor([H - size, W - size])
+            vel = (torch.rand(2, generator=g) - 0.5) * 6
+            sprites.append((texture(size, size), pos, vel))
+        return texture(H, W), sprites, size
+
+    frames = torch.empty(T, 3, H, W, dtype=torch.uint8)
+    background, sprites, size = scene()
+    for t in range(T):
+        if t == cut_at:
+            background, sprites, size = scene()
+        start = 0 if t < cut_at else cut_at
+        frame = background.clone()
+        for tex, pos, vel in sprites:
+            # bounce off the borders
+            p = pos + vel * (t - start)
+            span = torch.tensor([H - size, W - size], dtype=p.dtype)
+            p = torch.remainder(p, 2 * span)
+            p = torch.where(p > span, 2 * span - p, p).round().long()
+            frame[:, p[0] : p[0] + size, p[1] : p[1] + size] = tex
+        frames[t] = frame.clamp(0, 255).to(torch.uint8)
+    return frames
