@@ -4,6 +4,8 @@ The floor: one read of x and one fp32 write of [B, T - lag, N]; 4 FLOPs per elem
 two compared tokens (dot and two squared norms: 3 multiply-adds per channel pair).
 """
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,8 +14,11 @@ import vidtok
 from vidtok import _backend
 from vidtok.testing import video_tokens
 
-# (B, T, N, C): a video LLM's SigLIP tokens over 64 frames, and a video ViT batch (issue 2).
+# (B, T, N, C): a video LLM's SigLIP tokens over 64 frames, and a video ViT batch (issue 2);
+# VIDTOK_BENCH_QUICK=1 (python -m vidtok bench --quick) runs one small shape as a smoke test.
 SHAPES = [(1, 64, 576, 1152), (8, 16, 196, 768)]
+if os.environ.get("VIDTOK_BENCH_QUICK") == "1":
+    SHAPES = [(1, 8, 64, 256)]
 LAG = 1
 
 

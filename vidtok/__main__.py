@@ -1,4 +1,4 @@
-"""Command line: ``python -m vidtok info | example | aot``."""
+"""Command line: ``python -m vidtok info | example | aot | bench``."""
 
 from __future__ import annotations
 
@@ -36,6 +36,34 @@ def _example() -> str:
     return "\n".join(lines)
 
 
+def _bench(quick: bool, out: str | None) -> int:
+    """Run bench/ with pytest-benchmark, then bench/render.py over the JSON it wrote."""
+    import os
+    import re
+    import subprocess
+    from pathlib import Path
+
+    import torch
+
+    bench_dir = Path(__file__).resolve().parents[1] / "bench"
+    if not (bench_dir / "conftest.py").is_file():
+        print(f"the benchmarks live in vidtok's source checkout (bench/ next to vidtok/); not found at {bench_dir}")
+        return 2
+    out_dir = Path(out) if out else bench_dir / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    name = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") + ("-quick" if quick else "")
+    json_path = out_dir / f"{name}.json"
+    env = {**os.environ, "VIDTOK_BENCH_QUICK": "1" if quick else "0"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", str(bench_dir), "-q", "-p", "no:cacheprovider", f"--benchmark-json={json_path}"],
+        env=env, cwd=bench_dir.parent,
+    )
+    if result.returncode != 0:
+        return result.returncode
+    return subprocess.run([sys.executable, str(bench_dir / "render.py"), str(json_path)]).returncode
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vidtok", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +72,9 @@ def main(argv=None) -> int:
     aot = sub.add_parser("aot", help="compile every Triton kernel for sm_80/sm_90 (no GPU needed), print resources")
     aot.add_argument("--report", help="also write the table to this file")
     aot.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    bench = sub.add_parser("bench", help="run the benchmarks (source checkout) and render JSON, Markdown and PNG")
+    bench.add_argument("--quick", action="store_true", help="one small shape per benchmark: a smoke test")
+    bench.add_argument("--out", default=None, help="folder for the results (default: bench/results)")
     args = parser.parse_args(argv)
     if args.command == "info":
         from vidtok.info import report
@@ -53,6 +84,8 @@ def main(argv=None) -> int:
         from vidtok.aot import main as aot_main
 
         print(aot_main(args.report, args.json))
+    elif args.command == "bench":
+        return _bench(args.quick, args.out)
     elif args.command == "example":
         print(_example())
     return 0
