@@ -180,3 +180,340 @@ def _aot_cases() -> list[AotCase]:
 
 
 AOT_CASES = _aot_cases()
+
+
+# ---------------------------------------------------------------------------------------------------
+# match: for each row of a [B, M, D], its most cosine-similar row of b [B, K, D].
+#
+# One program owns BLOCK_M rows of a and walks b in BLOCK_K tiles: tensor-core dot products over D in
+# BLOCK_D chunks (fp32 accumulation), the squared norms of the b tile from the same loads, then a
+# running max/argmax per row. The [M, K] matrix never leaves registers. With group ids, a b tile whose
+# group range cannot meet the a tile's is skipped. Ties: a later tile must be strictly better, and
+# within a tile the lowest column of the maximum wins, so the lowest index wins overall.
+
+# Registers from the offline compile (sm_90, fp16, contiguous): [64, 64] tiles with BLOCK_D=64 at 4 warps
+# took 255, BLOCK_D=32 at 8 warps 128 (fp32 155, strided with groups 148), without spills.
+MATCH_CONFIG = dict(BLOCK_M=64, BLOCK_K=64, BLOCK_D=32, num_warps=8)
+NEG_INF = tl.constexpr(float("-inf"))
+INT_MAX = tl.constexpr(2**31 - 1)
+INT_MIN = tl.constexpr(-(2**31))
+
+
+@triton.jit
+def _match_kernel(
+    a_ptr, b_ptr, ag_ptr, bg_ptr, score_ptr, idx_ptr, M, K, D,
+    s_ab, s_am, s_ad, s_bb, s_bk, s_bd, s_agb, s_agm, s_bgb, s_bgk,
+    HAS_GROUPS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    num_m = tl.cdiv(M, BLOCK_M)
+    b = tl.program_id(0) // num_m
+    offs_m = (tl.program_id(0) % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    a_rows = a_ptr + b.to(tl.int64) * s_ab + offs_m.to(tl.int64)[:, None] * s_am
+    b_base = b_ptr + b.to(tl.int64) * s_bb
+
+    # norms of the a rows, once
+    sq_a = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        va = tl.load(a_rows + offs_d.to(tl.int64)[None, :] * s_ad,
+                     mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+        sq_a += tl.sum(va * va, axis=1)
+    norm_a = tl.maximum(tl.sqrt(sq_a), EPS)
+
+    if HAS_GROUPS:
+        ga = tl.load(ag_ptr + b.to(tl.int64) * s_agb + offs_m.to(tl.int64) * s_agm, mask=mask_m, other=0)
+        ga_lo = tl.min(tl.where(mask_m, ga, INT_MAX), axis=0)
+        ga_hi = tl.max(tl.where(mask_m, ga, INT_MIN), axis=0)
+
+    best = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
+    best_idx = tl.full([BLOCK_M], -1, dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        visit = True
+        if HAS_GROUPS:
+            gb = tl.load(bg_ptr + b.to(tl.int64) * s_bgb + offs_k.to(tl.int64) * s_bgk, mask=mask_k, other=0)
+            gb_lo = tl.min(tl.where(mask_k, gb, INT_MAX), axis=0)
+            gb_hi = tl.max(tl.where(mask_k, gb, INT_MIN), axis=0)
+            visit = (gb_lo <= ga_hi) & (ga_lo <= gb_hi)
+        if visit:
+            dot = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+            sq_b = tl.zeros([BLOCK_K], dtype=tl.float32)
+            b_cols = b_base + offs_k.to(tl.int64)[None, :] * s_bk
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                mask_d = offs_d < D
+                va = tl.load(a_rows + offs_d.to(tl.int64)[None, :] * s_ad,
+                             mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+                vb = tl.load(b_cols + offs_d.to(tl.int64)[:, None] * s_bd,  # [BLOCK_D, BLOCK_K]: b transposed
+                             mask=mask_d[:, None] & mask_k[None, :], other=0.0)
+                dot = tl.dot(va, vb, dot, input_precision=PRECISION)
+                vbf = vb.to(tl.float32)
+                sq_b += tl.sum(vbf * vbf, axis=0)
+            sim = dot / (norm_a[:, None] * tl.maximum(tl.sqrt(sq_b), EPS)[None, :])
+            ok = mask_k[None, :] & (sim == sim)  # NaN similarities never match
+            if HAS_GROUPS:
+                ok = ok & (ga[:, None] == gb[None, :])
+            sim = tl.where(ok, sim, NEG_INF)
+            tile_best, tile_col = tl.max(sim, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            tile_idx = k0 + tile_col
+            better = tile_best > best  # strictly: an earlier tile keeps its tie
+            best = tl.where(better, tile_best, best)
+            best_idx = tl.where(better, tile_idx, best_idx)
+    out = b.to(tl.int64) * M + offs_m
+    tl.store(score_ptr + out, best, mask=mask_m)
+    tl.store(idx_ptr + out, best_idx, mask=mask_m)
+
+
+def match(a: torch.Tensor, b: torch.Tensor, a_group: torch.Tensor | None, b_group: torch.Tensor | None):
+    """(score fp32 [B, M], idx int32 [B, M]); a [B, M, D], b [B, K, D] of one dtype, any strides;
+    a_group/b_group int32 [B, M]/[B, K] or both None."""
+    B, M, D = a.shape
+    K = b.shape[1]
+    score = torch.full((B, M), float("-inf"), device=a.device, dtype=torch.float32)
+    idx = torch.full((B, M), -1, device=a.device, dtype=torch.int32)
+    if score.numel() == 0 or K == 0:
+        return score, idx
+    has_groups = a_group is not None
+    ag = a_group if has_groups else idx  # unused placeholders when there are no groups
+    bg = b_group if has_groups else idx
+    cfg = MATCH_CONFIG
+    grid = (B * triton.cdiv(M, cfg["BLOCK_M"]),)
+    _match_kernel[grid](
+        a, b, ag, bg, score, idx, M, K, D, *a.stride(), *b.stride(),
+        *(ag.stride() if has_groups else (0, 0)), *(bg.stride() if has_groups else (0, 0)),
+        HAS_GROUPS=has_groups, PRECISION=_dot_precision(a.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+    )
+    return score, idx
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs use full-precision products ("ieee"), not TF32: indices must equal the reference's.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _match_aot_cases() -> list[AotCase]:
+    cases = []
+    cfg = MATCH_CONFIG
+    for dtype, ty in TRITON_DTYPES.items():
+        for unit_stride in (True, False):  # contiguous rows (the fast path) and a general view
+            for groups in (False, True):
+                sig = {"a_ptr": f"*{ty}", "b_ptr": f"*{ty}", "ag_ptr": "*i32", "bg_ptr": "*i32", "score_ptr": "*fp32",
+                       "idx_ptr": "*i32", "M": "i32", "K": "i32", "D": "i32",
+                       "s_ab": "i64", "s_am": "i64", "s_ad": "i64", "s_bb": "i64", "s_bk": "i64", "s_bd": "i64",
+                       "s_agb": "i64", "s_agm": "i64", "s_bgb": "i64", "s_bgk": "i64",
+                       "HAS_GROUPS": "constexpr", "PRECISION": "constexpr",
+                       "BLOCK_M": "constexpr", "BLOCK_K": "constexpr", "BLOCK_D": "constexpr"}
+                consts = {"HAS_GROUPS": groups, "PRECISION": _dot_precision(dtype),
+                          "BLOCK_M": cfg["BLOCK_M"], "BLOCK_K": cfg["BLOCK_K"], "BLOCK_D": cfg["BLOCK_D"]}
+                unit = ["s_ad", "s_bd"] + (["s_agm", "s_bgk"] if groups else [])
+                if unit_stride:
+                    sig.update({name: "constexpr" for name in unit})
+                    consts.update({name: 1 for name in unit})
+                tag = f"{ty}-{'contiguous' if unit_stride else 'strided'}{'-groups' if groups else ''}"
+                cases.append(AotCase(f"match-{tag}", _match_kernel, sig, consts, num_warps=cfg["num_warps"]))
+    return cases
+
+
+AOT_CASES = AOT_CASES + _match_aot_cases()
+
+
+# ---------------------------------------------------------------------------------------------------
+# merge_tokens: a deterministic segmented reduction grouped by output slot.
+#
+# The launcher sorts the input positions by output slot (a stable sort, so each group's members come in
+# position order) and finds each slot's [start, end) in that order. One program owns BLOCK_S output
+# slots and BLOCK_C channels and walks their members in lockstep, accumulating in fp32 registers in
+# that fixed order: no atomics, the same bits every run, each output written once.
+
+# [16, 128] at 4 warps took 168 registers (sm_90), [8, 128] at 4 warps 80-109, at 8 warps 52-63.
+MERGE_CONFIG = dict(BLOCK_S=8, BLOCK_C=128, num_warps=8)
+MERGE_MODE_CODES = {"wmean": 0, "mean": 1, "sum": 2, "replace": 3}
+
+
+@triton.jit
+def _merge_tokens_kernel(
+    x_ptr, size_ptr, perm_ptr, start_ptr, origin_ptr, out_ptr, size_out_ptr, N, L, C,
+    s_xb, s_xn, s_xc, s_sb, s_sn,
+    MODE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    b = tl.program_id(0)
+    offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask_s = offs_s < L
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    x_base = x_ptr + b.to(tl.int64) * s_xb
+    out_rows = out_ptr + (b.to(tl.int64) * L + offs_s)[:, None] * C + offs_c[None, :]
+    mask = mask_s[:, None] & mask_c[None, :]
+    starts = tl.load(start_ptr + b.to(tl.int64) * (L + 1) + offs_s, mask=mask_s, other=0)
+    counts = tl.load(start_ptr + b.to(tl.int64) * (L + 1) + offs_s + 1, mask=mask_s, other=0) - starts
+    acc = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    total = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for i in range(0, tl.max(counts, axis=0)):
+        live = mask_s & (i < counts)
+        n = tl.load(perm_ptr + b.to(tl.int64) * N + starts + i, mask=live, other=0)
+        s = tl.load(size_ptr + b.to(tl.int64) * s_sb + n.to(tl.int64) * s_sn, mask=live, other=0.0).to(tl.float32)
+        total += s
+        if MODE != 3:
+            v = tl.load(x_base + n.to(tl.int64)[:, None] * s_xn + offs_c.to(tl.int64)[None, :] * s_xc,
+                        mask=live[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+            if MODE == 0:
+                v = v * s[:, None]
+            acc += v
+    # a slot without members (padding, origin -1) gets zeros and size 0
+    if MODE == 0:
+        acc = acc / tl.where(total > 0, total, 1.0)[:, None]
+    if MODE == 1:
+        acc = acc / tl.maximum(counts, 1).to(tl.float32)[:, None]
+    if MODE == 3:  # replace: the representative's own value
+        rep = tl.load(origin_ptr + b.to(tl.int64) * L + offs_s, mask=mask_s, other=-1)
+        acc = tl.load(x_base + rep.to(tl.int64)[:, None] * s_xn + offs_c.to(tl.int64)[None, :] * s_xc,
+                      mask=mask & (rep >= 0)[:, None], other=0.0).to(tl.float32)
+    tl.store(out_rows, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if tl.program_id(2) == 0:
+        tl.store(size_out_ptr + b.to(tl.int64) * L + offs_s, total, mask=mask_s)
+
+
+def merge_tokens(x: torch.Tensor, size: torch.Tensor, index: torch.Tensor, origin: torch.Tensor, mode: str):
+    """(out [B, L, C] in x's dtype, size_out fp32 [B, L]) from x [B, N, C] (any strides), size [B, N],
+    index int32 [B, N] (slot of each token) and origin int32 [B, L]."""
+    B, N, C = x.shape
+    L = origin.shape[1]
+    out = torch.empty((B, L, C), device=x.device, dtype=x.dtype)
+    size_out = torch.zeros((B, L), device=x.device, dtype=torch.float32)
+    if B * L == 0:
+        return out, size_out
+    order = torch.sort(index, dim=1, stable=True)
+    perm = order.indices.to(torch.int32).contiguous()
+    slots = torch.arange(L + 1, device=x.device, dtype=index.dtype).expand(B, L + 1).contiguous()
+    starts = torch.searchsorted(order.values.contiguous(), slots).to(torch.int32).contiguous()
+    cfg = MERGE_CONFIG
+    grid = (B, triton.cdiv(L, cfg["BLOCK_S"]), max(triton.cdiv(C, cfg["BLOCK_C"]), 1))
+    _merge_tokens_kernel[grid](
+        x, size, perm, starts, origin.contiguous(), out, size_out, N, L, C, *x.stride(), *size.stride(),
+        MODE=MERGE_MODE_CODES[mode], BLOCK_S=cfg["BLOCK_S"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+    )
+    return out, size_out
+
+
+def _merge_tokens_aot_cases() -> list[AotCase]:
+    cases = []
+    cfg = MERGE_CONFIG
+    for dtype, ty in TRITON_DTYPES.items():
+        for mode, code in MERGE_MODE_CODES.items():
+            sig = {"x_ptr": f"*{ty}", "size_ptr": "*fp32", "perm_ptr": "*i32", "start_ptr": "*i32", "origin_ptr": "*i32",
+                   "out_ptr": f"*{ty}", "size_out_ptr": "*fp32", "N": "i32", "L": "i32", "C": "i32",
+                   "s_xb": "i64", "s_xn": "i64", "s_xc": "constexpr", "s_sb": "i64", "s_sn": "constexpr",
+                   "MODE": "constexpr", "BLOCK_S": "constexpr", "BLOCK_C": "constexpr"}
+            consts = {"s_xc": 1, "s_sn": 1, "MODE": code, "BLOCK_S": cfg["BLOCK_S"], "BLOCK_C": cfg["BLOCK_C"]}
+            cases.append(AotCase(f"merge_tokens-{ty}-{mode}", _merge_tokens_kernel, sig, consts, num_warps=cfg["num_warps"]))
+        sig = dict(cases[-1].signature, s_xc="i64", s_sn="i64")  # a general view of x and size
+        consts = {"MODE": 0, "BLOCK_S": cfg["BLOCK_S"], "BLOCK_C": cfg["BLOCK_C"]}
+        cases.append(AotCase(f"merge_tokens-{ty}-wmean-strided", _merge_tokens_kernel, sig, consts, num_warps=cfg["num_warps"]))
+    return cases
+
+
+AOT_CASES = AOT_CASES + _merge_tokens_aot_cases()
+
+
+# ---------------------------------------------------------------------------------------------------
+# window_links: token (t + lag, y, x)'s best match among tokens (t, y', x') within a Chebyshev radius.
+#
+# One program owns BLOCK_N tokens of one frame and visits the (2 radius + 1)^2 offsets in increasing
+# candidate position (dy, then dx), streaming channels in BLOCK_C chunks: a strictly better candidate
+# replaces the best, so ties keep the lowest position. The token's own rows are re-read per offset
+# from L1/L2; the candidates of neighbouring tokens overlap, so one HBM pass over x is the aim.
+
+# [8, 128] at 4 warps took 163 registers (sm_90), at 8 warps 76.
+WINDOW_CONFIG = dict(BLOCK_N=8, BLOCK_C=128, num_warps=8)
+
+
+@triton.jit
+def _window_links_kernel(
+    x_ptr, score_ptr, idx_ptr, T_out, N, C, lag, h, w, radius_h, radius_w,
+    s_b, s_t, s_n, s_c,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_bt = tl.program_id(0)  # b * T_out + t
+    b = pid_bt // T_out
+    t = pid_bt % T_out
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    y = offs_n // w
+    x = offs_n % w
+    frame = x_ptr + b.to(tl.int64) * s_b
+    cur = frame + (t + lag).to(tl.int64) * s_t + offs_n.to(tl.int64)[:, None] * s_n
+    prev = frame + t.to(tl.int64) * s_t
+
+    sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        v = tl.load(cur + offs_c.to(tl.int64)[None, :] * s_c, mask=mask_n[:, None] & (offs_c[None, :] < C),
+                    other=0.0).to(tl.float32)
+        sq += tl.sum(v * v, axis=1)
+    norm_cur = tl.maximum(tl.sqrt(sq), EPS)
+
+    best = tl.full([BLOCK_N], NEG_INF, dtype=tl.float32)
+    best_idx = tl.full([BLOCK_N], -1, dtype=tl.int32)
+    for dy in range(-radius_h, radius_h + 1):
+        for dx in range(-radius_w, radius_w + 1):
+            y2 = y + dy
+            x2 = x + dx
+            valid = mask_n & (y2 >= 0) & (y2 < h) & (x2 >= 0) & (x2 < w)
+            n2 = tl.where(valid, y2 * w + x2, 0)
+            cand = prev + n2.to(tl.int64)[:, None] * s_n
+            dot = tl.zeros([BLOCK_N], dtype=tl.float32)
+            sq2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                offs_c = c0 + tl.arange(0, BLOCK_C)
+                cols = offs_c.to(tl.int64)[None, :] * s_c
+                mask = valid[:, None] & (offs_c[None, :] < C)
+                va = tl.load(cur + cols, mask=mask, other=0.0).to(tl.float32)
+                vb = tl.load(cand + cols, mask=mask, other=0.0).to(tl.float32)
+                dot += tl.sum(va * vb, axis=1)
+                sq2 += tl.sum(vb * vb, axis=1)
+            sim = dot / (norm_cur * tl.maximum(tl.sqrt(sq2), EPS))
+            better = valid & (sim > best)  # NaN compares false: never better
+            best = tl.where(better, sim, best)
+            best_idx = tl.where(better, n2, best_idx)
+    out = pid_bt.to(tl.int64) * N + offs_n
+    tl.store(score_ptr + out, best, mask=mask_n)
+    tl.store(idx_ptr + out, best_idx, mask=mask_n)
+
+
+def window_links(x: torch.Tensor, lag: int, radius: int, grid: tuple[int, int]):
+    """(score fp32 [B, T - lag, N], idx int32 [B, T - lag, N]) for x [B, T, N, C], any strides."""
+    B, T, N, C = x.shape
+    h, w = grid
+    score = torch.full((B, T - lag, N), float("-inf"), device=x.device, dtype=torch.float32)
+    idx = torch.full((B, T - lag, N), -1, device=x.device, dtype=torch.int32)
+    if score.numel() == 0:
+        return score, idx
+    cfg = WINDOW_CONFIG
+    grid_ = (B * (T - lag), triton.cdiv(N, cfg["BLOCK_N"]))
+    _window_links_kernel[grid_](
+        x, score, idx, T - lag, N, C, lag, h, w, min(radius, h - 1), min(radius, w - 1), *x.stride(),
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
+    )
+    return score, idx
+
+
+def _window_links_aot_cases() -> list[AotCase]:
+    cases = []
+    cfg = WINDOW_CONFIG
+    for dtype, ty in TRITON_DTYPES.items():
+        for unit_stride in (True, False):
+            sig = {"x_ptr": f"*{ty}", "score_ptr": "*fp32", "idx_ptr": "*i32", "T_out": "i32", "N": "i32", "C": "i32",
+                   "lag": "i32", "h": "i32", "w": "i32", "radius_h": "i32", "radius_w": "i32",
+                   "s_b": "i64", "s_t": "i64", "s_n": "i64", "s_c": "constexpr" if unit_stride else "i64",
+                   "BLOCK_N": "constexpr", "BLOCK_C": "constexpr"}
+            consts = {**({"s_c": 1} if unit_stride else {}), "BLOCK_N": cfg["BLOCK_N"], "BLOCK_C": cfg["BLOCK_C"]}
+            tag = f"{ty}-{'contiguous' if unit_stride else 'strided'}"
+            cases.append(AotCase(f"window_links-{tag}", _window_links_kernel, sig, consts, num_warps=cfg["num_warps"]))
+    return cases
+
+
+AOT_CASES = AOT_CASES + _window_links_aot_cases()

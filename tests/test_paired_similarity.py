@@ -1,5 +1,7 @@
 """vidtok.paired_similarity: every backend against the reference, the reference against fp64 math."""
 
+import zlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,7 +38,7 @@ def _cases():
 @pytest.mark.parametrize("device,dtype,backend", list(_cases()))
 def test_matches_float64_oracle(shape, device, dtype, backend):
     B, T, N, C, lag = shape
-    seed = hash((shape, str(dtype), backend)) % 2**31
+    seed = zlib.crc32(repr((shape, str(dtype), backend)).encode())
     x = video_tokens(B, T, N, C, dtype=dtype, device=device, seed=seed)
     out = vidtok.paired_similarity(x, lag, backend=backend)
     assert out.dtype == torch.float32 and out.shape == (B, T - lag, N)

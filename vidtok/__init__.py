@@ -5,8 +5,12 @@ Triton kernel and a CUDA C++ kernel; see ``python -m vidtok info`` for which can
 """
 
 from vidtok._backend import BACKENDS, BackendUnavailableError, use_backend
-from vidtok.merge import paired_similarity
+from vidtok.merge import Merged, bipartite_merge, match, paired_similarity, temporal_merge, unmerge
+from vidtok.select import Scores, dpp_select, frame_scores, greedy_select, scene_boundaries, segment_topk, uniform_indices
+from vidtok import masks, nn
+from vidtok.sparse import SparsePlan, VideoLayout, build_plan, sparse_attention
+from vidtok.motion import Gate, Packed, block_match, motion_gate, motion_report, pack, patch_delta, unpack
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "paired_similarity", "use_backend", "__version__"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "paired_similarity", "Merged", "bipartite_merge", "match", "temporal_merge", "unmerge", "use_backend", "masks", "nn", "SparsePlan", "VideoLayout", "build_plan", "sparse_attention", "Scores", "dpp_select", "frame_scores", "greedy_select", "scene_boundaries", "segment_topk", "uniform_indices", "Gate", "Packed", "block_match", "motion_gate", "motion_report", "pack", "patch_delta", "unpack", "__version__"]

@@ -33,6 +33,17 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Triton interpreter is a correctness tool (~4 ms per program), never a fast path.
 AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "paired_similarity": {"cuda": ("cuda", "triton", "reference"), "cpu": ("reference",)},
+    "match": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
+    "bipartite_merge": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
+    "temporal_merge": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
+    "frame_scores": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
+    "greedy_select": {"cuda": ("reference",), "cpu": ("reference",)},
+    "dpp_select": {"cuda": ("reference",), "cpu": ("reference",)},
+    "scene_boundaries": {"cuda": ("reference",), "cpu": ("reference",)},
+    "sparse_attention": {"cuda": ("triton", "reference"), "cpu": ("reference",)},  # no CUDA C++ kernel
+    "patch_delta": {"cuda": ("triton", "reference"), "cpu": ("reference",)},  # no CUDA C++ kernel
+    "motion_gate": {"cuda": ("triton", "reference"), "cpu": ("reference",)},  # no CUDA C++ kernel
+    "block_match": {"cuda": ("triton", "reference"), "cpu": ("reference",)},  # no CUDA C++ kernel yet
 }
 DEFAULT_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("reference",)}
 

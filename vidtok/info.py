@@ -10,7 +10,7 @@ import torch
 from vidtok import _backend
 
 # Every public op and the dtype its availability is reported for.
-OPS = ("paired_similarity",)
+OPS = ("paired_similarity", "match", "bipartite_merge", "temporal_merge", "sparse_attention", "frame_scores", "greedy_select", "dpp_select", "scene_boundaries", "patch_delta", "motion_gate", "block_match",)
 
 
 def _version(module: str) -> str:

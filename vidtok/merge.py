@@ -8,15 +8,17 @@ The op bodies dispatch to ``vidtok.reference`` (any device), ``vidtok.kernels`` 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from vidtok import _backend
 from vidtok import reference as ref
 from vidtok._backend import FLOAT_DTYPES
-from vidtok._validation import check_int, check_tensor
+from vidtok._validation import check_int, check_same_device, check_tensor
 from vidtok.reference.merge import accumulation_dtype
 
-__all__ = ["paired_similarity"]
+__all__ = ["Merged", "bipartite_merge", "match", "paired_similarity", "temporal_merge", "unmerge"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -131,3 +133,421 @@ def paired_similarity(x: torch.Tensor, lag: int = 1, *, backend: str | None = No
     check_int("lag", lag, low=1, high=T - 1, why=f" for x with T = {T} frames")
     chosen = _backend.select("paired_similarity", x.device, x.dtype, backend)
     return _paired_similarity_op(x, lag, chosen)
+
+
+# ---------------------------------------------------------------------------------------------------
+# match
+
+GROUP_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
+
+
+def _match_triton(a, b, a_group, b_group):
+    from vidtok.kernels import merge as kernels
+
+    return kernels.match(a, b, a_group, b_group)
+
+
+_MATCH = {"reference": ref.match, "triton": _match_triton}
+
+
+@torch.library.custom_op("vidtok::match", mutates_args=())
+def _match_op(
+    a: torch.Tensor, b: torch.Tensor, a_group: torch.Tensor | None, b_group: torch.Tensor | None, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _MATCH[backend](a, b, a_group, b_group)
+
+
+@_match_op.register_fake
+def _(a, b, a_group, b_group, backend):
+    B, M, _ = a.shape
+    return a.new_empty((B, M), dtype=accumulation_dtype(a.dtype)), a.new_empty((B, M), dtype=torch.int32)
+
+
+def _no_cuda_kernel(name: str):
+    def reasons(backend: str) -> list[str]:
+        return [f"vidtok._C has no {name} kernel yet; use triton or reference"] if backend == "cuda" else []
+
+    return reasons
+
+
+def match(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    a_group: torch.Tensor | None = None,
+    b_group: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every row of ``a``, its most cosine-similar row of ``b``.
+
+    Args:
+        a: ``[B, M, D]``, b: ``[B, K, D]`` — float32, float16 or bfloat16 of one dtype, any strides
+            (float64 runs on the reference backend).
+        a_group, b_group: optional integer group ids ``[B, M]`` and ``[B, K]`` (both or neither): only
+            rows of equal group are compared (per-frame or windowed matching).
+        backend: "reference", "triton" or "auto" (no CUDA C++ kernel yet).
+
+    Returns:
+        ``(score, idx)``: score float32 (float64 for float64 inputs) ``[B, M]``, the best cosine
+        similarity dot / (max(|a|, 1e-8) * max(|b|, 1e-8)) accumulated in fp32; idx int32 ``[B, M]``,
+        the row of b achieving it. Ties go to the lowest index. A row with no allowed partner (K = 0,
+        no row of its group, or a NaN token: NaN similarities never match) gets -inf and -1.
+        Not differentiable (the matching step of ToMe, Bolya et al. 2023, runs under no_grad).
+
+    The Triton kernel never materialises the ``[M, K]`` matrix (running max/argmax over tiles of b,
+    tiles whose groups cannot meet are skipped); the reference builds it 1024 rows of a at a time.
+    Group tiles are skipped only when group ids are sorted enough for a tile's range to exclude them.
+    """
+    check_tensor("a", a, rank=3, layout="[B, M, D]", dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_tensor("b", b, rank=3, layout="[B, K, D]", dtypes=FLOAT_DTYPES + (torch.float64,))
+    if a.dtype != b.dtype:
+        raise TypeError(f"a and b must have one dtype, got {a.dtype} and {b.dtype}")
+    if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
+        raise ValueError(f"a [B, M, D] and b [B, K, D] must agree on B and D, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if (a_group is None) != (b_group is None):
+        raise ValueError("pass both a_group and b_group, or neither")
+    if a_group is not None:
+        check_tensor("a_group", a_group, rank=2, layout="[B, M]", dtypes=GROUP_DTYPES)
+        check_tensor("b_group", b_group, rank=2, layout="[B, K]", dtypes=GROUP_DTYPES)
+        if tuple(a_group.shape) != tuple(a.shape[:2]):
+            raise ValueError(f"a_group must be [B, M] = {tuple(a.shape[:2])}, got {tuple(a_group.shape)}")
+        if tuple(b_group.shape) != tuple(b.shape[:2]):
+            raise ValueError(f"b_group must be [B, K] = {tuple(b.shape[:2])}, got {tuple(b_group.shape)}")
+        a_group, b_group = a_group.to(torch.int32), b_group.to(torch.int32)
+    check_same_device(a=a, b=b, a_group=a_group, b_group=b_group)
+    chosen = _backend.select("match", a.device, a.dtype, backend, _no_cuda_kernel("match"))
+    return _match_op(a, b, a_group, b_group, chosen)
+
+
+# ---------------------------------------------------------------------------------------------------
+# bipartite_merge and unmerge
+
+
+class Merged(NamedTuple):
+    """The result of a merge.
+
+    x: ``[B, L, C]`` merged tokens (x's dtype). size: ``[B, L]`` how many original tokens each output
+    represents (fp32; fp64 for fp64 x). index: int32 ``[B, N]``, the output slot of every input token.
+    origin: int32 ``[B, L]``, the input position of each output's representative (the token that kept
+    its place: a destination or an unmerged token). lengths: int64 ``[B]``, the valid outputs of each
+    video when outputs are padded (temporal_merge; padding has x = 0, size = 0, origin = -1, so
+    log_size is -inf there); None for bipartite_merge.
+    """
+
+    x: torch.Tensor
+    size: torch.Tensor
+    index: torch.Tensor
+    origin: torch.Tensor
+    lengths: torch.Tensor | None = None
+
+    @property
+    def log_size(self) -> torch.Tensor:
+        """``log(size)`` ``[B, L]``: the bias proportional attention adds to each key's logits
+        (ToMe, Bolya et al. 2023, Sec. 3: softmax(QK^T / sqrt(d) + log s))."""
+        return torch.log(self.size)
+
+
+def _bipartite_plan_triton(metric, r, protect, order):
+    from vidtok.kernels import merge as kernels
+
+    return ref.bipartite_plan(metric, r, protect, order, match_fn=lambda a, b: kernels.match(a, b, None, None))
+
+
+_BIPARTITE_PLAN = {
+    "reference": lambda metric, r, protect, order: ref.bipartite_plan(metric, r, protect, order),
+    "triton": _bipartite_plan_triton,
+}
+
+
+@torch.library.custom_op("vidtok::bipartite_plan", mutates_args=())
+def _bipartite_plan_op(
+    metric: torch.Tensor, r: int, protect: int, order: str, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _BIPARTITE_PLAN[backend](metric, r, protect, order)
+
+
+@_bipartite_plan_op.register_fake
+def _(metric, r, protect, order, backend):
+    B, N, _ = metric.shape
+    return metric.new_empty((B, N), dtype=torch.int32), metric.new_empty((B, N - r), dtype=torch.int32)
+
+
+def _merge_tokens_triton(x, size, index, origin, mode):
+    from vidtok.kernels import merge as kernels
+
+    out, size_out = kernels.merge_tokens(x, size.to(torch.float32), index, origin, mode)
+    return out, size_out
+
+
+_MERGE_TOKENS = {"reference": ref.merge_tokens, "triton": _merge_tokens_triton}
+
+
+@torch.library.custom_op("vidtok::merge_tokens", mutates_args=())
+def _merge_tokens_op(
+    x: torch.Tensor, size: torch.Tensor, index: torch.Tensor, origin: torch.Tensor, mode: str, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _MERGE_TOKENS[backend](x, size, index, origin, mode)
+
+
+@_merge_tokens_op.register_fake
+def _(x, size, index, origin, mode, backend):
+    B, _, C = x.shape
+    L = origin.shape[1]
+    return x.new_empty((B, L, C)), x.new_empty((B, L), dtype=accumulation_dtype(x.dtype))
+
+
+# The backward is a gather and a scale (no float scatter, so deterministic): the same PyTorch code
+# serves every backend.
+@torch.library.custom_op("vidtok::merge_tokens_backward", mutates_args=())
+def _merge_tokens_backward_op(
+    grad: torch.Tensor, size: torch.Tensor, size_out: torch.Tensor, index: torch.Tensor, origin: torch.Tensor, mode: str
+) -> torch.Tensor:
+    return ref.merge_tokens_backward(grad, size, size_out, index, origin, mode)
+
+
+@_merge_tokens_backward_op.register_fake
+def _(grad, size, size_out, index, origin, mode):
+    B, _, C = grad.shape
+    return grad.new_empty((B, index.shape[1], C))
+
+
+def _merge_tokens_setup(ctx, inputs, output):
+    _, size, index, origin, mode, _ = inputs
+    ctx.save_for_backward(size, output[1], index, origin)
+    ctx.mode = mode
+
+
+def _merge_tokens_grad(ctx, grad, _grad_size):
+    size, size_out, index, origin = ctx.saved_tensors
+    grad_x = _merge_tokens_backward_op(grad, size, size_out, index, origin, ctx.mode)
+    return grad_x, None, None, None, None, None
+
+
+_merge_tokens_op.register_autograd(_merge_tokens_grad, setup_context=_merge_tokens_setup)
+
+
+def _check_companion(name: str, t: torch.Tensor | None, x: torch.Tensor, rank: int, layout: str, dims: int):
+    if t is None:
+        return
+    check_tensor(name, t, rank=rank, layout=layout, dtypes=FLOAT_DTYPES + (torch.float64,))
+    if tuple(t.shape[:dims]) != tuple(x.shape[:dims]):
+        raise ValueError(f"{name} {layout} must match x [B, N, C] on B and N = {tuple(x.shape[:dims])}, got shape {tuple(t.shape)}")
+
+
+def bipartite_merge(
+    x: torch.Tensor,
+    r: int,
+    *,
+    metric: torch.Tensor | None = None,
+    size: torch.Tensor | None = None,
+    protect: int = 0,
+    mode: str = "wmean",
+    order: str = "keep",
+    backend: str | None = None,
+) -> Merged:
+    """ToMe's bipartite soft matching (Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023).
+
+    Tokens 0, 2, 4, ... form set A and 1, 3, 5, ... set B. Every A token finds its most cosine-similar
+    B token on ``metric``; the r A tokens with the highest similarity (ties: the lower position) merge
+    into their partners. The first ``protect`` tokens (class, distillation or register tokens) never
+    merge: protect=1 is ToMe's class_token, protect=2 its class_token + distill_token.
+
+    Args:
+        x: ``[B, N, C]`` tokens, float32/float16/bfloat16 (float64 on the reference backend).
+        r: tokens to remove, ``0 <= r <= ceil((N - protect) / 2)`` rounded to the unprotected A tokens
+            (0 when no unprotected B token exists). Unlike ToMe this does not silently clamp r.
+        metric: ``[B, N, D]`` features to match on (ToMe: attention keys averaged over heads); default x.
+            The matching is not differentiable (ToMe runs it under no_grad). Any float dtype on the
+            reference backend; cast to x's dtype on the Triton backend.
+        size: ``[B, N]`` positive token sizes (default ones), for ToMe's size tracking across layers.
+        mode: "wmean" (size-weighted mean with the destination, ToMe's merge_wavg), "mean", "sum" or
+            "replace" (keep the destination's value).
+        order: "keep" (outputs in input order) or "tome" (ToMe's order: unmerged A tokens by descending
+            similarity — ascending position when protect > 0 — then all B tokens; r = 0 is the identity).
+        backend: "reference", "triton" or "auto". Triton: the fused match kernel, the ranking (a stable
+            sort) in PyTorch, and a one-pass merge kernel (a segmented reduction over each output's
+            members in position order: no atomics, bit-identical every run). The reference merges
+            with scatter_add, which uses float atomics on CUDA.
+
+    Returns:
+        ``Merged(x [B, N - r, C], size [B, N - r], index int32 [B, N], origin int32 [B, N - r])``.
+        Differentiable in x. A NaN token has no partner and ranks last, so it merges only when r
+        exceeds the number of A tokens with a partner (it then goes to the first unprotected B token).
+        No host sync; output shapes are static.
+    """
+    check_tensor("x", x, rank=3, layout="[B, N, C]", dtypes=FLOAT_DTYPES + (torch.float64,))
+    B, N, C = x.shape
+    metric = x if metric is None else metric
+    _check_companion("metric", metric, x, 3, "[B, N, D]", 2)
+    _check_companion("size", size, x, 2, "[B, N]", 2)
+    check_int("protect", protect, low=0, high=N, why=f" for x with N = {N} tokens")
+    cap = ref.max_merge(N, protect)
+    check_int("r", r, low=0, high=cap, why=f" (the unprotected even tokens of N = {N} with protect = {protect})")
+    if mode not in ref.MERGE_MODES:
+        raise ValueError(f"mode must be one of {ref.MERGE_MODES}, got {mode!r}")
+    if order not in ref.MERGE_ORDERS:
+        raise ValueError(f"order must be one of {ref.MERGE_ORDERS}, got {order!r}")
+    check_same_device(x=x, metric=metric, size=size)
+    chosen = _backend.select("bipartite_merge", x.device, x.dtype, backend, _no_cuda_kernel("bipartite_merge"))
+    if metric.dtype != x.dtype and chosen != "reference":  # the backend was chosen for x's dtype
+        metric = metric.to(x.dtype)
+    if size is None:
+        size = torch.ones(B, N, device=x.device, dtype=accumulation_dtype(x.dtype))
+    index, origin = _bipartite_plan_op(metric.detach(), r, protect, order, chosen)
+    out, size_out = _merge_tokens_op(x, size.detach(), index, origin, mode, chosen)
+    return Merged(out, size_out, index, origin)
+
+
+def unmerge(y: torch.Tensor, merged: Merged, *, frames: int | None = None) -> torch.Tensor:
+    """Undo a merge: ``[B, L, C]`` -> ``[B, N, C]`` where every input position receives its group's
+    value, ``y[b, merged.index[b, n]]`` (ToMe's unmerge; tomesd unmerges after every block). For a
+    temporal_merge pass ``frames=T`` to get ``[B, T, N, C]``. A gather, differentiable in y."""
+    check_tensor("y", y, rank=3, layout="[B, L, C]", dtypes=FLOAT_DTYPES + (torch.float64,))
+    B, L, C = y.shape
+    index = merged.index
+    if index.dim() != 2 or index.shape[0] != B or tuple(merged.origin.shape) != (B, L):
+        raise ValueError(f"y [B, L, C] = {tuple(y.shape)} does not fit merged (index {tuple(index.shape)}, origin {tuple(merged.origin.shape)})")
+    P = index.shape[1]
+    out = y.gather(1, index.long()[..., None].expand(B, P, C))
+    if frames is None:
+        return out
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames <= 0 or P % frames:
+        raise ValueError(f"frames must be a positive int dividing the {P} merged positions, got {frames!r}")
+    return out.view(B, frames, P // frames, C)
+
+
+# ---------------------------------------------------------------------------------------------------
+# temporal_merge
+
+
+def _temporal_plan_triton(metric, threshold, r, lag, radius, h, w):
+    from vidtok.kernels import merge as kernels
+
+    return ref.temporal_plan(
+        metric, threshold, r, lag, radius, (h, w),
+        match_fn=lambda a, b: kernels.match(a, b, None, None), paired_fn=kernels.paired_similarity_fwd,
+        window_fn=kernels.window_links,
+    )
+
+
+_TEMPORAL_PLAN = {
+    "reference": lambda metric, threshold, r, lag, radius, h, w: ref.temporal_plan(metric, threshold, r, lag, radius, (h, w)),
+    "triton": _temporal_plan_triton,
+}
+
+
+@torch.library.custom_op("vidtok::temporal_plan", mutates_args=())
+def _temporal_plan_op(
+    metric: torch.Tensor, threshold: float | None, r: int | None, lag: int, radius: int | None, h: int, w: int, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _TEMPORAL_PLAN[backend](metric, threshold, r, lag, radius, h, w)
+
+
+@_temporal_plan_op.register_fake
+def _(metric, threshold, r, lag, radius, h, w, backend):
+    B, T, N, _ = metric.shape
+    L = T * N - r if r is not None else torch.library.get_ctx().new_dynamic_size()
+    return (
+        metric.new_empty((B, T * N), dtype=torch.int32),
+        metric.new_empty((B, L), dtype=torch.int32),
+        metric.new_empty((B,), dtype=torch.int64),
+    )
+
+
+def _frame_grid(N: int, grid) -> tuple[int, int]:
+    if grid is None:
+        side = int(round(N**0.5))
+        if side * side != N:
+            raise ValueError(f"x has N = {N} tokens per frame, not a square grid: pass grid=(h, w) with h * w = N")
+        return side, side
+    if (not isinstance(grid, (tuple, list)) or len(grid) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid)):
+        raise TypeError(f"grid must be a pair of positive ints (h, w), got {grid!r}")
+    if grid[0] * grid[1] != N:
+        raise ValueError(f"grid (h, w) = {tuple(grid)} does not match N = {N} tokens per frame (h * w = {grid[0] * grid[1]})")
+    return int(grid[0]), int(grid[1])
+
+
+def temporal_merge(
+    x: torch.Tensor,
+    *,
+    threshold: float | None = None,
+    r: int | None = None,
+    lag: int = 1,
+    radius: int | None = 0,
+    metric: torch.Tensor | None = None,
+    size: torch.Tensor | None = None,
+    mode: str = "wmean",
+    grid: tuple[int, int] | None = None,
+    backend: str | None = None,
+) -> Merged:
+    """Merge tokens that persist across frames into one token per chain of matches.
+
+    Token (t, n) links to its most cosine-similar token in frame t - lag among the positions within
+    ``radius`` on the h x w grid (Chebyshev distance; radius=0: the same position, as FrameFusion,
+    DyCoke and vLLM's EVS compare; radius=None: the whole frame, as FlashVID's TSTM). A link is kept
+    when its similarity >= ``threshold``, or, with ``r``, the r best links of each video are kept (ties:
+    higher score, then the lower position). Each token links to at most one earlier token, so the kept
+    links form a forest across time; every tree becomes one output token placed at its earliest token
+    (its root), and outputs are in (t, n) order of their roots. Trees are resolved on the device by
+    pointer jumping (ceil(log2(T / lag)) gathers), with no host round-trip per frame.
+
+    Args:
+        x: ``[B, T, N, C]`` tokens, N = h * w per frame in row-major order; float32/float16/bfloat16
+            (float64 on the reference backend).
+        threshold: keep links with similarity >= threshold, in [-1, 1]. Exactly one of threshold and r.
+        r: keep the r best links of each video, ``0 <= r <= (T - lag) * N``.
+        lag: frames between linked tokens, ``1 <= lag < T`` (T = 1 with r = 0 or a threshold is fine).
+        radius: search radius on the grid (int >= 0), or None for the whole frame.
+        metric: ``[B, T, N, D]`` features to match on (default x); not differentiable. Cast to x's
+            dtype on the Triton backend.
+        size: ``[B, T, N]`` positive token sizes (default ones).
+        mode: "wmean" (size-weighted mean of the tree), "mean", "sum" or "replace" (the root's value).
+        grid: (h, w) when N is not a perfect square.
+        backend: "reference", "triton" or "auto". Triton: links by the paired_similarity kernel
+            (radius=0), the window kernel (radius > 0) or the match kernel (radius=None); the link
+            ranking (a stable sort) and pointer jumping in PyTorch; the one-pass merge kernel.
+
+    Returns:
+        ``Merged(x [B, L, C], size [B, L], index int32 [B, T*N], origin int32 [B, L], lengths [B])``
+        with positions flattened as t * N + n. With r, every video has L = T*N - r outputs (static).
+        With a threshold, L = the most outputs of any video: a data-dependent size (one host sync to
+        read it; under torch.compile an unbacked size); shorter videos are padded with x = 0, size = 0,
+        origin = -1. Differentiable in x. A NaN token never passes a threshold; with r its links rank
+        last.
+    """
+    check_tensor("x", x, rank=4, layout="[B, T, N, C]", dtypes=FLOAT_DTYPES + (torch.float64,))
+    B, T, N, C = x.shape
+    h, w = _frame_grid(N, grid)
+    metric = x if metric is None else metric
+    check_tensor("metric", metric, rank=4, layout="[B, T, N, D]", dtypes=FLOAT_DTYPES + (torch.float64,))
+    if tuple(metric.shape[:3]) != (B, T, N):
+        raise ValueError(f"metric [B, T, N, D] must match x on B, T, N = {(B, T, N)}, got shape {tuple(metric.shape)}")
+    if size is not None:
+        check_tensor("size", size, rank=3, layout="[B, T, N]", dtypes=FLOAT_DTYPES + (torch.float64,))
+        if tuple(size.shape) != (B, T, N):
+            raise ValueError(f"size [B, T, N] must match x on B, T, N = {(B, T, N)}, got shape {tuple(size.shape)}")
+    if (threshold is None) == (r is None):
+        raise ValueError("pass exactly one of threshold= and r=")
+    check_int("lag", lag, low=1, high=max(T - 1, 1), why=f" for x with T = {T} frames")
+    if r is not None:
+        check_int("r", r, low=0, high=max(T - lag, 0) * N, why=f" (the links of T = {T}, N = {N}, lag = {lag})")
+    else:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise TypeError(f"threshold must be a float, got {type(threshold).__name__}")
+        if not -1.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [-1, 1] (a cosine similarity), got {threshold}")
+        threshold = float(threshold)
+    if radius is not None:
+        check_int("radius", radius, low=0, high=2**31 - 1)
+    if mode not in ref.MERGE_MODES:
+        raise ValueError(f"mode must be one of {ref.MERGE_MODES}, got {mode!r}")
+    check_same_device(x=x, metric=metric, size=size)
+    chosen = _backend.select("temporal_merge", x.device, x.dtype, backend, _no_cuda_kernel("temporal_merge"))
+    if metric.dtype != x.dtype and chosen != "reference":  # the backend was chosen for x's dtype
+        metric = metric.to(x.dtype)
+    flat_size = (torch.ones(B, T * N, device=x.device, dtype=accumulation_dtype(x.dtype)) if size is None
+                 else size.reshape(B, T * N))
+    index, origin, lengths = _temporal_plan_op(metric.detach(), threshold, r, lag, radius, h, w, chosen)
+    out, size_out = _merge_tokens_op(x.reshape(B, T * N, C), flat_size.detach(), index, origin, mode, chosen)
+    return Merged(out, size_out, index, origin, lengths)

@@ -158,3 +158,191 @@ def synthetic_clip(
             frame[:, p[0] : p[0] + size, p[1] : p[1] + size] = tex
         frames[t] = frame.clamp(0, 255).to(torch.uint8)
     return frames
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sparse attention (vidtok.sparse, vidtok.masks): random layouts and specs, and the brute-force mask.
+
+
+def sparse_truth_mask(layout, spec) -> torch.Tensor:
+    """bool [B, N, N] by brute force (N^2): ``spec``'s token predicate on every pair of valid tokens."""
+    from vidtok import masks
+
+    c = layout.token_coords()
+    q = masks.Coords(*(x[:, :, None] for x in c))
+    k = masks.Coords(*(x[:, None, :] for x in c))
+    valid = layout.kind != 0
+    return spec.pred(q, k, layout.grid) & valid[:, :, None] & valid[:, None, :]
+
+
+def sparse_random_spec(rng, grid, depth: int = 0):
+    """A random mask spec for a (T, H, W) grid: a primitive, or &, | and ~ of random specs (depth <= 2).
+    ``rng`` is a ``random.Random``."""
+    from vidtok import masks
+
+    T, H, W = grid
+    leaves = [
+        lambda: masks.frame_local(),
+        lambda: masks.temporal_window(rng.randint(0, 2), rng.randint(0, 2)),
+        lambda: masks.causal_in_time(),
+        lambda: masks.spatial_window(rng.choice([1, 3, 5]), rng.choice([1, 3])),
+        lambda: masks.neighborhood(
+            (rng.randint(1, T), rng.randint(1, H), rng.randint(1, W)),
+            is_causal=(rng.random() < 0.3, rng.random() < 0.2, False),
+        ),
+        lambda: masks.global_tokens(),
+    ]
+    if depth >= 2 or rng.random() < 0.4:
+        return rng.choice(leaves)()
+    op = rng.choice(["and", "or", "not"])
+    a = sparse_random_spec(rng, grid, depth + 1)
+    if op == "not":
+        return ~a
+    b = sparse_random_spec(rng, grid, depth + 1)
+    return a & b if op == "and" else a | b
+
+
+def sparse_random_layout(seed: int, *, max_grid=(4, 6, 6)):
+    """(layout, rng): a small random VideoLayout -- a full grid, or a random keep mask (varying tokens
+    per frame, padded sequences) -- with 0-3 global tokens, and the ``random.Random`` that drew it."""
+    import random
+
+    from vidtok.sparse import VideoLayout
+
+    rng = random.Random(seed)
+    grid = tuple(rng.randint(1, m) for m in max_grid)
+    G = rng.randint(0, 3)
+    if rng.random() < 0.4:
+        return VideoLayout.from_grid(*grid, num_global=G, batch=rng.randint(1, 2)), rng
+    keep = torch.rand(rng.randint(1, 3), *grid, generator=torch.Generator().manual_seed(seed)) < rng.uniform(0.2, 0.9)
+    return VideoLayout.from_keep(keep, num_global=G), rng
+
+
+# ---------------------------------------------------------------------------------------------------
+# Synthetic long-video frame embeddings (issue 5: frame selection quality without a pretrained model)
+
+from typing import NamedTuple  # noqa: E402  (appended section)
+
+
+class SyntheticVideo(NamedTuple):
+    """Output of ``synthetic_video_embeddings``; B videos of T frames, C channels.
+
+    x float32 [B, T, C] frame embeddings (unit norm); query float32 [B, 1, C] (unit norm);
+    scene int64 [B, T] index of the scene occurrence each frame belongs to (0, 1, ... in time);
+    centroid int64 [B, T] which pooled scene centroid it shows (recurring scenes share one);
+    cuts bool [B, T - 1] hard cuts (pair t: between frames t and t + 1); gradual bool [B, T - 1]
+    pairs inside a gradual transition; flash bool [B, T] flash frames; needle int64 [B, T] needle
+    event id (-1 outside needles); distractor bool [B, T] frames of weaker query-like spans.
+    """
+
+    x: torch.Tensor
+    query: torch.Tensor
+    scene: torch.Tensor
+    centroid: torch.Tensor
+    cuts: torch.Tensor
+    gradual: torch.Tensor
+    flash: torch.Tensor
+    needle: torch.Tensor
+    distractor: torch.Tensor
+
+
+def synthetic_video_embeddings(
+    B: int = 1,
+    T: int = 3600,
+    C: int = 256,
+    *,
+    median_scene: float = 25.0,
+    n_centroids: int = 24,
+    transition_prob: float = 0.25,
+    flash_rate: float = 0.003,
+    n_needles: int = 3,
+    needle_strength: float = 0.6,
+    n_distractors: int = 10,
+    drift: float = 0.05,
+    noise: float = 0.4,
+    seed: int = 0,
+) -> SyntheticVideo:
+    """Frame embeddings of a long video, with the structure selection methods must cope with
+    (research/selection.md §6.5): scenes of log-normal length (median ``median_scene`` frames) whose
+    centroids come from a pool of ``n_centroids`` so scenes recur (ABAB); a random-walk drift and
+    isotropic noise within a scene (``drift`` and ``noise`` are
+    the norms of one walk step and of the noise vector, against unit centroids); a fraction ``transition_prob`` of scene changes are gradual
+    (linear blends over 10-30 frames), the rest hard cuts; 1-2-frame flashes (a random direction);
+    ``n_needles`` planted query events of 1-10 frames (x <- normalize(x + needle_strength * q)) and
+    ``n_distractors`` weaker spans (strength / 2) elsewhere. Deterministic in ``seed``.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def unit(v):
+        return v / v.norm(dim=-1, keepdim=True)
+
+    xs, qs, scenes, cents, cutss, grads, flashes, needles, distrs = [], [], [], [], [], [], [], [], []
+    for _ in range(B):
+        pool = unit(torch.randn(n_centroids, C, generator=g))
+        query = unit(torch.randn(C, generator=g))
+        # scene layout
+        lengths, total = [], 0
+        while total < T:
+            n = max(2, int(math.exp(math.log(median_scene) + 0.6 * float(torch.randn(1, generator=g)))))
+            lengths.append(min(n, T - total))
+            total += lengths[-1]
+        scene = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        ids = torch.randint(0, n_centroids, (len(lengths),), generator=g)
+        for i in range(1, len(ids)):  # consecutive scenes differ
+            while ids[i] == ids[i - 1]:
+                ids[i] = int(torch.randint(0, n_centroids, (1,), generator=g))
+        centroid = ids[scene]
+        # within-scene random walk around the centroid, plus noise
+        steps = torch.randn(T, C, generator=g) * drift / math.sqrt(C)
+        walk = torch.zeros(T, C)
+        starts = torch.zeros(T, dtype=torch.bool)
+        starts[torch.cumsum(torch.tensor([0] + lengths[:-1]), 0)] = True
+        acc = torch.zeros(C)
+        for t in range(T):
+            acc = torch.zeros(C) if starts[t] else acc + steps[t]
+            walk[t] = acc
+        x = pool[centroid] + walk + noise * torch.randn(T, C, generator=g) / math.sqrt(C)
+        x = unit(x)
+        # gradual transitions: blend the end of a scene into the next over 10-30 frames
+        cuts = scene[1:] != scene[:-1]
+        gradual = torch.zeros(T - 1, dtype=torch.bool)
+        boundaries = torch.nonzero(cuts).flatten().tolist()
+        for p in boundaries:
+            if float(torch.rand(1, generator=g)) < transition_prob:
+                w = int(torch.randint(10, 31, (1,), generator=g))
+                lo, hi = max(p + 1 - w // 2, 0), min(p + 1 + w // 2, T)
+                if hi - lo < 4:
+                    continue
+                a, b = pool[centroid[max(lo - 1, 0)]], pool[centroid[min(hi, T - 1)]]
+                alpha = torch.linspace(0, 1, hi - lo)[:, None]
+                x[lo:hi] = unit((1 - alpha) * a + alpha * b + noise * torch.randn(hi - lo, C, generator=g) / math.sqrt(C))
+                cuts[p] = False
+                gradual[lo : hi - 1] = True
+        # flashes: 1-2 frames in a random direction
+        flash = torch.zeros(T, dtype=torch.bool)
+        n_flash = int(flash_rate * T)
+        for t in torch.randint(1, T - 2, (n_flash,), generator=g).tolist():
+            span = int(torch.randint(1, 3, (1,), generator=g))
+            x[t : t + span] = unit(torch.randn(C, generator=g))
+            flash[t : t + span] = True
+        # needles and distractors: short spans pushed towards the query
+        needle = torch.full((T,), -1, dtype=torch.long)
+        distractor = torch.zeros(T, dtype=torch.bool)
+        for i in range(n_needles + n_distractors):
+            n = int(torch.randint(1, 11, (1,), generator=g))
+            for _ in range(100):  # non-overlapping spans
+                t0 = int(torch.randint(0, T - n, (1,), generator=g))
+                if (needle[max(t0 - 5, 0) : t0 + n + 5] < 0).all() and not distractor[max(t0 - 5, 0) : t0 + n + 5].any():
+                    break
+            strength = needle_strength if i < n_needles else needle_strength / 2
+            x[t0 : t0 + n] = unit(x[t0 : t0 + n] + strength * query)
+            if i < n_needles:
+                needle[t0 : t0 + n] = i
+            else:
+                distractor[t0 : t0 + n] = True
+        xs.append(x), qs.append(query[None]), scenes.append(scene), cents.append(centroid)
+        cutss.append(cuts), grads.append(gradual), flashes.append(flash), needles.append(needle), distrs.append(distractor)
+    return SyntheticVideo(
+        torch.stack(xs), torch.stack(qs), torch.stack(scenes), torch.stack(cents), torch.stack(cutss),
+        torch.stack(grads), torch.stack(flashes), torch.stack(needles), torch.stack(distrs),
+    )
