@@ -1,0 +1,391 @@
+"""Triton kernels for gated residual motion skipping (vidtok.patch_delta, vidtok.motion_gate and
+vidtok.block_match).
+
+One program owns one patch column (b, i, j) and walks through the T' slices of the clip with the
+reference patch (ts x C x ph x pw elements, flattened into one BLOCK_E tile) held in registers. Per
+slice it loads the patch once, reduces |cur - ref| to a delta, decides keep, and writes keep, delta,
+carry and (for the previous kept slice, once the next one is known) run_length. The clip is read from
+HBM once; every output element is written exactly once by one program (no atomics).
+
+uint8 video is differenced and summed in int32 (exact: |d| <= 255 and d^2 * 4096 < 2^31) and turned
+into fp32 with correctly rounded operations (int -> fp32, div_rn, sqrt_rn), exactly as the reference
+does, so deltas and masks are bit-identical to vidtok.reference.motion.
+
+The motion-compensated gate (search_radius > 0) is a second kernel with the same walk: per slice it
+scans the (2r + 1)^2 displaced blocks of the reference slice, re-read from the video (they overlap,
+so L1/L2 serve most of them) instead of one reference tile in registers, keeping the best in scalars.
+
+Resources (`python -m vidtok aot`, triton 3.9): the gate kernel 32-82 registers per thread, the
+compensated one 97-128 (E = 4096 tiles at 16 warps), no spills on sm_80 or sm_90.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from vidtok.motion import TRITON_MAX_ELEMENTS
+
+from .common import TRITON_DTYPES, AotCase
+
+INF = tl.constexpr(float("inf"))
+# A patch (ts * C * ph * pw elements, or C * ph * pw for RLT's rule) lives in one register tile of
+# BLOCK_E elements, BLOCK_E the next power of two >= max(256, E). 16x16 RGB patches use 1024
+# (2048 with tubelet 2), 32x32 RGB 4096. Warps grow with the tile so that each thread holds <= 8
+# elements of each of the two tiles (cur, ref).
+BLOCK_SIZES = (256, 512, 1024, 2048, TRITON_MAX_ELEMENTS)
+MAX_ELEMENTS = BLOCK_SIZES[-1]
+
+
+def _num_warps(block: int) -> int:
+    return max(4, min(16, block // 128))
+
+
+@triton.jit
+def _motion_gate_kernel(
+    x_ptr, keep_ptr, delta_ptr, run_ptr, carry_ptr,
+    Tq, h, w, ts, C, ph, pw, E,
+    s_b, s_t, s_c, s_h, s_w,
+    threshold, refresh_every, max_run, last_kept, rlt, reduce_mode,
+    IS_INT: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    pid = tl.program_id(0)  # b * h * w + i * w + j
+    hw = h * w
+    b = pid // hw
+    spatial = pid % hw
+    i = spatial // w
+    j = spatial % w
+
+    # element e of the flattened patch -> (frame in tubelet, channel, row, column)
+    offs_e = tl.arange(0, BLOCK_E)
+    emask = offs_e < E
+    # (broadcast to a vector: the interpreter rejects a scalar condition in a vector mask)
+    first_mask = emask & ((tl.zeros([BLOCK_E], dtype=tl.int32) + rlt) != 0)
+    pp = ph * pw
+    f = offs_e // (C * pp)
+    c = (offs_e // pp) % C
+    y = (offs_e // pw) % ph
+    xx = offs_e % pw
+    elem = f.to(tl.int64) * s_t + c.to(tl.int64) * s_c + y.to(tl.int64) * s_h + xx.to(tl.int64) * s_w
+    base = x_ptr + b.to(tl.int64) * s_b + (i * ph).to(tl.int64) * s_h + (j * pw).to(tl.int64) * s_w + elem
+    # RLT's rule compares the LAST frame of tubelet k with the FIRST frame of tubelet k - 1
+    cur_shift = tl.where(rlt != 0, ts - 1, 0)
+    count = E.to(tl.float32)
+
+    if IS_INT:
+        ref = tl.zeros([BLOCK_E], dtype=tl.int32)
+    else:
+        ref = tl.zeros([BLOCK_E], dtype=tl.float32)
+    last = 0
+    out = b.to(tl.int64) * Tq * hw + spatial
+    for k in range(0, Tq):
+        frame = (k * ts).to(tl.int64) * s_t
+        cur = tl.load(base + frame + cur_shift.to(tl.int64) * s_t, mask=emask, other=0)
+        first = tl.load(base + frame, mask=first_mask, other=0)
+        if IS_INT:
+            cur = cur.to(tl.int32)
+            first = first.to(tl.int32)
+        else:
+            cur = cur.to(tl.float32)
+            first = first.to(tl.float32)
+        cand = tl.where(rlt != 0, first, cur)  # what slice k leaves as the reference
+
+        d = cur - ref
+        if reduce_mode == 1:
+            delta = tl.sqrt_rn(tl.sum(d * d, axis=0).to(tl.float32))
+        elif reduce_mode == 2:
+            delta = tl.max(tl.abs(d), axis=0).to(tl.float32)
+        else:
+            delta = tl.div_rn(tl.sum(tl.abs(d), axis=0).to(tl.float32), count)
+        delta = tl.where(k == 0, INF, delta)
+
+        forced = k == 0
+        forced = forced | ((refresh_every > 0) & (k % tl.maximum(refresh_every, 1) == 0))
+        forced = forced | ((max_run > 0) & (k - last >= max_run))
+        keep = forced | (delta > threshold)
+
+        o = out + k * hw
+        tl.store(delta_ptr + o, delta)
+        tl.store(keep_ptr + o, keep.to(tl.int8))
+        # run length: 0 for a dropped slot now; for a kept one once the next kept slice is known
+        tl.store(run_ptr + o, 0, mask=keep == 0)
+        tl.store(run_ptr + out + last * hw, k - last, mask=keep & (k > 0))
+        last = tl.where(keep, k, last)
+        tl.store(carry_ptr + o, last * hw + spatial)
+        ref = tl.where(keep | (last_kept == 0), cand, ref)
+    tl.store(run_ptr + out + last * hw, Tq - last)
+
+
+@triton.jit
+def _motion_gate_mc_kernel(
+    x_ptr, keep_ptr, delta_ptr, run_ptr, carry_ptr, motion_ptr,
+    Tq, h, w, ts, C, ph, pw, E, H, W,
+    s_b, s_t, s_c, s_h, s_w,
+    threshold, refresh_every, max_run, last_kept, rlt, reduce_mode, radius,
+    IS_INT: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    # As _motion_gate_kernel, but slice k is compared with every block of its reference slice (the
+    # previous one, or the last kept one at this location) displaced by |dy|, |dx| <= radius and
+    # inside the frame; the smallest delta decides. The reference is re-read from the video (L1/L2
+    # hits: the (2r + 1)^2 candidate blocks overlap), not held in registers.
+    pid = tl.program_id(0)
+    hw = h * w
+    b = pid // hw
+    spatial = pid % hw
+    i = spatial // w
+    j = spatial % w
+    offs_e = tl.arange(0, BLOCK_E)
+    emask = offs_e < E
+    zero_vec = tl.zeros([BLOCK_E], dtype=tl.int32)
+    pp = ph * pw
+    f = offs_e // (C * pp)
+    c = (offs_e // pp) % C
+    y = (offs_e // pw) % ph
+    xx = offs_e % pw
+    elem = f.to(tl.int64) * s_t + c.to(tl.int64) * s_c + y.to(tl.int64) * s_h + xx.to(tl.int64) * s_w
+    y0 = i * ph
+    x0 = j * pw
+    base = x_ptr + b.to(tl.int64) * s_b + y0.to(tl.int64) * s_h + x0.to(tl.int64) * s_w + elem
+    cur_shift = tl.where(rlt != 0, ts - 1, 0)
+    count = E.to(tl.float32)
+
+    last = 0
+    out = b.to(tl.int64) * Tq * hw + spatial
+    for k in range(0, Tq):
+        cur = tl.load(base + ((k * ts).to(tl.int64) + cur_shift) * s_t, mask=emask, other=0)
+        if IS_INT:
+            cur = cur.to(tl.int32)
+        else:
+            cur = cur.to(tl.float32)
+        src = tl.where(last_kept != 0, last, tl.maximum(k - 1, 0))
+        src_base = base + (src * ts).to(tl.int64) * s_t
+        best = INF
+        best_l1 = 4 * radius + 1
+        best_dy = 0
+        best_dx = 0
+        d00 = 0.0
+        for dy in range(-radius, radius + 1):
+            for dx in range(-radius, radius + 1):
+                inside = (y0 + dy >= 0) & (y0 + dy + ph <= H) & (x0 + dx >= 0) & (x0 + dx + pw <= W)
+                cand = tl.load(src_base + dy * s_h + dx * s_w,
+                               mask=emask & ((zero_vec + inside.to(tl.int32)) != 0), other=0)
+                if IS_INT:
+                    cand = cand.to(tl.int32)
+                else:
+                    cand = cand.to(tl.float32)
+                d = cur - cand
+                if reduce_mode == 1:
+                    dc = tl.sqrt_rn(tl.sum(d * d, axis=0).to(tl.float32))
+                elif reduce_mode == 2:
+                    dc = tl.max(tl.abs(d), axis=0).to(tl.float32)
+                else:
+                    dc = tl.div_rn(tl.sum(tl.abs(d), axis=0).to(tl.float32), count)
+                l1 = tl.abs(dy) + tl.abs(dx)
+                # candidates run row-major, so on equal delta and |m| the earlier (lower index) stays
+                better = inside & ((dc < best) | ((dc == best) & (l1 < best_l1)))
+                best = tl.where(better, dc, best)
+                best_l1 = tl.where(better, l1, best_l1)
+                best_dy = tl.where(better, dy, best_dy)
+                best_dx = tl.where(better, dx, best_dx)
+                d00 = tl.where((dy == 0) & (dx == 0), dc, d00)
+        # a NaN zero-motion delta stays NaN with motion 0 (NaN never compares below anything)
+        nan00 = d00 != d00
+        delta = tl.where(nan00, d00, best)
+        best_dy = tl.where(nan00 | (k == 0), 0, best_dy)
+        best_dx = tl.where(nan00 | (k == 0), 0, best_dx)
+        delta = tl.where(k == 0, INF, delta)
+
+        forced = k == 0
+        forced = forced | ((refresh_every > 0) & (k % tl.maximum(refresh_every, 1) == 0))
+        forced = forced | ((max_run > 0) & (k - last >= max_run))
+        keep = forced | (delta > threshold)
+
+        o = out + k * hw
+        tl.store(delta_ptr + o, delta)
+        tl.store(keep_ptr + o, keep.to(tl.int8))
+        tl.store(motion_ptr + 2 * o, best_dy.to(tl.int16))
+        tl.store(motion_ptr + 2 * o + 1, best_dx.to(tl.int16))
+        tl.store(run_ptr + o, 0, mask=keep == 0)
+        tl.store(run_ptr + out + last * hw, k - last, mask=keep & (k > 0))
+        last = tl.where(keep, k, last)
+        tl.store(carry_ptr + o, last * hw + spatial)
+    tl.store(run_ptr + out + last * hw, Tq - last)
+
+
+def motion_gate_compensated(
+    video: torch.Tensor, ph: int, pw: int, threshold: float, reference: str, ts: int, reduce: str,
+    refresh_every: int, max_run: int, radius: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``motion_gate`` plus motion int16 ``[B, T', h, w, 2]``; semantics:
+    vidtok.reference.motion.motion_gate_compensated."""
+    from vidtok.reference.motion import REDUCE_CODES
+
+    B, T, C, H, W = video.shape
+    Tq, h, w = T // ts, H // ph, W // pw
+    rlt = reduce == "rlt"
+    E = (1 if rlt else ts) * C * ph * pw
+    shape = (B, Tq, h, w)
+    keep = torch.empty(shape, device=video.device, dtype=torch.int8)
+    delta = torch.empty(shape, device=video.device, dtype=torch.float32)
+    run = torch.empty(shape, device=video.device, dtype=torch.int32)
+    carry = torch.empty(shape, device=video.device, dtype=torch.int32)
+    motion = torch.empty((*shape, 2), device=video.device, dtype=torch.int16)
+    if keep.numel() > 0:
+        block = block_size(E)
+        _motion_gate_mc_kernel[(B * h * w,)](
+            video, keep, delta, run, carry, motion,
+            Tq, h, w, ts, C, ph, pw, E, H, W, *video.stride(),
+            float(threshold), refresh_every, max_run, int(reference == "last_kept"), int(rlt), REDUCE_CODES[reduce], radius,
+            IS_INT=video.dtype == torch.uint8, BLOCK_E=block, num_warps=_num_warps(block),
+        )
+    return keep.view(torch.bool), delta, run, carry, motion
+
+
+def motion_gate(
+    video: torch.Tensor, ph: int, pw: int, threshold: float, reference: str, ts: int, reduce: str,
+    refresh_every: int, max_run: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keep bool, delta fp32, run_length int32, carry int32) ``[B, T', h, w]``; video
+    ``[B, T, C, H, W]`` uint8/fp32/fp16/bf16, any strides. Semantics: vidtok.reference.motion."""
+    from vidtok.reference.motion import REDUCE_CODES
+
+    B, T, C, H, W = video.shape
+    Tq, h, w = T // ts, H // ph, W // pw
+    rlt = reduce == "rlt"
+    E = (1 if rlt else ts) * C * ph * pw
+    shape = (B, Tq, h, w)
+    keep = torch.empty(shape, device=video.device, dtype=torch.int8)
+    delta = torch.empty(shape, device=video.device, dtype=torch.float32)
+    run = torch.empty(shape, device=video.device, dtype=torch.int32)
+    carry = torch.empty(shape, device=video.device, dtype=torch.int32)
+    if keep.numel() > 0:
+        block = block_size(E)
+        _motion_gate_kernel[(B * h * w,)](
+            video, keep, delta, run, carry,
+            Tq, h, w, ts, C, ph, pw, E, *video.stride(),
+            float(threshold), refresh_every, max_run, int(reference == "last_kept"), int(rlt), REDUCE_CODES[reduce],
+            IS_INT=video.dtype == torch.uint8, BLOCK_E=block, num_warps=_num_warps(block),
+        )
+    return keep.view(torch.bool), delta, run, carry
+
+
+@triton.jit
+def _block_match_kernel(
+    cur_ptr, ref_ptr, motion_ptr, cost_ptr,
+    h, w, H, W, block, radius,
+    c_b, c_h, c_w, r_b, r_h, r_w,
+    IS_INT: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    # One program per block (b, i, j): the cur block stays in registers while the (2r + 1)^2
+    # candidate blocks of ref are streamed (they overlap: L1/L2 serve most loads). Exhaustive,
+    # row-major over (dy, dx); ties prefer the smaller |dy| + |dx|, then the earlier candidate.
+    pid = tl.program_id(0)
+    hw = h * w
+    b = pid // hw
+    i = (pid % hw) // w
+    j = pid % w
+    offs = tl.arange(0, BLOCK_E)
+    emask = offs < block * block
+    zero_vec = tl.zeros([BLOCK_E], dtype=tl.int32)
+    y = offs // block
+    x = offs % block
+    y0 = i * block
+    x0 = j * block
+    cur = tl.load(cur_ptr + b.to(tl.int64) * c_b + (y0 + y).to(tl.int64) * c_h + (x0 + x).to(tl.int64) * c_w,
+                  mask=emask, other=0)
+    ref_base = ref_ptr + b.to(tl.int64) * r_b + (y0 + y).to(tl.int64) * r_h + (x0 + x).to(tl.int64) * r_w
+    if IS_INT:
+        cur = cur.to(tl.int32)
+    else:
+        cur = cur.to(tl.float32)
+    best = INF
+    best_l1 = 4 * radius + 1
+    best_dy = 0
+    best_dx = 0
+    c00 = 0.0
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            inside = (y0 + dy >= 0) & (y0 + dy + block <= H) & (x0 + dx >= 0) & (x0 + dx + block <= W)
+            cand = tl.load(ref_base + dy * r_h + dx * r_w, mask=emask & ((zero_vec + inside.to(tl.int32)) != 0), other=0)
+            if IS_INT:
+                sad = tl.sum(tl.abs(cur - cand.to(tl.int32)), axis=0).to(tl.float32)
+            else:
+                sad = tl.sum(tl.abs(cur - cand.to(tl.float32)), axis=0)
+            l1 = tl.abs(dy) + tl.abs(dx)
+            better = inside & ((sad < best) | ((sad == best) & (l1 < best_l1)))
+            best = tl.where(better, sad, best)
+            best_l1 = tl.where(better, l1, best_l1)
+            best_dy = tl.where(better, dy, best_dy)
+            best_dx = tl.where(better, dx, best_dx)
+            c00 = tl.where((dy == 0) & (dx == 0), sad, c00)
+    nan00 = c00 != c00  # a NaN zero-motion SAD stays NaN with motion 0, as the reference
+    tl.store(cost_ptr + pid, tl.where(nan00, c00, best))
+    tl.store(motion_ptr + 2 * pid, tl.where(nan00, 0, best_dy).to(tl.int16))
+    tl.store(motion_ptr + 2 * pid + 1, tl.where(nan00, 0, best_dx).to(tl.int16))
+
+
+def block_match(cur: torch.Tensor, ref: torch.Tensor, block: int, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """motion int16 ``[B, h, w, 2]`` and cost fp32 ``[B, h, w]``; cur, ref ``[B, H, W]``, any strides.
+    Semantics: vidtok.reference.motion.block_match."""
+    B, H, W = cur.shape
+    h, w = H // block, W // block
+    motion = torch.empty((B, h, w, 2), device=cur.device, dtype=torch.int16)
+    cost = torch.empty((B, h, w), device=cur.device, dtype=torch.float32)
+    if cost.numel() > 0:
+        tile = block_size(block * block)
+        _block_match_kernel[(B * h * w,)](
+            cur, ref, motion, cost, h, w, H, W, block, radius, *cur.stride(), *ref.stride(),
+            IS_INT=cur.dtype == torch.uint8, BLOCK_E=tile, num_warps=_num_warps(tile),
+        )
+    return motion, cost
+
+
+def block_size(elements: int) -> int:
+    """The register tile a patch of this many elements uses; raises past MAX_ELEMENTS."""
+    for block in BLOCK_SIZES:
+        if elements <= block:
+            return block
+    raise ValueError(f"a patch of {elements} elements does not fit the {MAX_ELEMENTS}-element register tile")
+
+
+def _aot_cases() -> list[AotCase]:
+    cases = []
+    dtypes = {**{d: t for d, t in TRITON_DTYPES.items()}, torch.uint8: "u8"}
+    for dtype, ty in dtypes.items():
+        for block in BLOCK_SIZES:
+            for unit_stride in (True, False):  # contiguous rows (the launch specialises s_w = 1) and a view
+                stride_w = {"s_w": "constexpr"} if unit_stride else {"s_w": "i64"}
+                unit = {"s_w": 1} if unit_stride else {}
+                cases.append(AotCase(
+                    f"motion_gate-{ty}-E{block}-{'contiguous' if unit_stride else 'strided'}", _motion_gate_kernel,
+                    {"x_ptr": f"*{ty}", "keep_ptr": "*i8", "delta_ptr": "*fp32", "run_ptr": "*i32", "carry_ptr": "*i32",
+                     "Tq": "i32", "h": "i32", "w": "i32", "ts": "i32", "C": "i32", "ph": "i32", "pw": "i32", "E": "i32",
+                     "s_b": "i64", "s_t": "i64", "s_c": "i64", "s_h": "i64", **stride_w,
+                     "threshold": "fp32", "refresh_every": "i32", "max_run": "i32", "last_kept": "i32", "rlt": "i32",
+                     "reduce_mode": "i32", "IS_INT": "constexpr", "BLOCK_E": "constexpr"},
+                    {**unit, "IS_INT": dtype == torch.uint8, "BLOCK_E": block}, num_warps=_num_warps(block)))
+                cases.append(AotCase(
+                    f"motion_gate_mc-{ty}-E{block}-{'contiguous' if unit_stride else 'strided'}", _motion_gate_mc_kernel,
+                    {"x_ptr": f"*{ty}", "keep_ptr": "*i8", "delta_ptr": "*fp32", "run_ptr": "*i32", "carry_ptr": "*i32",
+                     "motion_ptr": "*i16", "Tq": "i32", "h": "i32", "w": "i32", "ts": "i32", "C": "i32", "ph": "i32",
+                     "pw": "i32", "E": "i32", "H": "i32", "W": "i32",
+                     "s_b": "i64", "s_t": "i64", "s_c": "i64", "s_h": "i64", **stride_w,
+                     "threshold": "fp32", "refresh_every": "i32", "max_run": "i32", "last_kept": "i32", "rlt": "i32",
+                     "reduce_mode": "i32", "radius": "i32", "IS_INT": "constexpr", "BLOCK_E": "constexpr"},
+                    {**unit, "IS_INT": dtype == torch.uint8, "BLOCK_E": block}, num_warps=_num_warps(block)))
+        for block in BLOCK_SIZES:
+            for unit_stride in (True, False):
+                stride_w = {"c_w": "constexpr", "r_w": "constexpr"} if unit_stride else {"c_w": "i64", "r_w": "i64"}
+                unit = {"c_w": 1, "r_w": 1} if unit_stride else {}
+                cases.append(AotCase(
+                    f"block_match-{ty}-E{block}-{'contiguous' if unit_stride else 'strided'}", _block_match_kernel,
+                    {"cur_ptr": f"*{ty}", "ref_ptr": f"*{ty}", "motion_ptr": "*i16", "cost_ptr": "*fp32",
+                     "h": "i32", "w": "i32", "H": "i32", "W": "i32", "block": "i32", "radius": "i32",
+                     "c_b": "i64", "c_h": "i64", "c_w": stride_w["c_w"], "r_b": "i64", "r_h": "i64", "r_w": stride_w["r_w"],
+                     "IS_INT": "constexpr", "BLOCK_E": "constexpr"},
+                    {**unit, "IS_INT": dtype == torch.uint8, "BLOCK_E": block}, num_warps=_num_warps(block)))
+    return cases
+
+
+AOT_CASES = _aot_cases()
