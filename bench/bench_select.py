@@ -1,0 +1,115 @@
+"""Frame selection (issue 5): vidtok against the eager PyTorch loops the paper repos write.
+
+- frame_scores: the fused scan vs eager F.normalize + matmul + adjacent cosine. Floor: one read of
+  x [B, T, C] (queries are tiny) and fp32 writes of relevance [B, Q, T], adjacent and norms.
+- greedy_select (MMR, lam = 0.5) and dpp_select: vidtok's vectorised incremental reference (and
+  later the GPU kernels) vs one Python iteration per step per query, recomputing the max similarity
+  to the chosen set (MMR) or solving against the chosen block (DPP) every step, as MMR/MDP3 code does.
+  Bytes: one read of x per step (the streaming regime of research/selection.md §6.3).
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vidtok
+from vidtok import _backend
+
+QUICK = os.environ.get("VIDTOK_BENCH_QUICK") == "1"
+# (B, T, C, Q): the issue's workloads (T = 10,000 frames of SigLIP so400m embeddings, Q = 1 and 16)
+SCAN_SHAPES = [(1, 2000, 256, 4)] if QUICK else [(1, 10000, 1152, 1), (1, 10000, 1152, 16)]
+# (T, C, Q, k): a 4096-frame pool, k = 64 (k = 256 on a GPU; the eager loop takes minutes on a CPU)
+SELECT_SHAPES = [(1000, 128, 1, 16)] if QUICK else [(4096, 1152, 1, 64)]
+
+
+def _scan_impls(device, dtype):
+    def eager(x, q):
+        xn, qn = F.normalize(x.float(), dim=-1), F.normalize(q.float(), dim=-1)
+        return qn @ xn.transpose(1, 2), (xn[:, 1:] * xn[:, :-1]).sum(-1), x.float().norm(dim=-1)
+
+    impls = {"eager normalize+matmul": eager}
+    for backend in ("reference", "triton"):
+        if not _backend.reasons(backend, device, dtype):
+            impls[f"vidtok {backend}"] = lambda x, q, b=backend: vidtok.frame_scores(x, q, backend=b)
+    return impls
+
+
+def _scan_cases():
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for shape in SCAN_SHAPES:
+        for dtype in (torch.bfloat16, torch.float32):
+            for name in _scan_impls(device, dtype):
+                yield pytest.param(shape, dtype, name, id=f"{'x'.join(map(str, shape))}-{str(dtype)[6:]}-{name}")
+
+
+@pytest.mark.parametrize("shape,dtype,impl", list(_scan_cases()))
+def bench_frame_scores(shape, dtype, impl, device, measure, benchmark):
+    B, T, C, Q = shape
+    benchmark.group = f"frame_scores B={B} T={T} C={C} Q={Q} {str(dtype)[6:]}"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, C, generator=g).to(device=device, dtype=dtype)
+    q = torch.randn(B, Q, C, generator=g).to(device=device, dtype=dtype)
+    fn = _scan_impls(device, dtype)[impl]
+    bytes_moved = x.numel() * x.element_size() + 4 * B * (Q * T + 2 * T - 1)
+    measure(lambda: fn(x, q), bytes_moved=bytes_moved, flops=2 * B * T * C * (Q + 2))
+
+
+def eager_mmr(rel, x, k, lam):
+    """One Python step per pick and per query, max similarity recomputed from the chosen set."""
+    xn = F.normalize(x[0].float(), dim=-1)
+    out = []
+    for q in range(rel.shape[1]):
+        chosen = []
+        for _ in range(k):
+            gain = rel[0, q].clone()
+            if chosen:
+                gain -= lam * (xn @ xn[chosen].T).max(-1).values
+                gain[chosen] = float("-inf")
+            chosen.append(int(gain.argmax()))
+        out.append(sorted(chosen))
+    return out
+
+
+def eager_dpp(x, quality, k):
+    """Greedy DPP MAP as MDP3 codes it: per step, the log det of every candidate set via the Cholesky
+    factor of the chosen block and a triangular solve (vectorised over candidates, not incremental)."""
+    xn = F.normalize(x[0].float(), dim=-1)
+    q = quality[0].float()
+    chosen = []
+    for _ in range(k):
+        if not chosen:
+            j = int((q * q).argmax())
+        else:
+            L_s = q[chosen, None] * (xn[chosen] @ xn[chosen].T) * q[None, chosen]
+            chol = torch.linalg.cholesky(L_s)
+            b = q[chosen, None] * (xn[chosen] @ xn.T) * q[None, :]  # [s, T]
+            v = torch.linalg.solve_triangular(chol, b, upper=False)
+            d2 = q * q - (v * v).sum(0)
+            d2[chosen] = float("-inf")
+            j = int(d2.argmax())
+        chosen.append(j)
+    return sorted(chosen)
+
+
+def _select_cases():
+    for shape in SELECT_SHAPES:
+        for op in ("mmr", "dpp"):
+            for impl in ("eager loop", "vidtok"):
+                yield pytest.param(shape, op, impl, id=f"{'x'.join(map(str, shape))}-{op}-{impl}")
+
+
+@pytest.mark.parametrize("shape,op,impl", list(_select_cases()))
+def bench_selection(shape, op, impl, device, measure, benchmark):
+    T, C, Q, k = shape
+    benchmark.group = f"{op} T={T} C={C} Q={Q} k={k} fp32"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, T, C, generator=g).to(device)
+    rel = torch.rand(1, Q, T, generator=g).to(device)
+    if op == "mmr":
+        fn = (lambda: eager_mmr(rel, x, k, 0.5)) if impl == "eager loop" else (lambda: vidtok.greedy_select(rel, k, x=x, lam=0.5))
+    else:
+        quality = torch.exp(rel[:, 0] / 0.1)
+        fn = (lambda: eager_dpp(x, quality, k)) if impl == "eager loop" else (lambda: vidtok.dpp_select(x, k, quality=quality))
+    measure(fn, bytes_moved=k * x.numel() * 4, rounds=3)

@@ -1,0 +1,389 @@
+"""Reference implementations for similarity-based frame selection over cached frame embeddings.
+
+Shapes: x ``[B, T, C]`` frame embeddings (B videos, T frames, C channels), queries ``[B, Q, C]``,
+relevance ``[B, Q, T]``, adjacent similarity ``[B, T - 1]``. Cosines are computed as
+``F.cosine_similarity`` does: dot / (max(|a|, eps) * max(|b|, eps)), eps = 1e-8, accumulated in fp32
+(fp64 for fp64 inputs). Selection outputs are int32 frame indices sorted by time and padded with -1.
+
+Every greedy loop below runs over the k selection steps only, vectorised over all (video, query)
+problems and all frames; ties go to the higher gain, then the lower frame index (``torch.argmax``
+returns the first maximum).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from vidtok.reference.merge import EPS, accumulation_dtype
+
+
+class Scores(NamedTuple):
+    """Output of ``frame_scores``: relevance fp32 [B, Q, T], adjacent fp32 [B, T - 1], norms fp32 [B, T]."""
+
+    relevance: torch.Tensor
+    adjacent: torch.Tensor
+    norms: torch.Tensor
+
+
+def _acc(*tensors) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def valid_frames(lengths: torch.Tensor | None, B: int, T: int, device) -> torch.Tensor:
+    """bool [B, T]: frame t of video b is real (t < lengths[b]); all True without lengths."""
+    if lengths is None:
+        return torch.ones(B, T, dtype=torch.bool, device=device)
+    return torch.arange(T, device=device) < lengths.to(device=device).reshape(B, 1)
+
+
+def frame_scores(
+    x: torch.Tensor,
+    query: torch.Tensor | None = None,
+    scale: float = 1.0,
+    bias: float = 0.0,
+    lengths: torch.Tensor | None = None,
+) -> Scores:
+    """relevance[b, q, t] = scale * cos(x[b, t], query[b, q]) + bias; adjacent[b, t] = cos(x[b, t], x[b, t + 1]);
+    norms[b, t] = |x[b, t]|. Frames at t >= lengths[b] are padding: relevance -inf, adjacent NaN for
+    every pair that touches one, norms 0. Without a query, relevance is [B, 0, T]."""
+    B, T, C = x.shape
+    acc = accumulation_dtype(x.dtype)
+    xf = x.to(acc)
+    norms = torch.linalg.vector_norm(xf, dim=-1)
+    clamped = norms.clamp_min(EPS)
+    adjacent = torch.linalg.vecdot(xf[:, 1:], xf[:, :-1]) / (clamped[:, 1:] * clamped[:, :-1])
+    if query is None:
+        relevance = xf.new_empty(B, 0, T)
+    else:
+        qf = query.to(acc)
+        qn = torch.linalg.vector_norm(qf, dim=-1).clamp_min(EPS)
+        # One GEMM per video: a batched GEMM may block differently for different B, and a video's
+        # scores must not depend on what else is in the batch.
+        dots = torch.stack([qf[b] @ xf[b].T for b in range(B)]) if B else xf.new_empty(0, qf.shape[1], T)
+        relevance = scale * (dots / (qn[:, :, None] * clamped[:, None, :])) + bias
+    if lengths is not None:
+        valid = valid_frames(lengths, B, T, x.device)
+        relevance = relevance.masked_fill(~valid[:, None, :], float("-inf"))
+        adjacent = adjacent.masked_fill(~valid[:, 1:], float("nan"))
+        norms = norms.masked_fill(~valid, 0.0)
+    return Scores(relevance, adjacent, norms)
+
+
+def _unit_rows(x: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x / max(|x|, eps) [B, T, C], finite [B, T], norms [B, T]); rows with a NaN or inf become zero vectors."""
+    xf = x.to(acc)
+    norms = torch.linalg.vector_norm(xf, dim=-1)
+    finite = torch.isfinite(norms)
+    inv = torch.where(finite, norms.clamp_min(EPS).reciprocal(), torch.zeros_like(norms))
+    return (xf * inv[..., None]).nan_to_num_(0.0, 0.0, 0.0), finite, norms  # dropped rows: inf * 0 = NaN -> 0
+
+
+def _sims_to(xn: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """[B, Q, T]: dot of every row of xn [B, T, C] with row j [B, Q, 1] of the same video (one batched
+    GEMV per step; row-major x, so the pass over x is contiguous)."""
+    B, _, C = xn.shape
+    chosen = xn.gather(1, j.reshape(B, -1, 1).expand(B, j.shape[1], C))  # [B, Q, C]
+    return torch.bmm(xn, chosen.transpose(1, 2)).transpose(1, 2)
+
+
+def _sort_by_time(picks: torch.Tensor, T: int, *extra: torch.Tensor):
+    """Sort picks (-1 = none) ascending with the -1 padding last; permute ``extra`` alike."""
+    key = torch.where(picks < 0, torch.full_like(picks, T), picks)
+    key, order = torch.sort(key, dim=-1, stable=True)
+    out = torch.where(key == T, torch.full_like(key, -1), key).to(torch.int32)
+    return (out, *(e.gather(-1, order) for e in extra))
+
+
+def greedy_select(
+    relevance: torch.Tensor,
+    k: int,
+    x: torch.Tensor | None = None,
+    lam: float = 0.0,
+    min_gap: float = 0.0,
+    sim_thresh: float | None = None,
+    pool: str = "all",
+    pool_top: int = 0,
+    timestamps: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """k frames per (video, query) by greedy marginal gain; int32 [B, Q, k] sorted by time, -1 padded.
+
+    Candidates are frames with finite relevance (and a finite embedding when x is given). The pool
+    then keeps all of them ("all"), those with relevance strictly above the candidates' mean
+    ("above_mean", TASS), or the ``pool_top`` most relevant ("top"). Step s picks the candidate with
+    the highest gain = relevance - lam * max_{j chosen} cos(x_i, x_j) (MMR, Carbonell & Goldstein
+    1998; the penalty is 0 at the first step), ties to the lower index. A pick then removes every
+    candidate closer than min_gap to it (|t_i - t_j| < min_gap, in frames or in ``timestamps`` units)
+    and, with sim_thresh, every candidate with cos > sim_thresh to it (ViLaMP-style NMS).
+    """
+    B, Q, T = relevance.shape
+    acc = _acc(relevance, x, timestamps)
+    rel = relevance.to(acc)
+    eligible = torch.isfinite(rel)
+    need_x = lam != 0.0 or sim_thresh is not None
+    if need_x:
+        xn, finite, _ = _unit_rows(x, acc)
+        eligible = eligible & finite[:, None, :]
+    if pool == "above_mean":
+        count = eligible.sum(-1, keepdim=True).clamp_min(1)
+        mean = torch.where(eligible, rel, torch.zeros_like(rel)).sum(-1, keepdim=True) / count
+        eligible = eligible & (rel > mean)
+    elif pool == "top":
+        masked = torch.where(eligible, rel, torch.full_like(rel, float("-inf")))
+        order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(T, device=rel.device).expand_as(order))
+        eligible = eligible & (rank < pool_top)
+    if min_gap > 0:
+        pos = (timestamps.to(acc) if timestamps is not None else torch.arange(T, device=rel.device, dtype=acc).expand(B, T))
+        pos = pos[:, None, :].expand(B, Q, T)
+    max_sim = torch.zeros_like(rel)  # max cosine to the chosen frames; unused at step 0
+    neg_inf = torch.full_like(rel, float("-inf"))
+    picks = torch.full((B, Q, k), -1, dtype=torch.int64, device=rel.device)
+    for step in range(k):
+        gain = rel if (step == 0 or lam == 0.0) else rel - lam * max_sim
+        j = torch.argmax(torch.where(eligible, gain, neg_inf), dim=-1, keepdim=True)  # [B, Q, 1]
+        ok = eligible.gather(-1, j)
+        picks[..., step : step + 1] = torch.where(ok, j, torch.full_like(j, -1))
+        eligible = eligible.scatter(-1, j, False)
+        if need_x:
+            sims = _sims_to(xn, j)  # [B, Q, T]: cosine of every frame to the pick
+            max_sim = sims if step == 0 else torch.maximum(max_sim, sims)
+            if sim_thresh is not None:
+                eligible = eligible & ~(sims > sim_thresh)
+        if min_gap > 0:
+            eligible = eligible & ~((pos - pos.gather(-1, j)).abs() < min_gap)
+    return _sort_by_time(picks, T)[0]
+
+
+def dpp_select(
+    x: torch.Tensor, k: int, quality: torch.Tensor | None = None, eps: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy MAP of the DPP with kernel L = diag(q) S diag(q), S[i, j] = cos(x_i, x_j).
+
+    Fast greedy MAP inference of Chen, Zhang & Zhou (NeurIPS 2018, Algorithm 1): every frame keeps
+    d2_i = det(L_{S+i}) / det(L_S), the squared residual of its feature vector after projecting out
+    the chosen ones, and a row c_i of the incremental Cholesky factor. Each step picks
+    j = argmax d2 and updates e_i = (L_ji - <c_j, c_i>) / sqrt(d2_j), c_i <- [c_i, e_i],
+    d2_i -= e_i^2: O(T * k) per step, L is never formed. A frame is a candidate while
+    d2_i > eps * L_ii (its vector is not, to relative precision eps, in the span of the chosen ones);
+    the selection stops early when no candidate is left, so an exact duplicate is never chosen twice.
+
+    x [B, T, C]; quality [B, Q, T] (None: all ones, Q = 1). Frames with a non-finite embedding or
+    quality, or zero quality or norm, are never chosen. Returns idx int32 [B, Q, k] sorted by time and
+    padded with -1, and gains [B, Q, k] (fp32, fp64 for fp64 inputs): log d2 of each pick when it was
+    made, 0 beside padding, so gains.sum(-1) is the log-determinant of L restricted to the chosen set.
+    """
+    B, T, _ = x.shape
+    acc = _acc(x, quality)
+    xn, finite, norms = _unit_rows(x, acc)
+    q = torch.ones(B, 1, T, dtype=acc, device=x.device) if quality is None else quality.to(acc)
+    q = torch.where(torch.isfinite(q), q, torch.zeros_like(q))
+    Q = q.shape[1]
+    # L_ii = q_i^2 exactly (S_ii = 1 for a nonzero frame, 0 for a zero or non-finite one), so equal
+    # qualities tie exactly at the first step and go to the lower index
+    diag = q.square() * (finite & (norms > 0)).to(acc)[:, None, :]  # [B, Q, T]
+    d2 = diag.clone()
+    eligible = d2 > eps * diag
+    cf = torch.zeros(B, Q, k, T, dtype=acc, device=x.device)  # cf[..., s, i] = c_i[s]
+    picks = torch.full((B, Q, k), -1, dtype=torch.int64, device=x.device)
+    gains = torch.zeros(B, Q, k, dtype=acc, device=x.device)
+    neg_inf = torch.full_like(d2, float("-inf"))
+    for step in range(k):
+        j = torch.argmax(torch.where(eligible, d2, neg_inf), dim=-1, keepdim=True)  # [B, Q, 1]
+        ok = eligible.gather(-1, j)
+        dj = d2.gather(-1, j)
+        picks[..., step : step + 1] = torch.where(ok, j, torch.full_like(j, -1))
+        gains[..., step : step + 1] = torch.where(ok, dj.clamp_min(torch.finfo(acc).tiny).log(), torch.zeros_like(dj))
+        l_row = q.gather(-1, j) * q * _sims_to(xn, j)  # L[j, :]
+        c_j = cf[..., :step, :].gather(-1, j[..., None, :].expand(B, Q, step, 1))  # [B, Q, step, 1]
+        proj = (c_j * cf[..., :step, :]).sum(-2)  # <c_j, c_i> for every i
+        e = torch.where(ok, (l_row - proj) / dj.clamp_min(torch.finfo(acc).tiny).sqrt(), torch.zeros_like(l_row))
+        cf[..., step, :] = e
+        d2 = d2 - e.square()
+        eligible = eligible.scatter(-1, j, False) & (d2 > eps * diag)
+    idx, gains = _sort_by_time(picks, T, gains)
+    return idx, gains
+
+
+# ---------------------------------------------------------------------------------------------------
+# Scene boundaries
+
+
+def depth_scores(adjacent: torch.Tensor) -> torch.Tensor:
+    """TextTiling depth of every adjacent-similarity value (VideoLLaMB SceneTilling):
+    depth_t = lpeak_t + rpeak_t - 2 a_t, where lpeak climbs left from t while the values do not
+    decrease and rpeak climbs right likewise. The climb is a segmented copy: lpeak_t = a_{s(t)} with
+    s(t) the last index <= t at which a strictly increases (or 0), found with cummax: O(T)."""
+    a = adjacent
+    n = a.shape[-1]
+    idx = torch.arange(n, device=a.device).expand_as(a)
+
+    def peak(v):
+        start = torch.ones_like(v, dtype=torch.bool)
+        start[..., 1:] = v[..., :-1] < v[..., 1:]
+        s = torch.where(start, idx, torch.zeros_like(idx)).cummax(-1).values
+        return v.gather(-1, s)
+
+    left = peak(a)
+    right = peak(a.flip(-1)).flip(-1)
+    return left + right - 2 * a
+
+
+def adaptive_ratio(change: torch.Tensor, window: int = 2) -> torch.Tensor:
+    """change_t / mean(change over the up-to-``window`` neighbours on each side, excluding t), as
+    PySceneDetect's AdaptiveDetector does with content_val (capped at 255; 255 when the neighbours'
+    mean is below 1e-5). Near the ends the mean is over the neighbours that exist."""
+    n = change.shape[-1]
+    finite = torch.isfinite(change)
+    v = torch.where(finite, change, torch.zeros_like(change))
+    csum = torch.nn.functional.pad(v.cumsum(-1), (1, 0))
+    ccount = torch.nn.functional.pad(finite.to(v.dtype).cumsum(-1), (1, 0))
+    t = torch.arange(n, device=change.device)
+    lo = (t - window).clamp_min(0)
+    hi = (t + window + 1).clamp_max(n)
+    total = csum[..., hi] - csum[..., lo] - v
+    count = ccount[..., hi] - ccount[..., lo] - finite.to(v.dtype)
+    mean = total / count.clamp_min(1)
+    ratio = torch.where(mean.abs() >= 1e-5, (change / mean).clamp_max(255.0), torch.full_like(change, 255.0))
+    return torch.where(count > 0, ratio, torch.zeros_like(ratio))
+
+
+def _enforce_min_len(cut: torch.Tensor, min_len: int) -> torch.Tensor:
+    """Keep cuts in time order only when the segment they close has >= min_len frames (PySceneDetect's
+    min_scene_len). Loops over the kept cuts (at most T / min_len), vectorised over the batch; reads
+    one bool per iteration on the host to stop."""
+    B, n = cut.shape
+    pos = torch.arange(n, device=cut.device)
+    # nxt[b, p] = first cut position >= p in row b (n if none); one extra column for p = n
+    cand = torch.where(cut, pos.expand(B, n), torch.full_like(cut, n, dtype=torch.long))
+    nxt = torch.cat([cand, torch.full((B, 1), n, device=cut.device, dtype=torch.long)], -1)
+    nxt = nxt.flip(-1).cummin(-1).values.flip(-1)
+    keep = torch.zeros(B, n + 1, dtype=torch.bool, device=cut.device)
+    start = torch.zeros(B, 1, dtype=torch.long, device=cut.device)  # first frame of the open segment
+    while True:
+        # a cut at pair p starts a segment at frame p + 1: needs p + 1 - start >= min_len
+        p = nxt.gather(-1, (start + min_len - 1).clamp_max(n))
+        if not bool((p < n).any()):
+            break
+        keep.scatter_(-1, p, p < n)
+        start = torch.where(p < n, p + 1, torch.full_like(p, n + min_len))
+    return keep[:, :n]
+
+
+def scene_boundaries(
+    adjacent: torch.Tensor,
+    method: str = "threshold",
+    threshold: float | None = None,
+    k: int | None = None,
+    min_len: int = 1,
+    window: int = 2,
+    min_change: float = 0.0,
+    lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Segment id (int32 [B, T]) of every frame from the adjacent similarities [B, T - 1].
+
+    A cut at pair t starts a new segment at frame t + 1. Pairs with a NaN similarity, or touching a
+    frame at t >= lengths[b], never cut; padded frames get segment id -1. Methods (strength of a cut
+    in brackets): "threshold" a_t < threshold [threshold - a_t]; "lowest_k" the k lowest a_t, TDC
+    [-a_t]; "mean_std" depth_t > mean + threshold * std over the video (threshold = alpha, default 0.5),
+    VideoLLaMB SceneTilling [depth_t]; "adaptive" ratio_t >= threshold (default 3.0) and change_t >=
+    min_change with change = 1 - a, PySceneDetect AdaptiveDetector [ratio_t]. For methods other
+    than lowest_k, k caps the number of cuts (the strongest kept, ties to the lower index). Then
+    min_len drops, in time order, every cut that would close a segment shorter than min_len frames
+    (so a short segment merges into the next; the last segment may be shorter).
+    """
+    B, n = adjacent.shape
+    T = n + 1
+    acc = _acc(adjacent)
+    a = adjacent.to(acc)
+    valid = torch.isfinite(a) & valid_frames(lengths, B, T, a.device)[:, 1:]
+    a_safe = torch.where(valid, a, torch.ones_like(a))
+    if method == "threshold":
+        strength, cut = threshold - a_safe, valid & (a_safe < threshold)
+    elif method == "lowest_k":
+        strength, cut = -a_safe, valid
+    elif method == "mean_std":
+        alpha = 0.5 if threshold is None else threshold
+        depth = depth_scores(torch.where(valid, a, torch.ones_like(a)))
+        count = valid.sum(-1, keepdim=True).clamp_min(1)
+        mean = torch.where(valid, depth, torch.zeros_like(depth)).sum(-1, keepdim=True) / count
+        var = torch.where(valid, (depth - mean).square(), torch.zeros_like(depth)).sum(-1, keepdim=True) / count
+        strength, cut = depth, valid & (depth > mean + alpha * var.sqrt())
+    elif method == "adaptive":
+        ratio_thr = 3.0 if threshold is None else threshold
+        change = torch.where(valid, 1 - a, torch.full_like(a, float("nan")))
+        ratio = adaptive_ratio(change, window)
+        strength, cut = ratio, valid & (ratio >= ratio_thr) & (change >= min_change)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    if k is not None and n > 0:
+        masked = torch.where(cut, strength, torch.full_like(strength, float("-inf")))
+        order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=a.device).expand_as(order))
+        cut = cut & (rank < k)
+    if min_len > 1 and n > 0:
+        cut = _enforce_min_len(cut, min_len)
+    seg = torch.zeros(B, T, dtype=torch.int32, device=a.device)
+    seg[:, 1:] = cut.to(torch.int32).cumsum(-1, dtype=torch.int32)
+    if lengths is not None:
+        seg = seg.masked_fill(~valid_frames(lengths, B, T, a.device), -1)
+    return seg
+
+
+def segment_topk(scores: torch.Tensor, seg_id: torch.Tensor, k_per_segment: int) -> torch.Tensor:
+    """The k_per_segment highest-scoring frames of every segment (ties to the lower index).
+
+    scores [B, T] or [B, Q, T]; seg_id int [B, T] (from scene_boundaries: non-decreasing, -1 =
+    padding). Frames with seg_id < 0 or a non-finite score are skipped. Returns int32 [B, S * k]
+    (or [B, Q, S * k]) sorted by time and padded with -1, where S = seg_id.max() + 1 over the batch:
+    a data-dependent size read on the host.
+    """
+    squeeze = scores.dim() == 2
+    s = scores[:, None, :] if squeeze else scores
+    B, Q, T = s.shape
+    seg = seg_id.long()[:, None, :].expand(B, Q, T)
+    S = max(int(seg_id.max()) + 1, 0) if seg_id.numel() else 0
+    ok = (seg >= 0) & torch.isfinite(s)
+    key_score = torch.where(ok, s.to(_acc(s)), torch.full_like(s, float("-inf"), dtype=_acc(s)))
+    # stable sorts: by descending score, then by segment -> within a segment, best first, lower index on ties
+    by_score = torch.sort(key_score, dim=-1, descending=True, stable=True).indices
+    seg_sorted = torch.where(ok, seg, torch.full_like(seg, S)).gather(-1, by_score)
+    seg_sorted, by_seg = torch.sort(seg_sorted, dim=-1, stable=True)
+    frame = by_score.gather(-1, by_seg)
+    first = torch.searchsorted(seg_sorted.contiguous(), seg_sorted.contiguous(), side="left")
+    rank = torch.arange(T, device=s.device).expand(B, Q, T) - first
+    take = (seg_sorted < S) & (rank < k_per_segment)
+    slot = torch.where(take, seg_sorted * k_per_segment + rank, torch.full_like(rank, S * k_per_segment))
+    out = torch.full((B, Q, S * k_per_segment + 1), -1, dtype=torch.long, device=s.device)
+    out.scatter_(-1, slot, torch.where(take, frame, torch.full_like(frame, -1)))
+    out = _sort_by_time(out[..., :-1], T)[0]
+    return out[:, 0] if squeeze else out
+
+
+def uniform_indices(T: int, k: int, mode: str = "linspace", device=None) -> torch.Tensor:
+    """k evenly spaced frame indices of a T-frame video, int32 [k].
+
+    "linspace": floor(i * (T - 1) / (k - 1)) for i < k (0 when k = 1), exact integer arithmetic,
+    first and last frame included. "numpy": bit-compatible with ``np.linspace(0, T - 1, k, dtype=int)``
+    (lmms-eval's uniform sampling): i * ((T - 1) / (k - 1)) in float64, last set to T - 1, truncated;
+    its rounding lands one frame below "linspace" where the exact value is an integer (T = 1996,
+    k = 246: i = 119 gives 968, not 969). "center": floor((2i + 1) * T / (2k)), the frame at the
+    centre of each of k equal bins.
+    When k > T, the T frames are returned followed by -1 padding.
+    """
+    i = torch.arange(k, device=device, dtype=torch.long)
+    if k > T:
+        return torch.where(i < T, i, torch.full_like(i, -1)).to(torch.int32)
+    if mode == "linspace":
+        out = i * (T - 1) // (k - 1) if k > 1 else torch.zeros_like(i)
+    elif mode == "numpy":
+        y = torch.arange(k, device=device, dtype=torch.float64) * ((T - 1) / (k - 1)) if k > 1 else torch.zeros(k, device=device, dtype=torch.float64)
+        if k > 1:
+            y[-1] = T - 1
+        out = y.long()
+    elif mode == "center":
+        out = (2 * i + 1) * T // (2 * k)
+    else:
+        raise ValueError(f"mode must be 'linspace', 'numpy' or 'center', got {mode!r}")
+    return out.to(torch.int32)
