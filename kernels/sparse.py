@@ -1,0 +1,417 @@
+"""Triton kernels for block-sparse video attention over a vidtok SparsePlan.
+
+Forward (FlashAttention-2's online softmax, Dao 2023, restricted to the plan's tiles): one program
+owns one query tile of one (sequence, head) and walks the key tiles of its CSR row. Per key tile:
+s = (q k^T) * scale * log2(e) + kv_log_size * log2(e); a partial tile masks s by the plan's token bits
+(bit c % 32 of word [r, c // 32]), a full tile is used unmasked; then the exp2 online update
+m' = max(m, rowmax s), alpha = exp2(m - m'), p = exp2(s - m'), l = l alpha + rowsum p,
+acc = acc alpha + p v, all in fp32. A row whose keys are all masked keeps m = -inf and uses 0 as its
+reference max (no NaN); it ends with l = 0 and writes O = 0 and LSE = -inf.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import TRITON_DTYPES, AotCase
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _sparse_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, ls_ptr, o_ptr, lse_ptr,
+    row_ptr, col_idx, entry_bits, bits_ptr,
+    N, H, GROUP, nQ, qk_scale,
+    sq_b, sq_h, sq_n, sq_d,
+    sk_b, sk_h, sk_n, sk_d,
+    sv_b, sv_h, sv_n, sv_d,
+    sls_b, sls_n,
+    D,
+    HAS_LS: tl.constexpr, IEEE: tl.constexpr,
+    BQ: tl.constexpr, BK: tl.constexpr, SK: tl.constexpr, BD: tl.constexpr, W: tl.constexpr,
+):
+    qi = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP  # GQA: GROUP query heads share one key/value head
+    rows = qi * BQ + tl.arange(0, BQ)
+    offs_d = tl.arange(0, BD)
+    offs_k = tl.arange(0, SK)
+    d_ok = offs_d < D
+    q = tl.load(
+        q_ptr + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h + rows.to(tl.int64)[:, None] * sq_n + offs_d[None, :] * sq_d,
+        mask=(rows < N)[:, None] & d_ok[None, :], other=0.0,
+    )
+    k_base = k_ptr + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
+    v_base = v_ptr + b.to(tl.int64) * sv_b + hk.to(tl.int64) * sv_h
+    # A plan tile of BK keys is processed as BK / SK sub-tiles of SK keys (SK = min(BK, 64)): 128-wide
+    # key tiles at SK = 128 spilled registers on sm_80/sm_90. A partial tile's mask is BQ x W words;
+    # a sub-tile reads WS of them, each expanding to PER columns.
+    WS: tl.constexpr = W * SK // BK
+    PER: tl.constexpr = SK // WS
+    bit_offs = tl.arange(0, BQ)[:, None] * W + tl.arange(0, WS)[None, :]
+    bit_shift = tl.arange(0, PER)[None, None, :]
+
+    m_i = tl.full([BQ], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BQ], dtype=tl.float32)
+    acc = tl.zeros([BQ, BD], dtype=tl.float32)
+    row = b * nQ + qi
+    start = tl.load(row_ptr + row)
+    end = tl.load(row_ptr + row + 1)
+    for e in range(start, end):
+        kt = tl.load(col_idx + e)
+        bi = tl.load(entry_bits + e)
+        for j in tl.static_range(BK // SK):
+            cols = kt * BK + j * SK + offs_k
+            kv_mask = (cols < N)[:, None] & d_ok[None, :]
+            kk = tl.load(k_base + cols.to(tl.int64)[:, None] * sk_n + offs_d[None, :] * sk_d, mask=kv_mask, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(kk), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(kk))
+            s = s * qk_scale
+            if HAS_LS:
+                ls = tl.load(ls_ptr + b.to(tl.int64) * sls_b + cols.to(tl.int64) * sls_n, mask=cols < N, other=0.0)
+                s = s + ls[None, :] * LOG2E
+            if bi != 1:  # a partial tile (bits index 1 = full): token mask from the plan's bits
+                words = tl.load(bits_ptr + bi.to(tl.int64) * (BQ * W) + j * WS + bit_offs)  # [BQ, WS]
+                keep = tl.reshape(((words[:, :, None] >> bit_shift) & 1) != 0, [BQ, SK])
+                s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_ref)
+            p = tl.exp2(s - m_ref[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            vv = tl.load(v_base + cols.to(tl.int64)[:, None] * sv_n + offs_d[None, :] * sv_d, mask=kv_mask, other=0.0)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, vv, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+            m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    o_rows = (bh.to(tl.int64) * N + rows.to(tl.int64))
+    tl.store(o_ptr + o_rows[:, None] * D + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=(rows < N)[:, None] & d_ok[None, :])
+    tl.store(lse_ptr + o_rows, lse, mask=rows < N)
+
+
+@triton.jit
+def _sparse_attention_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, ls_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    row_ptr, col_idx, entry_bits, bits_ptr,
+    N, H, GROUP, nQ, qk_scale, scale,
+    sq_b, sq_h, sq_n, sq_d,
+    sk_b, sk_h, sk_n, sk_d,
+    sv_b, sv_h, sv_n, sv_d,
+    sls_b, sls_n,
+    D,
+    HAS_LS: tl.constexpr, IEEE: tl.constexpr,
+    BQ: tl.constexpr, BK: tl.constexpr, SQ: tl.constexpr, SK: tl.constexpr, BD: tl.constexpr, W: tl.constexpr,
+):
+    # dQ of SQ rows (sub-tile r of plan query tile qi) of one head, walking the forward CSR: P is
+    # recomputed from the saved LSE, dS = P * (dO V^T - delta), dQ = scale * dS K. One program owns
+    # its rows: no atomics.
+    qi = tl.program_id(0) // (BQ // SQ)
+    r = tl.program_id(0) % (BQ // SQ)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    rows = qi * BQ + r * SQ + tl.arange(0, SQ)
+    offs_d = tl.arange(0, BD)
+    offs_k = tl.arange(0, SK)
+    d_ok = offs_d < D
+    r_ok = rows < N
+    q = tl.load(
+        q_ptr + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h + rows.to(tl.int64)[:, None] * sq_n + offs_d[None, :] * sq_d,
+        mask=r_ok[:, None] & d_ok[None, :], other=0.0,
+    )
+    o_rows = bh.to(tl.int64) * N + rows.to(tl.int64)  # dO, LSE, delta and dQ are contiguous [B, H, N(, D)]
+    do = tl.load(do_ptr + o_rows[:, None] * D + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    lse2 = tl.load(lse_ptr + o_rows, mask=r_ok, other=0.0) * LOG2E
+    lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)  # rows with no key: every p is masked to 0
+    delta = tl.load(delta_ptr + o_rows, mask=r_ok, other=0.0)
+    k_base = k_ptr + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
+    v_base = v_ptr + b.to(tl.int64) * sv_b + hk.to(tl.int64) * sv_h
+    WS: tl.constexpr = W * SK // BK
+    PER: tl.constexpr = SK // WS
+    bit_offs = (r * SQ + tl.arange(0, SQ))[:, None] * W + tl.arange(0, WS)[None, :]
+    bit_shift = tl.arange(0, PER)[None, None, :]
+    dq = tl.zeros([SQ, BD], dtype=tl.float32)
+    row = b * nQ + qi
+    start = tl.load(row_ptr + row)
+    end = tl.load(row_ptr + row + 1)
+    for e in range(start, end):
+        kt = tl.load(col_idx + e)
+        bi = tl.load(entry_bits + e)
+        for j in tl.static_range(BK // SK):
+            cols = kt * BK + j * SK + offs_k
+            kv_mask = (cols < N)[:, None] & d_ok[None, :]
+            kk = tl.load(k_base + cols.to(tl.int64)[:, None] * sk_n + offs_d[None, :] * sk_d, mask=kv_mask, other=0.0)
+            vv = tl.load(v_base + cols.to(tl.int64)[:, None] * sv_n + offs_d[None, :] * sv_d, mask=kv_mask, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(kk), input_precision="ieee")
+                dp = tl.dot(do, tl.trans(vv), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(kk))
+                dp = tl.dot(do.to(vv.dtype), tl.trans(vv))
+            s = s * qk_scale
+            if HAS_LS:
+                ls = tl.load(ls_ptr + b.to(tl.int64) * sls_b + cols.to(tl.int64) * sls_n, mask=cols < N, other=0.0)
+                s = s + ls[None, :] * LOG2E
+            p = tl.exp2(s - lse2[:, None])
+            if bi != 1:
+                words = tl.load(bits_ptr + bi.to(tl.int64) * (BQ * W) + j * WS + bit_offs)
+                keep = tl.reshape(((words[:, :, None] >> bit_shift) & 1) != 0, [SQ, SK])
+                p = tl.where(keep, p, 0.0)
+            ds = p * (dp - delta[:, None])
+            if IEEE:
+                dq += tl.dot(ds, kk, input_precision="ieee")
+            else:
+                dq += tl.dot(ds.to(kk.dtype), kk)
+    tl.store(dq_ptr + o_rows[:, None] * D + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
+             mask=r_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _sparse_attention_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, ls_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dls_ptr,
+    col_ptr, row_idx, entry_bits_t, bits_ptr,
+    N, H, Hk, GROUP, nK, qk_scale, scale,
+    sq_b, sq_h, sq_n, sq_d,
+    sk_b, sk_h, sk_n, sk_d,
+    sv_b, sv_h, sv_n, sv_d,
+    sls_b, sls_n,
+    D,
+    HAS_LS: tl.constexpr, IEEE: tl.constexpr,
+    BQ: tl.constexpr, BK: tl.constexpr, SQ: tl.constexpr, SK: tl.constexpr, BD: tl.constexpr, W: tl.constexpr,
+):
+    # dK, dV (and the per-key d kv_log_size partial sum of this key/value head) of SK keys -- sub-tile
+    # j of plan key tile kt -- summed over the GROUP query heads that read them and over the query
+    # tiles of the transposed CSR. One program owns its keys: no atomics.
+    pid = tl.program_id(0)
+    kt = pid // (BK // SK)
+    j = pid % (BK // SK)
+    bh = tl.program_id(1)  # b * Hk + hk
+    b = bh // Hk
+    hk = bh % Hk
+    cols = kt * BK + j * SK + tl.arange(0, SK)
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    c_ok = cols < N
+    kv_mask = c_ok[:, None] & d_ok[None, :]
+    kk = tl.load(k_ptr + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h + cols.to(tl.int64)[:, None] * sk_n + offs_d[None, :] * sk_d,
+                 mask=kv_mask, other=0.0)
+    vv = tl.load(v_ptr + b.to(tl.int64) * sv_b + hk.to(tl.int64) * sv_h + cols.to(tl.int64)[:, None] * sv_n + offs_d[None, :] * sv_d,
+                 mask=kv_mask, other=0.0)
+    if HAS_LS:
+        ls2 = tl.load(ls_ptr + b.to(tl.int64) * sls_b + cols.to(tl.int64) * sls_n, mask=c_ok, other=0.0) * LOG2E
+    WS: tl.constexpr = W * SK // BK
+    PER: tl.constexpr = SK // WS
+    bit_offs = tl.arange(0, SQ)[:, None] * W + tl.arange(0, WS)[None, :]
+    bit_shift = tl.arange(0, PER)[None, None, :]
+    dk = tl.zeros([SK, BD], dtype=tl.float32)
+    dv = tl.zeros([SK, BD], dtype=tl.float32)
+    dls = tl.zeros([SK], dtype=tl.float32)
+    col = b * nK + kt
+    start = tl.load(col_ptr + col)
+    end = tl.load(col_ptr + col + 1)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        q_base = q_ptr + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
+        head_rows = (b * H + h).to(tl.int64) * N
+        for e in range(start, end):
+            qi = tl.load(row_idx + e)
+            bi = tl.load(entry_bits_t + e)
+            for r in tl.static_range(BQ // SQ):  # SQ-row sub-tiles of the plan's query tile
+                rows = qi * BQ + r * SQ + tl.arange(0, SQ)
+                r_ok = rows < N
+                q = tl.load(q_base + rows.to(tl.int64)[:, None] * sq_n + offs_d[None, :] * sq_d,
+                            mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+                o_rows = head_rows + rows.to(tl.int64)
+                do = tl.load(do_ptr + o_rows[:, None] * D + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+                lse2 = tl.load(lse_ptr + o_rows, mask=r_ok, other=0.0) * LOG2E
+                lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
+                delta = tl.load(delta_ptr + o_rows, mask=r_ok, other=0.0)
+                if IEEE:
+                    s = tl.dot(q, tl.trans(kk), input_precision="ieee")
+                    dp = tl.dot(do, tl.trans(vv), input_precision="ieee")
+                else:
+                    s = tl.dot(q, tl.trans(kk))
+                    dp = tl.dot(do.to(vv.dtype), tl.trans(vv))
+                s = s * qk_scale
+                if HAS_LS:
+                    s = s + ls2[None, :]
+                p = tl.exp2(s - lse2[:, None])  # [SQ, SK]
+                if bi != 1:
+                    words = tl.load(bits_ptr + bi.to(tl.int64) * (BQ * W) + (r * SQ) * W + j * WS + bit_offs)
+                    keep = tl.reshape(((words[:, :, None] >> bit_shift) & 1) != 0, [SQ, SK])
+                    p = tl.where(keep, p, 0.0)
+                ds = p * (dp - delta[:, None])
+                if IEEE:
+                    dv += tl.dot(tl.trans(p), do, input_precision="ieee")
+                    dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
+                else:
+                    dv += tl.dot(tl.trans(p).to(vv.dtype), do.to(vv.dtype))
+                    dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+                dls += tl.sum(ds, axis=0)
+    out_rows = bh.to(tl.int64) * N + cols.to(tl.int64)  # dK, dV [B, Hk, N, D] and dls [B, Hk, N], contiguous
+    tl.store(dk_ptr + out_rows[:, None] * D + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + out_rows[:, None] * D + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    if HAS_LS:
+        tl.store(dls_ptr + out_rows, dls, mask=c_ok)
+
+
+def _num_warps(block_q: int, block_k: int, head_block: int) -> int:
+    # 4 warps while the [BQ, BK] scores and [BQ, BD] accumulator are at most 64 x 64, else 8: at 4
+    # warps, 64 x 64 tiles with D = 128 used a 368-byte stack frame (spills) on sm_80 and sm_90.
+    # Not yet tuned on a GPU: no measurement exists.
+    return 4 if block_q * max(block_k, head_block) <= 64 * 64 else 8
+
+
+def _key_block(block_k: int) -> int:
+    return min(block_k, 64)
+
+
+def _dq_rows(block_q: int) -> int:
+    # dQ programs own 64-row sub-tiles: 128 rows with D = 128 used a 5.9 KB stack frame on sm_80
+    return min(block_q, 64)
+
+
+def _dkdv_rows(block_q: int) -> int:
+    # dK/dV programs walk query tiles 32 rows at a time (FlashAttention-2's Triton backward does the same)
+    return min(block_q, 32)
+
+
+def _head_block(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def sparse_attention_fwd(q, k, v, kv_log_size, row_ptr, col_idx, entry_bits, bits, block_q: int, block_k: int, scale: float):
+    """out [B, H, N, D] (contiguous, q's dtype) and fp32 natural-log LSE [B, H, N].
+
+    q [B, H, N, D], k/v [B, Hk, N, D] any strides; kv_log_size fp32 [B, N] or None; plan CSR tensors
+    as in vidtok.sparse.SparsePlan. D <= 128.
+    """
+    B, H, N, D = q.shape
+    out = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        lse.fill_(float("-inf"))
+        return out, lse
+    n_q = -(-N // block_q)
+    has_ls = kv_log_size is not None
+    ls = kv_log_size if has_ls else lse  # any tensor: not read when HAS_LS is False
+    ls_strides = kv_log_size.stride() if has_ls else (0, 0)
+    grid = (n_q, B * H)
+    _sparse_attention_fwd_kernel[grid](
+        q, k, v, ls, out, lse, row_ptr, col_idx, entry_bits, bits,
+        N, H, H // k.shape[1], n_q, scale * 1.4426950408889634,
+        *q.stride(), *k.stride(), *v.stride(), *ls_strides,
+        D,
+        HAS_LS=has_ls, IEEE=q.dtype == torch.float32,
+        BQ=block_q, BK=block_k, SK=_key_block(block_k), BD=_head_block(D), W=bits.shape[-1],
+        num_warps=_num_warps(block_q, _key_block(block_k), _head_block(D)),
+    )
+    return out, lse
+
+
+def sparse_attention_bwd(grad_out, grad_lse, q, k, v, kv_log_size, out, lse,
+                         row_ptr, col_idx, entry_bits, col_ptr, row_idx, entry_bits_t, bits,
+                         block_q: int, block_k: int, scale: float):
+    """(dq, dk, dv, d kv_log_size): dq [B, H, N, D], dk/dv [B, Hk, N, D] in the inputs' dtype,
+    d kv_log_size fp32 [B, N] (empty [0] without kv_log_size). Deterministic: dQ programs walk the
+    forward CSR, dK/dV programs the transposed one; the per-head partial sums of d kv_log_size are
+    added by a torch reduction, not atomics."""
+    B, H, N, D = q.shape
+    Hk = k.shape[1]
+    go = grad_out.contiguous()
+    # delta_i = rowsum(dO * O) - dLSE_i (dS_ij = P_ij (dP_ij - delta_i), with the LSE's own gradient)
+    delta = (go.float() * out.float()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    delta = delta.contiguous()
+    lse = lse.contiguous()
+    dq = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
+    dk = torch.empty((B, Hk, N, D), device=q.device, dtype=k.dtype)
+    dv = torch.empty((B, Hk, N, D), device=q.device, dtype=v.dtype)
+    has_ls = kv_log_size is not None
+    dls = torch.empty((B, Hk, N) if has_ls else (0,), device=q.device, dtype=torch.float32)
+    if dq.numel() == 0:
+        dq.zero_(), dk.zero_(), dv.zero_()
+        return dq, dk, dv, dls.sum(1) if has_ls else dls
+    ls = kv_log_size if has_ls else lse
+    ls_strides = kv_log_size.stride() if has_ls else (0, 0)
+    n_q, n_k = -(-N // block_q), -(-N // block_k)
+    SK, BD = _key_block(block_k), _head_block(D)
+    common = dict(HAS_LS=has_ls, IEEE=q.dtype == torch.float32, BQ=block_q, BK=block_k, SK=SK, BD=BD, W=bits.shape[-1])
+    strides = (*q.stride(), *k.stride(), *v.stride(), *ls_strides)
+    sq = _dq_rows(block_q)
+    _sparse_attention_bwd_dq_kernel[(n_q * (block_q // sq), B * H)](
+        q, k, v, ls, go, lse, delta, dq, row_ptr, col_idx, entry_bits, bits,
+        N, H, H // Hk, n_q, scale * 1.4426950408889634, scale, *strides, D,
+        SQ=sq, num_warps=_num_warps(sq, SK, BD), **common,
+    )
+    sq = _dkdv_rows(block_q)
+    _sparse_attention_bwd_dkdv_kernel[(n_k * (block_k // SK), B * Hk)](
+        q, k, v, ls, go, lse, delta, dk, dv, dls, col_ptr, row_idx, entry_bits_t, bits,
+        N, H, Hk, H // Hk, n_k, scale * 1.4426950408889634, scale, *strides, D,
+        SQ=sq, num_warps=_num_warps(SK, sq, BD), **common,
+    )
+    return dq, dk, dv, dls.sum(1) if has_ls else dls
+
+
+def _signature(kernel, ty: str) -> dict:
+    """Triton types of every argument of one of this module's kernels, by its name."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"):
+            sig[name] = f"*{ty}"
+        elif name in ("ls_ptr", "lse_ptr", "delta_ptr", "dls_ptr"):
+            sig[name] = "*fp32"
+        elif name.endswith("_ptr") or name in ("col_idx", "entry_bits", "row_idx", "entry_bits_t"):
+            sig[name] = "*i32"
+        elif name in ("qk_scale", "scale"):
+            sig[name] = "fp32"
+        elif name.endswith("_d") or name == "sls_n" or name.isupper() and name not in ("N", "H", "D", "GROUP", "Hk"):
+            sig[name] = "constexpr"
+        elif name.startswith("s") and name[1:3] in ("q_", "k_", "v_", "ls"):
+            sig[name] = "i64"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _aot_cases() -> list[AotCase]:
+    # The heaviest variant (D = 128 with kv_log_size) at every tile size the benchmarks use, and the
+    # lightest (D = 64, 64x64, no log size); unit head-dim strides, as the launch specialises them.
+    # 16-bit only: on GPUs float32 runs on the reference backend (vidtok.sparse.sparse_attention).
+    cases = []
+    variants = [((64, 64), 128, True), ((128, 64), 128, True), ((128, 128), 128, True), ((64, 64), 64, False)]
+    kernels = {"fwd": _sparse_attention_fwd_kernel, "bwd_dq": _sparse_attention_bwd_dq_kernel,
+               "bwd_dkdv": _sparse_attention_bwd_dkdv_kernel}
+    for dtype in (torch.float16, torch.bfloat16):
+        ty = TRITON_DTYPES[dtype]
+        for (BQ, BK), D, has_ls in variants:
+            SK = _key_block(BK)
+            consts = {"sq_d": 1, "sk_d": 1, "sv_d": 1, "sls_n": 1, "HAS_LS": has_ls, "IEEE": False,
+                      "BQ": BQ, "BK": BK, "SK": SK, "BD": D, "W": BK // 32}
+            per_kernel = {"fwd": ({}, _num_warps(BQ, SK, D)),
+                          "bwd_dq": ({"SQ": _dq_rows(BQ)}, _num_warps(_dq_rows(BQ), SK, D)),
+                          "bwd_dkdv": ({"SQ": _dkdv_rows(BQ)}, _num_warps(SK, _dkdv_rows(BQ), D))}
+            for what, kernel in kernels.items():
+                extra, warps = per_kernel[what]
+                cases.append(AotCase(
+                    f"sparse_attention_{what}-{ty}-q{BQ}k{BK}-d{D}{'-logsize' if has_ls else ''}",
+                    kernel, _signature(kernel, ty), {**consts, **extra}, num_warps=warps))
+    return cases
+
+
+AOT_CASES = _aot_cases()

@@ -1,0 +1,165 @@
+"""vidtok.VideoLayout and vidtok.build_plan: layouts, tile classification and CSR against brute force,
+block-size invariance, exporters (dense, SDPA, FlexAttention)."""
+
+import pytest
+import torch
+
+import vidtok
+from vidtok import masks as M
+
+from vidtok.testing import sparse_random_layout as random_layout
+from vidtok.testing import sparse_random_spec as _random_spec
+from vidtok.testing import sparse_truth_mask as truth_mask
+
+
+def test_from_grid():
+    layout = vidtok.VideoLayout.from_grid(2, 3, 4, num_global=2, batch=3)
+    assert layout.num_tokens == 26 and layout.batch == 3 and layout.grid == (2, 3, 4)
+    assert layout.lengths.tolist() == [26] * 3
+    assert layout.kind[0].tolist() == [2, 2] + [1] * 24
+    assert layout.coords[1, 2].tolist() == [0, 0, 0] and layout.coords[1, 2 + 4 * 3 + 5].tolist() == [1, 1, 1]
+    assert layout.coords[2, -1].tolist() == [1, 2, 3]
+
+
+def test_from_keep_packs_kept_tokens_in_order():
+    keep = torch.rand(3, 3, 4, 5, generator=torch.Generator().manual_seed(0)) < 0.5
+    keep[2] = False  # a video with no kept token: only its global token remains
+    layout = vidtok.VideoLayout.from_keep(keep, num_global=1)
+    assert layout.num_tokens == 1 + int(keep.flatten(1).sum(1).max())
+    for b in range(3):
+        kept = keep[b].nonzero().tolist()  # (t, h, w) row-major, the order tokens are packed in
+        n = len(kept)
+        assert layout.lengths[b] == 1 + n
+        assert layout.coords[b, 1 : 1 + n].tolist() == kept
+        assert layout.kind[b].tolist() == [2] + [1] * n + [0] * (layout.num_tokens - 1 - n)
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("block", [(16, 16), (32, 16), (16, 32)], ids=str)
+def test_tiles_match_brute_force(seed, block):
+    """Full tile pairs have every pair allowed, empty ones none; partial tiles' bits are the exact
+    token masks; the CSR lists exactly the non-empty tiles, and its transpose the same ones."""
+    layout, rng = random_layout(seed)
+    spec = _random_spec(rng, layout.grid)
+    plan = vidtok.build_plan(layout, spec, block=block)
+    truth = truth_mask(layout, spec)
+    BQ, BK = block
+    B, N = layout.batch, layout.num_tokens
+    nQ, nK = plan.tile_map.shape[1:]
+    padded = torch.zeros(B, nQ * BQ, nK * BK, dtype=torch.bool)
+    padded[:, :N, :N] = truth
+    tiles = padded.view(B, nQ, BQ, nK, BK).permute(0, 1, 3, 2, 4)
+    valid = torch.zeros(B, nQ * BQ, dtype=torch.bool)
+    valid[:, :N] = layout.kind != 0
+    kvalid = torch.zeros(B, nK * BK, dtype=torch.bool)
+    kvalid[:, :N] = layout.kind != 0
+    full_valid = valid.view(B, nQ, BQ).all(-1)[:, :, None] & kvalid.view(B, nK, BK).all(-1)[:, None, :]
+    tm = plan.tile_map
+    assert not tiles[tm == 0].any()
+    assert tiles[tm == 1].all() and full_valid[tm == 1].all()
+    # partial tiles: the stored bits are the truth
+    assert torch.equal(plan.to_dense(), truth)
+    assert plan.num_full == int((tm == 1).sum()) and plan.num_partial == int((tm >= 2).sum())
+    # CSR and transpose
+    rows = torch.repeat_interleave(torch.arange(B * nQ), (plan.row_ptr[1:] - plan.row_ptr[:-1]).long())
+    rebuilt = torch.zeros(B * nQ, nK, dtype=torch.int32)
+    rebuilt[rows, plan.col_idx.long()] = plan.entry_bits
+    assert torch.equal(rebuilt.view(B, nQ, nK), tm)
+    assert (plan.entry_bits != 0).all()
+    cols = torch.repeat_interleave(torch.arange(B * nK), (plan.col_ptr[1:] - plan.col_ptr[:-1]).long())
+    rebuilt_t = torch.zeros(B * nK, nQ, dtype=torch.int32)
+    rebuilt_t[cols, plan.row_idx.long()] = plan.entry_bits_t
+    assert torch.equal(rebuilt_t.view(B, nK, nQ), tm.transpose(1, 2))
+    # density: allowed pairs over pairs of valid tokens
+    n_valid = (layout.kind != 0).sum(1)
+    assert plan.allowed_pairs == int(truth.sum())
+    assert plan.density == pytest.approx(int(truth.sum()) / max(1, int((n_valid**2).sum())))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_same_token_mask_at_every_block_size(seed):
+    layout, rng = random_layout(100 + seed)
+    spec = _random_spec(rng, layout.grid)
+    dense = [vidtok.build_plan(layout, spec, block=b).to_dense() for b in [(16, 16), (32, 32), (64, 64), (64, 16), (128, 32)]]
+    for d in dense[1:]:
+        assert torch.equal(d, dense[0])
+
+
+def test_frame_aligned_masks_need_no_token_evaluation():
+    """At 64-token tiles on 8x8 frames every frame-granular tile pair is full or empty: the token
+    predicate is never evaluated, and nothing near N^2 is ever materialised."""
+    calls = []
+    spec = M.temporal_window(1, 0)
+    original = type(spec).pred
+
+    class Counting(type(spec)):
+        def pred(self, q, k, grid):
+            out = original(self, q, k, grid)
+            calls.append(out.numel())
+            return out
+
+    counting = Counting(1, 0, "temporal_window")
+    layout = vidtok.VideoLayout.from_grid(16, 8, 8)
+    plan = vidtok.build_plan(layout, counting, block=(64, 64))
+    assert calls == [] and plan.num_partial == 0
+    assert plan.num_full == 16 + 15  # frame t attends frames t - 1 and t
+    assert plan.density == pytest.approx(31 / 256)
+    # with global tokens the tiles straddle frames: only the partial tiles' pairs are evaluated
+    layout = vidtok.VideoLayout.from_grid(16, 8, 8, num_global=4)
+    plan = vidtok.build_plan(layout, counting | M.global_tokens(), block=(64, 64))
+    assert sum(calls) == plan.num_partial * 64 * 64 < layout.num_tokens**2 / 2
+    assert torch.equal(plan.to_dense(), truth_mask(layout, spec | M.global_tokens()))
+
+
+def test_to_sdpa_mask_runs_through_sdpa():
+    layout = vidtok.VideoLayout.from_grid(3, 4, 4, num_global=1, batch=2)
+    spec = M.neighborhood((3, 3, 3)) | M.global_tokens()
+    plan = vidtok.build_plan(layout, spec, block=(16, 16))
+    mask = plan.to_sdpa_mask()
+    assert mask.shape == (2, 1, 49, 49) and mask.dtype == torch.bool
+    q, k, v = (torch.randn(2, 2, 49, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(vidtok.sparse_attention(q, k, v, plan, backend="reference"), expected)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_flex_block_mask_matches_plan_and_attention(seed):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    layout, rng = random_layout(200 + seed)
+    spec = _random_spec(rng, layout.grid)
+    plan = vidtok.build_plan(layout, spec, block=(16, 32))
+    bm = plan.to_flex_block_mask()
+    assert bm.BLOCK_SIZE == (16, 32)
+    assert torch.equal(bm.to_dense()[:, 0].bool(), plan.tile_map != 0)
+    B, N = layout.batch, layout.num_tokens
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, 2, N, 16, generator=g) for _ in range(3))
+    expected = vidtok.sparse_attention(q, k, v, plan, backend="reference")
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=bm), expected, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("args,kwargs,error,match", [
+    ((None, M.frame_local()), {}, TypeError, "layout must be a vidtok.VideoLayout"),
+    (("layout", "frame"), {}, TypeError, "spec must be a vidtok.masks spec"),
+    (("layout", M.frame_local()), {"block": (48, 64)}, ValueError, "block BQ must be a power of two >= 16"),
+    (("layout", M.frame_local()), {"block": (64, 8)}, ValueError, r"block BK must be a power of two >= 16 .*got 8"),
+    (("layout", M.frame_local()), {"block": 64}, TypeError, r"block must be a pair \(BQ, BK\)"),
+    (("layout", M.neighborhood((2, 7, 3))), {}, ValueError, r"larger than the video grid \(2, 5, 6\) along h"),
+])
+def test_bad_input(args, kwargs, error, match):
+    layout = vidtok.VideoLayout.from_grid(2, 5, 6)
+    args = tuple(layout if a == "layout" else a for a in args)
+    with pytest.raises(error, match=match):
+        vidtok.build_plan(*args, **kwargs)
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: vidtok.VideoLayout.from_grid(0, 2, 2), ValueError, "T must be >= 1, got 0"),
+    (lambda: vidtok.VideoLayout.from_grid(2, 2, 2, num_global=-1), ValueError, "num_global must be >= 0"),
+    (lambda: vidtok.VideoLayout.from_keep(torch.ones(2, 3, 4)), ValueError, r"keep must be \[B, T, H, W\]"),
+    (lambda: vidtok.VideoLayout.from_keep(torch.ones(1, 2, 3, 4)), TypeError, "keep must be one of bool, got float32"),
+])
+def test_bad_layouts(make, error, match):
+    with pytest.raises(error, match=match):
+        make()

@@ -1,0 +1,596 @@
+"""Sparse attention for video: token layouts, mask plans built from tile bounds, block-sparse attention.
+
+- ``VideoLayout``: the (t, h, w) position of every token of every sequence (global register tokens
+  first), so masks can be stated in video terms whatever pruning did to the token count.
+- ``build_plan(layout, spec, block=(BQ, BK))``: classifies every (query tile, key tile) pair as empty,
+  full or partial from the tiles' coordinate bounds (vidtok.masks) -- the token predicate is evaluated
+  only inside partial tiles, never on all N^2 pairs -- and stores the non-empty tiles in CSR form, with
+  its transpose, and the token masks of the partial tiles as bits.
+- ``sparse_attention(q, k, v, plan)``: attention on the plan's tiles only -- Triton forward and
+  backward kernels, or the reference (forward over gathered tiles, backward dense in chunks) -- with
+  ToMe's proportional attention as ``kv_log_size``.
+
+Patterns: FlexAttention's BlockMask (full + partial block lists, mask_mod inside partial blocks),
+NATTEN's neighborhood windows, ToMe's proportional attention (see research/attention.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vidtok import _backend
+from vidtok import masks as _masks
+from vidtok import reference as ref
+from vidtok._backend import FLOAT_DTYPES
+from vidtok._validation import check_same_device, check_tensor
+from vidtok.reference.merge import accumulation_dtype
+
+__all__ = ["SparsePlan", "VideoLayout", "build_plan", "sparse_attention"]
+
+_KIND_PAD, _KIND_VIDEO, _KIND_GLOBAL = 0, 1, 2
+
+
+def _check_pos_int(name: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------
+# VideoLayout
+
+
+@dataclass(frozen=True, eq=False)
+class VideoLayout:
+    """Where every token of a batch of token sequences sits in its video.
+
+    Sequence b holds ``lengths[b]`` tokens at positions 0 .. lengths[b] - 1 of an [N]-token axis:
+    first ``num_global`` global (register) tokens, then the video tokens in (t, h, w) row-major order;
+    positions past ``lengths[b]`` are padding, which attends to nothing and is attended by nothing.
+
+    Attributes:
+        coords: int32 [B, N, 3], the (t, h, w) of each video token (-1 for global and padding tokens).
+        kind: int8 [B, N], 0 padding, 1 video token, 2 global token.
+        lengths: int32 [B], valid tokens per sequence.
+        grid: (T, H, W) of the full video grid (the neighborhood windows' extents).
+        num_global: global tokens at the start of every sequence.
+    """
+
+    coords: torch.Tensor
+    kind: torch.Tensor
+    lengths: torch.Tensor
+    grid: tuple
+    num_global: int
+
+    @property
+    def batch(self) -> int:
+        return self.coords.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """N, the token axis of q, k and v (the longest sequence)."""
+        return self.coords.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.coords.device
+
+    def token_coords(self) -> _masks.Coords:
+        """int64 Coords [B, N] (t, h, w, is_global) of every token."""
+        c = self.coords.long()
+        return _masks.Coords(c[..., 0], c[..., 1], c[..., 2], self.kind == _KIND_GLOBAL)
+
+    @staticmethod
+    def from_grid(T: int, H: int, W: int, *, num_global: int = 0, batch: int = 1, device="cpu") -> VideoLayout:
+        """Every token of a T x H x W grid, after ``num_global`` global tokens, for ``batch`` videos:
+        N = num_global + T * H * W."""
+        for name, value in (("T", T), ("H", H), ("W", W), ("batch", batch)):
+            _check_pos_int(name, value)
+        _check_pos_int("num_global", num_global, 0)
+        grid = torch.stack(torch.meshgrid(*(torch.arange(n, device=device) for n in (T, H, W)), indexing="ij"), -1)
+        coords = torch.cat([torch.full((num_global, 3), -1, device=device), grid.reshape(-1, 3)]).to(torch.int32)
+        kind = torch.cat([torch.full((num_global,), _KIND_GLOBAL), torch.full((T * H * W,), _KIND_VIDEO)]).to(device, torch.int8)
+        n = num_global + T * H * W
+        return VideoLayout(
+            coords.expand(batch, n, 3).contiguous(),
+            kind.expand(batch, n).contiguous(),
+            torch.full((batch,), n, dtype=torch.int32, device=device),
+            (T, H, W),
+            num_global,
+        )
+
+    @staticmethod
+    def from_keep(keep: torch.Tensor, *, num_global: int = 0) -> VideoLayout:
+        """The tokens a motion gate or pruner kept: keep bool [B, T, H, W].
+
+        Sequence b holds its ``num_global`` global tokens and then its kept tokens in (t, h, w) order,
+        so frames keep varying numbers of tokens; N = num_global + the largest kept count, shorter
+        sequences are padded. The host reads that count (one sync; a layout is built once per clip).
+        """
+        check_tensor("keep", keep, rank=4, layout="[B, T, H, W]", dtypes=(torch.bool,))
+        _check_pos_int("num_global", num_global, 0)
+        B, T, H, W = keep.shape
+        if B == 0:
+            raise ValueError(f"keep must hold at least one video, got shape {tuple(keep.shape)}")
+        flat = keep.reshape(B, -1)
+        counts = flat.sum(1)
+        n = num_global + int(counts.max())
+        grid = torch.stack(torch.meshgrid(*(torch.arange(s, device=keep.device) for s in (T, H, W)), indexing="ij"), -1)
+        grid = grid.reshape(1, -1, 3).expand(B, -1, 3)
+        # destination of each kept token: num_global + its rank among the kept tokens; dropped ones go
+        # to a scratch column n that is cut off afterwards
+        dest = torch.where(flat, num_global + flat.long().cumsum(1) - 1, n)
+        coords = torch.full((B, n + 1, 3), -1, dtype=torch.int64, device=keep.device)
+        coords.scatter_(1, dest[..., None].expand(-1, -1, 3), grid)
+        kind = torch.zeros(B, n + 1, dtype=torch.int8, device=keep.device)
+        kind.scatter_(1, dest, torch.full_like(dest, _KIND_VIDEO, dtype=torch.int8))
+        kind[:, :num_global] = _KIND_GLOBAL
+        return VideoLayout(
+            coords[:, :n].to(torch.int32).contiguous(),
+            kind[:, :n].contiguous(),
+            (counts + num_global).to(torch.int32),
+            (T, H, W),
+            num_global,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# SparsePlan
+
+
+@dataclass(frozen=True, eq=False)
+class SparsePlan:
+    """Which (query tile, key tile) pairs of a layout attend, and how.
+
+    Tiles are ``block = (BQ, BK)`` consecutive tokens of one sequence; nQ = ceil(N / BQ), nK = ceil(N / BK).
+
+    Attributes (int32 tensors on the layout's device):
+        tile_map [B, nQ, nK]: 0 empty, 1 full (every pair of the tiles attends, no padding inside),
+            s >= 2 partial with token mask ``bits[s]``.
+        bits [2 + P, BQ, ceil(BK / 32)]: token masks; bit c % 32 of word [s, r, c // 32] says whether
+            query r attends to key c; bits[0] is all zeros, bits[1] all ones.
+        row_ptr [B * nQ + 1], col_idx [nnz], entry_bits [nnz]: CSR of the non-empty tile pairs, row
+            b * nQ + i lists the key tiles of query tile i of sequence b (ascending) and their bits index.
+        col_ptr [B * nK + 1], row_idx [nnz], entry_bits_t [nnz]: the transposed CSR (query tiles of
+            each key tile), for backward passes that own key tiles.
+        lengths [B]: valid tokens per sequence.
+        num_full, num_partial: tile pairs of each kind; allowed_pairs: token pairs that attend.
+    """
+
+    layout: VideoLayout
+    spec: _masks.MaskSpec
+    block: tuple
+    tile_map: torch.Tensor
+    bits: torch.Tensor
+    row_ptr: torch.Tensor
+    col_idx: torch.Tensor
+    entry_bits: torch.Tensor
+    col_ptr: torch.Tensor
+    row_idx: torch.Tensor
+    entry_bits_t: torch.Tensor
+    lengths: torch.Tensor
+    num_full: int
+    num_partial: int
+    allowed_pairs: int
+
+    @property
+    def batch(self) -> int:
+        return self.tile_map.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.layout.num_tokens
+
+    @property
+    def density(self) -> float:
+        """Allowed token pairs / all pairs of valid tokens (sum over sequences of lengths^2)."""
+        total = int((self.lengths.long() ** 2).sum())
+        return self.allowed_pairs / total if total else 0.0
+
+    @property
+    def tile_density(self) -> float:
+        """Computed tile pairs / all tile pairs."""
+        return (self.num_full + self.num_partial) / max(1, self.tile_map.numel())
+
+    def to_dense(self) -> torch.Tensor:
+        """bool [B, N, N]: True where query token i attends to key token j. Materialises N^2 (tests,
+        small inputs)."""
+        BQ, BK = self.block
+        return ref.sparse.dense_mask_rows(self.tile_map, self.bits, BQ, BK, 0, self.tile_map.shape[1], self.num_tokens)
+
+    def to_sdpa_mask(self) -> torch.Tensor:
+        """bool [B, 1, N, N] for ``F.scaled_dot_product_attention(attn_mask=...)`` (True = attend).
+        SDPA returns NaN for rows with no allowed key, where sparse_attention returns 0."""
+        return self.to_dense()[:, None]
+
+    def to_flex_block_mask(self):
+        """A FlexAttention ``BlockMask`` of the same tiles: the full tiles as full blocks, the partial
+        ones as partial blocks, and a real ``mask_mod`` that reads the plan's token bits (eager
+        FlexAttention ignores the block lists and uses only mask_mod). BLOCK_SIZE = the plan's block."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        BQ, BK = self.block
+        tile_map, bits = self.tile_map, self.bits
+        B, nQ, nK = tile_map.shape
+        N = self.num_tokens
+
+        def kv_blocks(sel):
+            count = sel.sum(-1).to(torch.int32)
+            # indices of the selected key tiles first (stable sort of "not selected"), the rest unused
+            order = torch.sort((~sel).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+            return count[:, None], order[:, None]
+
+        partial_num, partial_idx = kv_blocks(tile_map >= 2)
+        full_num, full_idx = kv_blocks(tile_map == 1)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            state = tile_map[b, q_idx // BQ, kv_idx // BK]
+            word = bits[state, q_idx % BQ, (kv_idx % BK) // 32]
+            return ((word >> (kv_idx % 32)) & 1) == 1
+
+        return BlockMask.from_kv_blocks(
+            partial_num, partial_idx, full_num, full_idx, BLOCK_SIZE=(BQ, BK), mask_mod=mask_mod, seq_lengths=(N, N)
+        )
+
+    def __repr__(self):
+        return (
+            f"SparsePlan(B={self.batch}, N={self.num_tokens}, block={self.block}, spec={self.spec!r}, "
+            f"full={self.num_full}, partial={self.num_partial}, density={self.density:.4f}, "
+            f"tile_density={self.tile_density:.4f})"
+        )
+
+
+def _tile_bounds(layout: VideoLayout, block: int):
+    """Bounds [B, n_tiles] of the video tokens of each tile, and the valid-token count per tile."""
+    coords, kind = _padded_tile_coords(layout, block)
+    video = (kind == _KIND_VIDEO)[..., None]
+    lo = torch.where(video, coords, _masks._FAR).amin(2)
+    hi = torch.where(video, coords, -_masks._FAR).amax(2)
+    bounds = _masks.Bounds(
+        tuple(lo[..., d] for d in range(3)),
+        tuple(hi[..., d] for d in range(3)),
+        video[..., 0].any(2),
+        (kind == _KIND_GLOBAL).any(2),
+    )
+    return bounds, (kind != _KIND_PAD).sum(2)
+
+
+def _select(bounds: _masks.Bounds, index) -> _masks.Bounds:
+    return _masks.Bounds(
+        tuple(x[index] for x in bounds.lo), tuple(x[index] for x in bounds.hi), bounds.has_video[index], bounds.has_global[index]
+    )
+
+
+def _padded_tile_coords(layout: VideoLayout, block: int):
+    """Coords and validity per tile, [B, n_tiles, block] (padding past N is invalid)."""
+    B, N = layout.batch, layout.num_tokens
+    n_tiles = -(-N // block)
+    pad = n_tiles * block - N
+    c = torch.nn.functional.pad(layout.coords.long(), (0, 0, 0, pad), value=-1).view(B, n_tiles, block, 3)
+    kind = torch.nn.functional.pad(layout.kind, (0, pad), value=_KIND_PAD).view(B, n_tiles, block)
+    return c, kind
+
+
+def _pack_bits(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """bool [P, BQ, BK] -> (int32 [P, BQ, ceil(BK / 32)] with bit c % 32 of word c // 32 = mask[..., c],
+    number of True). Packs bytes first (8x fewer wide operations than packing words directly)."""
+    P, BQ, BK = mask.shape
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    octets = (mask.view(P, BQ, BK // 8, 8).to(torch.uint8) << shifts).sum(-1, dtype=torch.uint8)
+    count = int(_POPCOUNT8.to(mask.device)[octets.long()].sum()) if P else 0
+    # little-endian bytes of an int32 (x86 and CUDA): byte k holds bits 8k .. 8k + 7
+    words = octets.view(torch.int16).to(torch.int32) if BK == 16 else octets.view(torch.int32)
+    return words, count
+
+
+_POPCOUNT8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+# Partial tiles whose token masks are evaluated at once (bounds the [P, BQ, BK] temporaries).
+_PARTIAL_CHUNK_PAIRS = 1 << 20
+
+
+def build_plan(layout: VideoLayout, spec: _masks.MaskSpec, *, block: tuple[int, int] = (64, 64)) -> SparsePlan:
+    """The SparsePlan of ``spec`` on ``layout`` with (BQ, BK) = ``block`` tiles.
+
+    Every (query tile, key tile) pair of a sequence is classified empty / full / partial by
+    ``spec.classify`` on the tiles' coordinate bounds: O(N + B * nQ * nK), no token pair evaluated.
+    Only the partial tiles' token masks are then evaluated with ``spec.pred`` (BQ * BK pairs each).
+    A full tile has every pair of its tokens allowed and no padding. BQ and BK are powers of two
+    >= 16 (the tile sizes the Triton kernel accepts; 64 and 128 are the fast ones on GPUs).
+
+    Building reads the number of non-empty and partial tiles on the host (the CSR sizes): a plan is
+    built once per (layout, spec) and reused by every layer and step that shares them.
+    """
+    if not isinstance(layout, VideoLayout):
+        raise TypeError(f"layout must be a vidtok.VideoLayout, got {type(layout).__name__}")
+    if not isinstance(spec, _masks.MaskSpec):
+        raise TypeError(f"spec must be a vidtok.masks spec (frame_local(), neighborhood(...), ...), got {type(spec).__name__}")
+    if not (isinstance(block, (tuple, list)) and len(block) == 2):
+        raise TypeError(f"block must be a pair (BQ, BK) of ints, got {block!r}")
+    for name, value in zip(("BQ", "BK"), block):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"block {name} must be an int, got {type(value).__name__}")
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"block {name} must be a power of two >= 16 (16, 32, 64, 128, ...), got {value}")
+    BQ, BK = block
+    spec.validate(layout.grid)
+    grid = layout.grid
+    B, N = layout.batch, layout.num_tokens
+    dev = layout.device
+
+    qb, q_valid = _tile_bounds(layout, BQ)
+    kb, k_valid = _tile_bounds(layout, BK)
+    nQ, nK = q_valid.shape[1], k_valid.shape[1]
+    q_side = _select(qb, (slice(None), slice(None), None))
+    k_side = _select(kb, (slice(None), None, slice(None)))
+    any_, all_ = spec.classify(q_side, k_side, grid)
+    nonempty = any_ & (q_valid > 0)[:, :, None] & (k_valid > 0)[:, None, :]
+    full = nonempty & all_ & (q_valid == BQ)[:, :, None] & (k_valid == BK)[:, None, :]
+    partial = nonempty & ~full
+
+    # token masks of the partial tiles, a chunk of tiles at a time
+    qc, qkind = _padded_tile_coords(layout, BQ)
+    kc, kkind = _padded_tile_coords(layout, BK)
+    where = partial.nonzero()  # [P, 3] (b, i, j), row-major
+    P = where.shape[0]
+    chunks, allowed_partial = [], 0
+    step = max(1, _PARTIAL_CHUNK_PAIRS // (BQ * BK))
+    for p0 in range(0, P, step):
+        b, i, j = where[p0 : p0 + step].unbind(1)
+        qt, kt = qc[b, i], kc[b, j]  # [p, BQ, 3], [p, BK, 3]
+        qk, kk = qkind[b, i], kkind[b, j]
+        q = _masks.Coords(qt[:, :, None, 0], qt[:, :, None, 1], qt[:, :, None, 2], (qk == _KIND_GLOBAL)[:, :, None])
+        k = _masks.Coords(kt[:, None, :, 0], kt[:, None, :, 1], kt[:, None, :, 2], (kk == _KIND_GLOBAL)[:, None, :])
+        mask = spec.pred(q, k, grid)
+        q_pad, k_pad = qk == _KIND_PAD, kk == _KIND_PAD
+        if bool(q_pad.any()) or bool(k_pad.any()):  # only tiles at sequence ends hold padding
+            mask = mask & ~q_pad[:, :, None] & ~k_pad[:, None, :]
+        words, count = _pack_bits(mask)
+        allowed_partial += count
+        chunks.append(words)
+    W = -(-BK // 32)
+    bits = torch.cat(
+        [torch.zeros(1, BQ, W, dtype=torch.int32, device=dev), torch.full((1, BQ, W), -1, dtype=torch.int32, device=dev), *chunks]
+    )
+    tile_map = torch.zeros(B, nQ, nK, dtype=torch.int32, device=dev)
+    tile_map[full] = 1
+    tile_map[partial] = torch.arange(2, 2 + P, dtype=torch.int32, device=dev)
+
+    entries = nonempty.nonzero()  # (b, i, j) row-major: CSR order
+    row_ptr = torch.zeros(B * nQ + 1, dtype=torch.int32, device=dev)
+    row_ptr[1:] = nonempty.sum(-1).flatten().cumsum(0)
+    entries_t = nonempty.transpose(1, 2).nonzero()  # (b, j, i)
+    col_ptr = torch.zeros(B * nK + 1, dtype=torch.int32, device=dev)
+    col_ptr[1:] = nonempty.sum(1).flatten().cumsum(0)
+    num_full = int(full.sum())
+    return SparsePlan(
+        layout=layout,
+        spec=spec,
+        block=(BQ, BK),
+        tile_map=tile_map,
+        bits=bits,
+        row_ptr=row_ptr,
+        col_idx=entries[:, 2].to(torch.int32).contiguous(),
+        entry_bits=tile_map[entries.unbind(1)].contiguous(),
+        col_ptr=col_ptr,
+        row_idx=entries_t[:, 2].to(torch.int32).contiguous(),
+        entry_bits_t=tile_map[entries_t[:, 0], entries_t[:, 2], entries_t[:, 1]].contiguous(),
+        lengths=layout.lengths,
+        num_full=num_full,
+        num_partial=P,
+        allowed_pairs=num_full * BQ * BK + allowed_partial,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# sparse_attention
+
+# Head dimensions the Triton kernel takes (zero-padded in registers to the next power of two >= 16).
+TRITON_MAX_HEAD_DIM = 128
+# Which backward each forward backend uses.
+BACKWARD_BACKEND = {"reference": "reference", "triton": "triton"}
+
+
+def _sparse_attention_triton(q, k, v, kv_log_size, plan_tensors, block_q, block_k, scale):
+    from vidtok.kernels import sparse as kernels
+
+    tile_map, bits, row_ptr, col_idx, entry_bits, _, _, _ = plan_tensors
+    return kernels.sparse_attention_fwd(q, k, v, kv_log_size, row_ptr, col_idx, entry_bits, bits, block_q, block_k, scale)
+
+
+def _sparse_attention_reference(q, k, v, kv_log_size, plan_tensors, block_q, block_k, scale):
+    tile_map, bits = plan_tensors[:2]
+    return ref.sparse_attention(q, k, v, kv_log_size, tile_map, bits, block_q, block_k, scale)
+
+
+def _sparse_attention_backward_triton(grad_out, grad_lse, q, k, v, kv_log_size, out, lse, plan_tensors, block_q, block_k, scale):
+    from vidtok.kernels import sparse as kernels
+
+    _, bits, row_ptr, col_idx, entry_bits, col_ptr, row_idx, entry_bits_t = plan_tensors
+    return kernels.sparse_attention_bwd(
+        grad_out, grad_lse, q, k, v, kv_log_size, out, lse,
+        row_ptr, col_idx, entry_bits, col_ptr, row_idx, entry_bits_t, bits, block_q, block_k, scale,
+    )
+
+
+def _sparse_attention_backward_reference(grad_out, grad_lse, q, k, v, kv_log_size, out, lse, plan_tensors, block_q, block_k, scale):
+    tile_map, bits = plan_tensors[:2]
+    dq, dk, dv, dls = ref.sparse_attention_backward(
+        grad_out, grad_lse, q, k, v, kv_log_size, out, lse, tile_map, bits, block_q, block_k, scale
+    )
+    return dq, dk, dv, q.new_empty((0,), dtype=accumulation_dtype(q.dtype)) if dls is None else dls
+
+
+_SPARSE_ATTENTION = {"reference": _sparse_attention_reference, "triton": _sparse_attention_triton}
+_SPARSE_ATTENTION_BACKWARD = {"reference": _sparse_attention_backward_reference, "triton": _sparse_attention_backward_triton}
+
+
+@torch.library.custom_op("vidtok::sparse_attention", mutates_args=())
+def _sparse_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_log_size: torch.Tensor | None,
+    plan_tensors: list[torch.Tensor],
+    block_q: int,
+    block_k: int,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _SPARSE_ATTENTION[backend](q, k, v, kv_log_size, plan_tensors, block_q, block_k, scale)
+
+
+@_sparse_attention_op.register_fake
+def _(q, k, v, kv_log_size, plan_tensors, block_q, block_k, scale, backend):
+    B, H, N, _ = q.shape
+    out = q.new_empty((B, H, N, v.shape[-1]))
+    return out, q.new_empty((B, H, N), dtype=accumulation_dtype(q.dtype))
+
+
+@torch.library.custom_op("vidtok::sparse_attention_backward", mutates_args=())
+def _sparse_attention_backward_op(
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_log_size: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    plan_tensors: list[torch.Tensor],
+    block_q: int,
+    block_k: int,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _SPARSE_ATTENTION_BACKWARD[BACKWARD_BACKEND[backend]](
+        grad_out, grad_lse, q, k, v, kv_log_size, out, lse, plan_tensors, block_q, block_k, scale
+    )
+
+
+@_sparse_attention_backward_op.register_fake
+def _(grad_out, grad_lse, q, k, v, kv_log_size, out, lse, plan_tensors, block_q, block_k, scale, backend):
+    dls_shape = (0,) if kv_log_size is None else kv_log_size.shape
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+        q.new_empty(dls_shape, dtype=accumulation_dtype(q.dtype)),
+    )
+
+
+def _sparse_attention_setup(ctx, inputs, output):
+    q, k, v, kv_log_size, plan_tensors, block_q, block_k, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, kv_log_size, out, lse, *plan_tensors)
+    ctx.args = (block_q, block_k, scale, backend)
+    ctx.has_log_size = kv_log_size is not None
+
+
+def _sparse_attention_grad(ctx, grad_out, grad_lse):
+    q, k, v, kv_log_size, out, lse, *plan_tensors = ctx.saved_tensors
+    dq, dk, dv, dls = _sparse_attention_backward_op(
+        grad_out, grad_lse, q, k, v, kv_log_size, out, lse, plan_tensors, *ctx.args
+    )
+    dls = dls.to(kv_log_size.dtype) if ctx.has_log_size else None
+    return dq, dk, dv, dls, [None] * len(plan_tensors), None, None, None, None
+
+
+_sparse_attention_op.register_autograd(_sparse_attention_grad, setup_context=_sparse_attention_setup)
+
+
+def _plan_tensors(plan: SparsePlan) -> list[torch.Tensor]:
+    return [plan.tile_map, plan.bits, plan.row_ptr, plan.col_idx, plan.entry_bits, plan.col_ptr, plan.row_idx, plan.entry_bits_t]
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: SparsePlan,
+    *,
+    scale: float | None = None,
+    kv_log_size: torch.Tensor | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """Attention restricted to the token pairs of ``plan``.
+
+    Args:
+        q: [B, H, N, D]; k, v: [B, Hk, N, D] with H % Hk == 0 (GQA: query head h reads key/value head
+            h // (H / Hk)); B and N those of the plan's layout. float32, float16 or bfloat16 (float64
+            on the reference backend, for gradcheck), one dtype, any strides.
+        plan: from ``build_plan``.
+        scale: logit scale, default D ** -0.5.
+        kv_log_size: optional float [B, N] added to every logit of key j (ToMe's proportional
+            attention, Bolya et al. 2023: a key of size s behaves as s copies of itself when this is
+            log s; -inf removes a key). Differentiable.
+        return_lse: also return the natural-log LSE [B, H, N] (fp32; -inf for rows with no key).
+        backend: "reference", "triton" or "auto" (there is no CUDA C++ kernel for this op).
+
+    Returns:
+        out [B, H, N, D] in q's dtype, softmax over the allowed keys of each query (fp32
+        accumulation); rows with no allowed key (padding, or a mask that leaves a token alone) give 0.
+        With ``return_lse``, (out, lse).
+
+    Backends: "triton" runs FlashAttention-2-style kernels over the plan's CSR tiles only: the
+    forward (online softmax in exp2, fp32 accumulation, full tiles unmasked, partial tiles masked by
+    the plan's token bits), and a backward that recomputes P from the saved LSE in separate dQ
+    programs (forward CSR) and dK/dV programs (transposed CSR). "reference" computes dense masked
+    attention a chunk of query tiles at a time, forward and backward (``BACKWARD_BACKEND`` says which
+    backward each backend runs). Deterministic (no atomics); no host sync.
+    """
+    if not isinstance(plan, SparsePlan):
+        raise TypeError(f"plan must be a vidtok.SparsePlan from vidtok.build_plan, got {type(plan).__name__}")
+    dtypes = FLOAT_DTYPES + (torch.float64,)
+    check_tensor("q", q, rank=4, layout="[B, H, N, D]", dtypes=dtypes)
+    check_tensor("k", k, rank=4, layout="[B, Hk, N, D]", dtypes=dtypes)
+    check_tensor("v", v, rank=4, layout="[B, Hk, N, D]", dtypes=dtypes)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must have one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    B, H, N, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [B, Hk, N, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != B or k.shape[2] != N or k.shape[3] != D:
+        raise ValueError(f"k and v must be [B, Hk, N, D] = [{B}, Hk, {N}, {D}] to fit q {tuple(q.shape)}, got {tuple(k.shape)}")
+    Hk = k.shape[1]
+    if Hk == 0 or H % Hk:
+        raise ValueError(f"q's head count H = {H} must be a multiple of k/v's head count Hk = {Hk}")
+    if (B, N) != (plan.batch, plan.num_tokens):
+        raise ValueError(
+            f"q is [B, H, N, D] = {tuple(q.shape)} but the plan was built for a layout of B = {plan.batch} "
+            f"sequences of N = {plan.num_tokens} tokens"
+        )
+    if kv_log_size is not None:
+        check_tensor("kv_log_size", kv_log_size, rank=2, layout="[B, N]", dtypes=dtypes)
+        if tuple(kv_log_size.shape) != (B, N):
+            raise ValueError(f"kv_log_size must be [B, N] = [{B}, {N}], got {tuple(kv_log_size.shape)}")
+        kv_log_size = kv_log_size.to(accumulation_dtype(q.dtype))
+    check_same_device(q=q, k=k, v=v, kv_log_size=kv_log_size, plan=plan.tile_map)
+    if scale is None:
+        scale = D**-0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float, got {scale!r}")
+
+    def op_reasons(name: str) -> list[str]:
+        if name == "cuda":
+            return ["sparse_attention has no CUDA C++ kernel (the Triton kernel is its GPU path)"]
+        out = []
+        if name == "triton" and D > TRITON_MAX_HEAD_DIM:
+            out.append(f"the Triton kernel takes head dimensions D <= {TRITON_MAX_HEAD_DIM} (16, 32, 64, 128 or smaller, zero-padded), got D = {D}")
+        if name == "triton" and q.device.type == "cuda" and q.dtype == torch.float32:
+            # float32 tiles (IEEE dot products) spill kilobytes of stack and overflow shared memory at
+            # 128-token tiles on sm_80/sm_90 (python -m vidtok aot)
+            out.append("on GPUs the Triton kernel takes float16 or bfloat16; float32 runs on the reference backend")
+        return out
+
+    chosen = _backend.select("sparse_attention", q.device, q.dtype, backend, op_reasons)
+    BQ, BK = plan.block
+    out, lse = _sparse_attention_op(q, k, v, kv_log_size, _plan_tensors(plan), BQ, BK, float(scale), chosen)
+    return (out, lse) if return_lse else out
