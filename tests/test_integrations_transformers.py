@@ -1,0 +1,407 @@
+"""vidtok.integrations.transformers on tiny random-weight Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision.
+
+Fully offline: models are built from configs (no downloads, no processors); prompts are built by hand
+from the video placeholder token ids, and pixel inputs have the shapes the processors would give.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+from vidtok.integrations import DropStatic, KeepAll  # noqa: E402
+from vidtok.integrations import transformers as vt  # noqa: E402
+from vidtok.integrations.policies import check_output  # noqa: E402
+
+VOCAB, PAD, BOS, EOS = 128, 0, 1, 2
+IMAGE, VIDEO, V_START, V_END = 120, 121, 122, 123
+TEXT = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=VOCAB, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, max_position_embeddings=512,
+)
+MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava_onevision"]
+NEW_TOKENS = 3
+
+
+class Case:
+    """A tiny model of one family and the inputs its processor would produce for a prompt with one video
+    per row: ``[BOS, 5, V_START, <video placeholders>, V_END, 6, 7]``."""
+
+    def __init__(self, family: str):
+        self.family = family
+        self.qwen = family != "llava_onevision"
+        torch.manual_seed(0)
+        if family == "qwen2_vl":
+            config = transformers.Qwen2VLConfig(
+                vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4),
+                text_config=dict(TEXT, rope_parameters=MROPE),
+                image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=V_START, vision_end_token_id=V_END,
+            )
+            self.model = transformers.Qwen2VLForConditionalGeneration(config)
+        elif family == "qwen2_5_vl":
+            config = transformers.Qwen2_5_VLConfig(
+                vision_config=dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2,
+                                   patch_size=4, window_size=16, fullatt_block_indexes=[1]),
+                text_config=dict(TEXT, rope_parameters=MROPE),
+                image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=V_START, vision_end_token_id=V_END,
+            )
+            self.model = transformers.Qwen2_5_VLForConditionalGeneration(config)
+        else:
+            config = transformers.LlavaOnevisionConfig(
+                vision_config=transformers.SiglipVisionConfig(
+                    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                    patch_size=8,
+                ),
+                text_config=transformers.Qwen2Config(**TEXT),
+                image_token_id=IMAGE, video_token_id=VIDEO, vision_feature_layer=-1,
+            )
+            self.model = transformers.LlavaOnevisionForConditionalGeneration(config)
+        self.model.eval()
+        # LLM-side grid of every video: Qwen 3 temporal patches (6 frames) of 4x4 patches -> (3, 2, 2)
+        # after the 2x2 merger; LLaVA 3 frames of 4x4 SigLIP patches -> (3, 2, 2) after pooling.
+        self.grid = (3, 2, 2)
+        self.tokens = 12 + (0 if self.qwen else 1)  # LLaVA adds image_newline
+
+    def video(self, static: bool, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        if self.qwen:  # pre-patchified rows (T*H*W, C*temporal_patch*P*P), one temporal slab after another
+            slab = torch.randn(16, 3 * 2 * 4 * 4, generator=g)
+            return slab.repeat(3, 1) if static else torch.cat([slab, torch.randn(32, 96, generator=g)])
+        frames = torch.randn(3, 3, 32, 32, generator=g)
+        return frames[:1].expand(3, -1, -1, -1).clone() if static else frames
+
+    def inputs(self, statics: list[bool], seed: int = 0, image: bool = False) -> dict:
+        """One video per row (static or not); ``image`` (Qwen only) puts a 4x4-patch image before it."""
+        picture = [V_START] + [IMAGE] * 4 + [V_END] if image else []
+        ids = torch.tensor([[BOS, 5] + picture + [V_START] + [VIDEO] * self.tokens + [V_END, 6, 7]] * len(statics))
+        videos = [self.video(s, seed + i) for i, s in enumerate(statics)]
+        kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+        if self.qwen:
+            kw.update(
+                pixel_values_videos=torch.cat(videos),
+                video_grid_thw=torch.tensor([[3, 4, 4]] * len(statics)),
+                mm_token_type_ids=(ids == VIDEO).long() * 2 + (ids == IMAGE).long(),
+            )
+            if image:
+                g = torch.Generator().manual_seed(seed + 50)
+                kw["pixel_values"] = torch.randn(16 * len(statics), 96, generator=g)
+                kw["image_grid_thw"] = torch.tensor([[1, 4, 4]] * len(statics))
+            if self.family == "qwen2_5_vl":  # time-scaled temporal positions must survive compression
+                kw["second_per_grid_ts"] = torch.tensor([2.0] * len(statics))
+        else:
+            kw["pixel_values_videos"] = torch.stack(videos)
+        return kw
+
+    def generate(self, kw, **extra):
+        return self.model.generate(**kw, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, **extra)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def case(request):
+    return Case(request.param)
+
+
+@pytest.fixture
+def patched(case):
+    """The case's model, un-patched again after the test whatever happens."""
+    yield case
+    vt.remove(case.model)
+
+
+class Recorder:
+    """Records what reaches the language model on each call: sequence length and position ids."""
+
+    def __init__(self, model):
+        self.lengths, self.positions = [], []
+        self.handle = model.model.language_model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        self.lengths.append(kwargs["inputs_embeds"].shape[1])
+        self.positions.append(kwargs.get("position_ids"))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_keep_all_is_exact(patched):
+    case, model = patched, patched.model
+    kw = case.inputs([False, False], seed=1, image=case.qwen)
+    labels = kw["input_ids"].masked_fill(kw["input_ids"] >= IMAGE, -100)
+    with torch.no_grad():
+        ref = model(**kw).logits
+        ref_loss = model(**kw, labels=labels).loss
+    ref_gen = case.generate(kw, return_dict_in_generate=True, output_logits=True)
+    vt.apply(model, KeepAll())
+    assert vt.is_applied(model)
+    # generate() reads the forward's signature (mm_encoder_outputs, position_ids): it must be kept
+    assert inspect.signature(model.forward) == inspect.signature(type(model).forward.__get__(model))
+    with torch.no_grad():
+        assert torch.equal(model(**kw).logits, ref)
+        assert torch.equal(model(**kw, labels=labels).loss, ref_loss)
+    gen = case.generate(kw, return_dict_in_generate=True, output_logits=True)
+    assert torch.equal(gen.sequences, ref_gen.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(gen.logits, ref_gen.logits))
+
+
+def test_drop_static_generate_prefill_sees_fewer_tokens(patched):
+    case, model = patched, patched.model
+    kw = case.inputs([True])
+    L = kw["input_ids"].shape[1]
+    T, h, w = case.grid
+    vt.apply(model, DropStatic(0.99))
+    with torch.no_grad(), Recorder(model) as rec:
+        out = model(**kw)
+    assert rec.lengths == [L - (T - 1) * h * w]  # a static video keeps frame 0 only
+    assert out.logits.shape[1] == L - (T - 1) * h * w
+    assert isinstance(out.video_outputs, vt.CompressedVideoOutput)
+    assert out.video_outputs.grid == (case.grid,)
+    assert torch.equal(out.video_outputs.origin[0], torch.arange(h * w))
+    # labels shrink with the prompt: the loss is the one of the compressed sequence
+    labels = kw["input_ids"].masked_fill(kw["input_ids"] >= IMAGE, -100)
+    first = int((kw["input_ids"][0] == VIDEO).nonzero()[0])
+    kept = torch.cat([labels[0, : first + h * w], labels[0, first + T * h * w :]])  # dropped ones are -100
+    with torch.no_grad():
+        loss = model(**kw, labels=labels).loss
+    expected = torch.nn.functional.cross_entropy(out.logits[0, :-1], kept[1:], ignore_index=-100)
+    torch.testing.assert_close(loss, expected)
+
+    with Recorder(model) as rec:
+        seq = case.generate(kw)
+    assert rec.lengths == [L - (T - 1) * h * w] + [1] * (NEW_TOKENS - 1)
+    assert seq.shape == (1, L + NEW_TOKENS)
+    assert torch.equal(seq[:, :L], kw["input_ids"])  # the caller's prompt comes back uncompressed
+
+
+def _kept_columns(kw, origins):
+    """Columns of the uncompressed prompt that survive (one Qwen video per row)."""
+    cols = []
+    for row, origin in zip(kw["input_ids"], origins):
+        where = (row == VIDEO).nonzero().squeeze(1)
+        keep = torch.ones(row.shape[0], dtype=torch.bool)
+        keep[where] = False
+        keep[where[origin]] = True  # image placeholders stay: the policy only sees videos
+        cols.append(keep.nonzero().squeeze(1))
+    return cols
+
+
+def test_qwen_positions_are_kept(patched):
+    case, model = patched, patched.model
+    if not case.qwen:
+        pytest.skip("M-RoPE is Qwen's; LLaVA-OneVision is checked in test_llava_positions_number_the_kept_prompt")
+    kw = case.inputs([True], image=True)
+    for name, first in (("input_ids", PAD), ("attention_mask", 0), ("mm_token_type_ids", 0)):  # left-padded
+        kw[name] = torch.cat([torch.tensor([[first]]), kw[name]], 1)
+    keys = ("attention_mask", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+    rope_kwargs = {k: kw[k] for k in keys if k in kw}
+    full, deltas = model.model.get_rope_index(kw["input_ids"], mm_token_type_ids=kw["mm_token_type_ids"], **rope_kwargs)
+    if case.family == "qwen2_5_vl":
+        assert full[0].max() > full[1].max()  # second_per_grid_ts really spreads the temporal positions
+    vt.apply(model, DropStatic(0.99))
+    with torch.no_grad(), Recorder(model) as rec:
+        out = model(**kw)
+    (cols,) = _kept_columns(kw, out.video_outputs.origin)
+    assert torch.equal(rec.positions[0], full[:, :, cols])
+    removed = kw["input_ids"].shape[1] - cols.numel()
+    assert torch.equal(model.model.rope_deltas, deltas + removed)
+
+    with Recorder(model) as rec:
+        case.generate(kw)
+    prefill = rec.positions[0]  # [text; t; h; w] as Qwen's generate builds it
+    assert torch.equal(prefill[1:], full[:, :, cols])
+    assert torch.equal(prefill[0, 0], torch.arange(-1, cols.numel() - 1).clamp(min=0))
+    # the first generated token continues right after the last prompt position
+    assert torch.equal(rec.positions[1][1:, 0, 0], full[:, 0, -1] + 1)
+
+
+def test_llava_positions_number_the_kept_prompt(patched):
+    """1-D RoPE: forward numbers each compressed row 0, 1, ... after its new left padding, exactly as
+    generate() derives positions from the compressed attention mask."""
+    case, model = patched, patched.model
+    if case.qwen:
+        pytest.skip("LLaVA-OneVision only")
+    kw = case.inputs([True, False], seed=5)
+    vt.apply(model, DropStatic(0.99))
+    with torch.no_grad(), Recorder(model) as rec:
+        model(**kw)
+    with Recorder(model) as gen:
+        case.generate(kw)
+    width = rec.lengths[0]
+    pad = width - (kw["input_ids"].shape[1] - 2 * 4)  # the static row drops (T - 1) * h * w = 8 tokens
+    assert pad > 0
+    assert torch.equal(rec.positions[0][0], torch.cat([torch.zeros(pad, dtype=torch.long), torch.arange(width - pad)]))
+    assert torch.equal(rec.positions[0][1], torch.arange(width))
+    assert torch.equal(rec.positions[0], gen.positions[0])
+
+
+def test_remove_restores_original(patched):
+    case, model = patched, patched.model
+    kw = case.inputs([True])
+    with torch.no_grad():
+        ref = model(**kw).logits
+    ref_seq = case.generate(kw)
+    vt.apply(model, DropStatic(0.99))
+    with torch.no_grad():
+        assert model(**kw).logits.shape[1] < ref.shape[1]
+    vt.apply(model, DropStatic(2.0))  # re-applying swaps the policy: nothing is static at 2.0
+    with torch.no_grad():
+        assert model(**kw).logits.shape[1] == ref.shape[1]
+    assert vt.remove(model) is model
+    assert not vt.is_applied(model)
+    assert "forward" not in model.__dict__ and "generate" not in model.__dict__
+    assert model.forward.__func__ is type(model).forward
+    with torch.no_grad():
+        assert torch.equal(model(**kw).logits, ref)
+    assert torch.equal(case.generate(kw), ref_seq)
+    vt.remove(model)  # removing twice is a no-op
+
+
+def test_batch_rows_compressed_differently(patched):
+    """A static and a moving video in one batch, the static row already left-padded by one: it gets
+    more left padding and gives the same next-token logits as when it runs alone."""
+    case, model = patched, patched.model
+    kw = case.inputs([True, False], seed=3)
+    kw["input_ids"] = torch.cat([torch.tensor([[PAD], [9]]), kw["input_ids"]], 1)
+    kw["attention_mask"] = torch.cat([torch.tensor([[0], [1]]), kw["attention_mask"]], 1)
+    if case.qwen:
+        kw["mm_token_type_ids"] = torch.cat([torch.zeros(2, 1, dtype=torch.long), kw["mm_token_type_ids"]], 1)
+    L = kw["input_ids"].shape[1]
+    T, h, w = case.grid
+    vt.apply(model, DropStatic(0.99))
+    with torch.no_grad(), Recorder(model) as rec:
+        both = model(**kw)
+    kept = [o.numel() for o in both.video_outputs.origin]
+    assert kept[0] == h * w and kept[1] > h * w  # random frames are not static
+    assert rec.lengths == [L - (T * h * w - kept[1])]
+    alone = []
+    for row in range(2):
+        single = {k: v[row : row + 1] for k, v in kw.items() if k not in ("pixel_values_videos", "video_grid_thw")}
+        if case.qwen:
+            single["pixel_values_videos"] = kw["pixel_values_videos"].view(2, -1, 96)[row]
+            single["video_grid_thw"] = kw["video_grid_thw"][row : row + 1]
+        else:
+            single["pixel_values_videos"] = kw["pixel_values_videos"][row : row + 1]
+        with torch.no_grad():
+            alone.append(model(**single).logits[0, -1])
+    torch.testing.assert_close(both.logits[:, -1], torch.stack(alone), atol=1e-5, rtol=1e-5)
+
+    seq = case.generate(kw)
+    assert seq.shape == (2, L + NEW_TOKENS)
+    assert torch.equal(seq[:, :L], kw["input_ids"])
+
+
+def test_beam_search(patched):
+    """num_beams/num_return_sequences expand the compressed features; LLaVA-OneVision can only when
+    every video kept the same count (its pooled features are one tensor per video)."""
+    case, model = patched, patched.model
+    vt.apply(model, DropStatic(0.99))
+    for statics in ([True, True], [True, False]):
+        kw = case.inputs(statics, seed=7)
+        L = kw["input_ids"].shape[1]
+        if not case.qwen and statics == [True, False]:
+            with pytest.raises(ValueError, match="different token counts"):
+                case.generate(kw, num_beams=2, num_return_sequences=2)
+            continue
+        seq = case.generate(kw, num_beams=2, num_return_sequences=2)
+        assert seq.shape == (4, L + NEW_TOKENS)
+        assert torch.equal(seq[:, :L], kw["input_ids"].repeat_interleave(2, 0))
+
+
+def test_policy_errors_are_clear(patched):
+    case, model = patched, patched.model
+    kw = case.inputs([False])
+
+    def reversed_origin(features, grid):
+        return features.flip(0), torch.arange(features.shape[0] - 1, -1, -1)
+
+    vt.apply(model, reversed_origin)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        model(**kw)
+    vt.apply(model, KeepAll())
+    bad = dict(kw, input_ids=kw["input_ids"][:, 1:], attention_mask=kw["attention_mask"][:, 1:])
+    bad["input_ids"][0, 0] = VIDEO  # one placeholder too many
+    if case.qwen:
+        bad["mm_token_type_ids"] = (bad["input_ids"] == VIDEO).long() * 2
+    with pytest.raises(ValueError, match="video placeholder tokens"):
+        model(**bad)
+    with pytest.raises(ValueError, match="needs input_ids to find the video placeholder"):
+        embeds = model.get_input_embeddings()(kw["input_ids"])
+        model(**{k: v for k, v in kw.items() if k != "input_ids"}, inputs_embeds=embeds)
+
+
+def test_apply_rejects_other_models():
+    config = transformers.Qwen2Config(**TEXT)
+    with pytest.raises(TypeError, match="model_type 'qwen2'"):
+        vt.apply(transformers.Qwen2ForCausalLM(config), KeepAll())
+
+
+# ---------------------------------------------------------------------------------------------------
+# the policies themselves
+
+
+def _drop_static_oracle(features, grid, threshold):
+    """Token by token, the rule DropStatic documents."""
+    T, h, w = grid
+    x = features.view(T, h * w, -1).double()
+    keep = []
+    for t in range(T):
+        for n in range(h * w):
+            if t == 0:
+                keep.append(True)
+            else:
+                cos = torch.nn.functional.cosine_similarity(x[t, n], x[t - 1, n], dim=0)
+                keep.append(not bool(cos >= threshold))
+    return torch.tensor(keep).nonzero().squeeze(1)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("grid", [(1, 3, 2), (5, 3, 2), (4, 1, 7)])
+def test_drop_static_matches_oracle(seed, grid):
+    g = torch.Generator().manual_seed(seed + 100 * sum(grid))
+    T, h, w = grid
+    x = torch.randn(T, h * w, 8, generator=g)
+    copy = torch.rand(T, h * w, generator=g) < 0.5  # these tokens repeat (almost) the previous frame
+    for t in range(1, T):
+        noise = 1e-3 * torch.randn(h * w, 8, generator=g)
+        x[t] = torch.where(copy[t, :, None], x[t - 1] + noise, x[t])
+    features = x.reshape(-1, 8)
+    for threshold in (0.999, 0.5, -1.0, 1.5):
+        out, origin = DropStatic(threshold)(features, grid)
+        check_output((out, origin), features, grid)
+        assert torch.equal(origin, _drop_static_oracle(features, grid, threshold)), threshold
+        assert torch.equal(out, features[origin])
+    assert DropStatic(-1.0)(features, grid)[1].numel() == h * w  # frame 0 is always kept
+    assert DropStatic(1.5)(features, grid)[1].numel() == T * h * w
+
+
+def test_keep_all_and_policy_input_errors():
+    features = torch.randn(12, 4)
+    out, origin = KeepAll()(features, (3, 2, 2))
+    assert out is features and torch.equal(origin, torch.arange(12)) and origin.dtype == torch.int64
+    with pytest.raises(ValueError, match="T\\*h\\*w"):
+        DropStatic(0.9)(features, (2, 2, 2))
+    with pytest.raises(ValueError, match="grid"):
+        KeepAll()(features, (3, 4))
+    with pytest.raises(TypeError, match="threshold"):
+        DropStatic(float("nan"))
+    with pytest.raises(ValueError, match="at least one token"):
+        check_output((features[:0], torch.arange(0)), features, (3, 2, 2))
+    with pytest.raises(ValueError, match="int64"):
+        check_output((features, torch.arange(12, dtype=torch.int32)), features, (3, 2, 2))
+
+
+def test_import_vidtok_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, vidtok, vidtok.integrations; assert 'transformers' not in sys.modules, 'imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

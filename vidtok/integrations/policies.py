@@ -1,0 +1,147 @@
+"""Policies: what a model integration does to one video's visual tokens.
+
+The contract every policy follows (``vidtok.integrations.transformers.apply`` calls it once per video):
+
+``policy(features, grid) -> (features_out, origin)``
+
+- ``features``: one video's visual tokens as the language model will see them, ``[T*h*w, C]``
+  (float32, float16 or bfloat16), in (t, h, w) row-major order.
+- ``grid``: ``(T, h, w)`` as Python ints, the LLM-side grid: for Qwen2-VL / Qwen2.5-VL the grid after
+  the 2x2 patch merger (``video_grid_thw // (1, 2, 2)``, T counting temporal patches of 2 frames); for
+  LLaVA-OneVision ``(frames, ceil(p/2), ceil(p/2))`` after its bilinear pooling, without the trailing
+  ``image_newline`` token (the integration keeps that one).
+- ``features_out``: ``[L', C]`` with ``0 < L' <= T*h*w``, same dtype and device: the tokens kept or
+  merged, in the order the language model reads them.
+- ``origin``: int64 ``[L']``, strictly increasing: the flat (t, h, w) index each output token stands
+  at. The integration gives output token i the prompt slot and, for Qwen2-VL, the 3-D M-RoPE position
+  ``(t, h, w)`` of input token ``origin[i]``; a merged token reports the index of the token that
+  represents its group.
+
+``L'`` depends on the data, so a policy cannot have a static output shape; reading it (``nonzero``,
+``tolist``) is a host sync. That sync happens once per video per prefill, outside vidtok's kernel hot
+paths, and the integrations document it. ``check_output`` validates a policy's result.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+
+from vidtok._backend import FLOAT_DTYPES
+from vidtok.merge import paired_similarity
+
+__all__ = ["DropStatic", "KeepAll", "Policy", "check_input", "check_output"]
+
+
+class Policy(Protocol):
+    """A callable ``policy(features [T*h*w, C], grid (T, h, w)) -> (features_out [L', C], origin int64 [L'])``."""
+
+    def __call__(self, features: torch.Tensor, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def check_input(features, grid) -> tuple[int, int, int]:
+    """Validate a policy's arguments; return the grid as a tuple of three positive ints."""
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"features must be a torch.Tensor [T*h*w, C], got {type(features).__name__}")
+    if features.dim() != 2:
+        raise ValueError(f"features must be [T*h*w, C] (rank 2), got shape {tuple(features.shape)}")
+    if features.dtype not in FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"features must be a floating tensor, got {str(features.dtype).replace('torch.', '')}")
+    if not isinstance(grid, (tuple, list)) or len(grid) != 3:
+        raise ValueError(f"grid must be (T, h, w), got {grid!r}")
+    if any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid):
+        raise ValueError(f"grid must be three positive ints (T, h, w), got {tuple(grid)!r}")
+    T, h, w = grid
+    if features.shape[0] != T * h * w:
+        raise ValueError(
+            f"features must have T*h*w = {T}*{h}*{w} = {T * h * w} rows for grid {tuple(grid)}, "
+            f"got shape {tuple(features.shape)}"
+        )
+    return T, h, w
+
+
+def check_output(result, features: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate what a policy returned for ``features``/``grid``; return ``(features_out, origin)``.
+
+    Raises ValueError/TypeError naming what is wrong: not a pair, wrong rank, channel count, dtype or
+    device, an empty output, ``origin`` not int64 ``[L']`` or not strictly increasing in
+    ``[0, T*h*w)``. Reads ``origin`` on the host (a sync; see the module docstring).
+    """
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        raise TypeError(f"a policy must return (features_out, origin), got {type(result).__name__}")
+    out, origin = result
+    n, C = features.shape
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] != C:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"policy features_out must be [L', {C}], got {shape}")
+    if out.dtype != features.dtype or out.device != features.device:
+        raise TypeError(
+            f"policy features_out must be {features.dtype} on {features.device}, got {out.dtype} on {out.device}"
+        )
+    if not isinstance(origin, torch.Tensor) or origin.dtype != torch.int64 or origin.shape != (out.shape[0],):
+        desc = f"{origin.dtype} {tuple(origin.shape)}" if isinstance(origin, torch.Tensor) else type(origin).__name__
+        raise ValueError(f"policy origin must be int64 [{out.shape[0]}] (one index per output token), got {desc}")
+    if out.shape[0] == 0:
+        raise ValueError(f"a policy must keep at least one token of a video with grid {tuple(grid)}, kept none")
+    o = origin.cpu()
+    if int(o[0]) < 0 or int(o[-1]) >= n or (o.numel() > 1 and not bool((o[1:] > o[:-1]).all())):
+        raise ValueError(f"policy origin must be strictly increasing in [0, {n}), got {o.tolist()[:16]}...")
+    return out, origin
+
+
+class KeepAll:
+    """The identity policy: every token kept, ``origin = arange(T*h*w)``. A patched model with it
+    computes exactly what the unpatched model computes."""
+
+    def __call__(self, features: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
+        check_input(features, grid)
+        return features, torch.arange(features.shape[0], device=features.device)
+
+    def __repr__(self) -> str:
+        return "KeepAll()"
+
+
+class DropStatic:
+    """Drop the tokens that did not change since the previous frame.
+
+    Token ``(t, n)`` with ``t >= 1`` is dropped when ``cos(features[t, n], features[t - 1, n]) >=
+    threshold`` (``vidtok.paired_similarity`` with lag 1, fp32 accumulation); frame 0 is always kept,
+    so a fully static video keeps ``h*w`` tokens. The comparison is always with the previous *input*
+    frame, not the last kept one. NaN similarities (NaN features) keep the token.
+
+    This is the threshold form of EVS (Efficient Video Sampling, arXiv 2510.14624; vLLM
+    ``vllm/multimodal/evs.py`` scores 1 - cos against the previous temporal slice, keeps the first
+    slice, and keeps the original (t, h, w) M-RoPE positions of the survivors) and the same-position
+    test of DyCoke's temporal stage (Tao et al., CVPR 2025), which drops rather than averages.
+
+    Args:
+        threshold: a real number; 1.0 drops only exact repeats (up to rounding), values above 1 drop
+            nothing, -1 drops every token after frame 0.
+        backend: passed to ``paired_similarity`` (None: the usual selection).
+
+    Returns ``(features[origin], origin)``; ``origin`` comes from ``nonzero``, a host sync.
+    """
+
+    def __init__(self, threshold: float, *, backend: str | None = None):
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
+            raise TypeError(f"threshold must be a real number, got {threshold!r}")
+        self.threshold = float(threshold)
+        self.backend = backend
+
+    def keep_mask(self, features: torch.Tensor, grid) -> torch.Tensor:
+        """bool ``[T, h*w]``: which tokens this policy keeps (no host sync)."""
+        T, h, w = check_input(features, grid)
+        keep = torch.ones((T, h * w), dtype=torch.bool, device=features.device)
+        if T >= 2:
+            sim = paired_similarity(features.reshape(1, T, h * w, -1), 1, backend=self.backend)[0]
+            keep[1:] = ~(sim >= self.threshold)
+        return keep
+
+    def __call__(self, features: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
+        origin = self.keep_mask(features, grid).flatten().nonzero().squeeze(1)
+        return features.index_select(0, origin), origin
+
+    def __repr__(self) -> str:
+        return f"DropStatic(threshold={self.threshold})"

@@ -1,0 +1,414 @@
+"""Hugging Face transformers: compress video tokens between the vision tower and the language model.
+
+``apply(model, policy)`` patches one loaded ``Qwen2VLForConditionalGeneration``,
+``Qwen2_5_VLForConditionalGeneration`` or ``LlavaOnevisionForConditionalGeneration`` (transformers
+5.x) so that every video it reads goes through ``policy`` (see ``vidtok.integrations.policies``)
+after the vision tower and before the language model; ``remove(model)`` undoes it. Only the instance
+is patched (its ``forward`` and ``generate`` become instance attributes wrapping the originals, with
+the originals' signatures); no transformers class or file changes, and other instances are untouched.
+
+What the patched model does when it is given ``pixel_values_videos`` (in ``forward`` or ``generate``):
+
+1. Runs the model's own ``get_video_features`` (vision tower, then Qwen's 2x2 patch merger or
+   LLaVA-OneVision's projector + bilinear pooling) and calls ``policy(features, grid)`` once per video
+   on its ``[T*h*w, C]`` tokens. LLaVA-OneVision's trailing ``image_newline`` token is always kept.
+2. Shrinks the prompt to match: each video's run of placeholder tokens (``config.video_token_id``)
+   keeps one slot per output token, and ``input_ids``, ``attention_mask``, ``labels``,
+   ``mm_token_type_ids`` and given ``position_ids`` drop the same columns. When the rows of a batch
+   end up with different lengths, the shorter rows are left-padded (pad token, ``attention_mask`` 0,
+   label -100), the layout ``generate`` expects.
+3. Qwen2-VL / Qwen2.5-VL: the 3-D M-RoPE position ids are the ones the unpatched model computes for
+   the full prompt (its own ``get_rope_index``, so Qwen2.5-VL's ``second_per_grid_ts`` time scaling
+   holds) restricted to the kept columns: a kept video token keeps the (t, h, w) position of the input
+   token it stands at (``origin``), text after the video keeps its positions, as vLLM's EVS does.
+   ``model.model.rope_deltas`` is set so that decoding continues after the last original position.
+   LLaVA-OneVision (1-D RoPE): the compressed prompt is numbered 0, 1, 2, ... as if it were the
+   prompt (what ``generate`` derives from the attention mask).
+4. Calls the original ``forward``/``generate`` with the compressed prompt and the compressed features
+   as ``mm_encoder_outputs={"video": CompressedVideoOutput}`` (it records each video's ``origin``).
+
+Results: ``forward`` returns logits (and loss) over the *compressed* sequence, its
+``video_outputs`` is the ``CompressedVideoOutput``. ``generate`` returns the prompt you passed
+(uncompressed) followed by the new tokens, so ``out[:, input_ids.shape[1]:]`` are the new tokens as
+usual (also for ``return_dict_in_generate``'s ``sequences``; scores and attentions refer to the
+compressed prompt).
+
+Host syncs: the kept counts are data-dependent, so each prefill with a video reads them on the host
+(the policy's ``nonzero``, ``check_output``, the grid ``tolist`` and the prompt re-packing). This is
+once per prompt, outside vidtok's kernel hot paths; decoding steps add none. It rules out CUDA-graph
+capture of the prefill, and ``generate`` must run eagerly for that step (the usual default).
+
+Limits (each raises a ValueError saying so): a video needs ``input_ids`` (not only
+``inputs_embeds``) to find its placeholders, and must arrive at the prefill (a cache that already
+holds tokens plus new ``pixel_values_videos`` is refused); LLaVA-OneVision batches whose videos keep
+different token counts cannot use ``num_beams``/``num_return_sequences`` > 1 (transformers expands
+its pooled video features as one tensor per video). Call ``remove`` before ``copy.deepcopy`` of a
+patched model (the wrappers refer to the original instance).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.utils import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from vidtok.integrations.policies import check_output
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "CompressedVideoOutput", "apply", "is_applied", "remove"]
+
+_QWEN = ("qwen2_vl", "qwen2_5_vl")
+_LLAVA = ("llava_onevision",)
+SUPPORTED_MODEL_TYPES = _QWEN + _LLAVA
+_MISSING = object()
+_STATE = "_vidtok_patch"
+
+
+@dataclass
+class CompressedVideoOutput(BaseModelOutputWithPooling):
+    """The vision tower's output for the videos of one call, after the policy.
+
+    ``pooler_output`` holds the compressed features in the layout the model's ``forward`` reads:
+    Qwen: a tuple with one ``[L'_i, C]`` tensor per video; LLaVA-OneVision: ``[V, L' + 1, C]`` when
+    every video kept the same count ``L'`` (the ``+ 1`` is ``image_newline``), otherwise all videos
+    concatenated as ``[1, sum_i (L'_i + 1), C]``. ``last_hidden_state``/``hidden_states``/
+    ``attentions`` are the tower's, unchanged. ``origin[i]``: int64 ``[L'_i]``, the flat (t, h, w)
+    index of each kept token of video i; ``grid[i]``: its LLM-side ``(T, h, w)``.
+    """
+
+    origin: tuple[torch.Tensor, ...] | None = None
+    grid: tuple[tuple[int, int, int], ...] | None = None
+
+
+class _Patch:
+    def __init__(self, policy, family: str):
+        self.policy = policy
+        self.family = family
+        self.saved: dict[str, object] = {}
+
+
+def _family(model) -> str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    inner = getattr(model, "model", None)
+    if model_type not in SUPPORTED_MODEL_TYPES or not hasattr(inner, "get_video_features") or not hasattr(
+        model, "generate"
+    ):
+        raise TypeError(
+            "apply() patches a transformers *ForConditionalGeneration model of type "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}; got {type(model).__name__} (model_type {model_type!r})"
+        )
+    if "mm_encoder_outputs" not in inspect.signature(model.forward).parameters:
+        # the compressed features reach the model through this argument (transformers 5.x)
+        raise TypeError(
+            f"{type(model).__name__}.forward takes no mm_encoder_outputs: this transformers version is too old"
+        )
+    return "qwen" if model_type in _QWEN else "llava"
+
+
+def apply(model, policy):
+    """Compress every video ``model`` reads with ``policy``; returns ``model`` (patched in place).
+
+    Args:
+        model: a loaded ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``
+            or ``LlavaOnevisionForConditionalGeneration``.
+        policy: ``policy(features [T*h*w, C], grid (T, h, w)) -> (features_out [L', C], origin int64
+            [L'])``, e.g. ``DropStatic(0.95)``; see ``vidtok.integrations.policies``.
+
+    Applying to a patched model replaces its policy. See the module docstring for what changes in
+    ``forward``/``generate``, the host syncs and the limits.
+    """
+    family = _family(model)
+    if not callable(policy):
+        raise TypeError(f"policy must be callable as policy(features, grid), got {type(policy).__name__}")
+    state = model.__dict__.get(_STATE)
+    if state is not None:
+        state.policy = policy
+        return model
+    state = _Patch(policy, family)
+    for name, make in (("forward", _make_forward), ("generate", _make_generate)):
+        state.saved[name] = model.__dict__.get(name, _MISSING)
+        wrapper = make(model, state)
+        object.__setattr__(model, name, wrapper)
+    object.__setattr__(model, _STATE, state)
+    return model
+
+
+def remove(model):
+    """Undo ``apply``: the instance's ``forward``/``generate`` are the ones it had before; returns it.
+
+    A model that is not patched is returned unchanged. For Qwen models the cached ``rope_deltas``
+    (recomputed at every prefill) is cleared, so no compressed offset outlives the patch.
+    """
+    state = model.__dict__.get(_STATE)
+    if state is None:
+        return model
+    for name, old in state.saved.items():
+        if old is _MISSING:
+            del model.__dict__[name]
+        else:
+            object.__setattr__(model, name, old)
+    del model.__dict__[_STATE]
+    if state.family == "qwen":
+        model.model.rope_deltas = None
+    return model
+
+
+def is_applied(model) -> bool:
+    """Whether ``apply`` patched this instance (and ``remove`` has not undone it)."""
+    return _STATE in model.__dict__
+
+
+# ---------------------------------------------------------------------------------------------------
+# wrappers
+
+
+def _arguments(signature: inspect.Signature, args, kwargs) -> dict:
+    """All arguments of a call by name, with the ``**kwargs`` catch-all flattened in."""
+    arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
+    for p in signature.parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            arguments.update(arguments.pop(p.name, {}))
+    return arguments
+
+
+def _check_prefill(arguments: dict) -> None:
+    cache = arguments.get("cache", arguments.get("past_key_values"))
+    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+        raise ValueError(
+            "vidtok compresses videos at the prefill only; got pixel_values_videos with a cache that already "
+            f"holds {cache.get_seq_length()} tokens"
+        )
+
+
+def _make_forward(model, state: _Patch):
+    original = model.forward
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        arguments = _arguments(signature, args, kwargs)
+        if arguments.get("pixel_values_videos") is None:
+            return original(*args, **kwargs)
+        _check_prefill(arguments)
+        return original(**_compress(model, state, arguments, for_generate=False))
+
+    return forward
+
+
+def _make_generate(model, state: _Patch):
+    original = model.generate
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        arguments = _arguments(signature, args, kwargs)
+        if arguments.get("pixel_values_videos") is None:
+            return original(*args, **kwargs)
+        inputs = arguments.pop("inputs", None)
+        if inputs is not None:
+            if arguments.get("input_ids") is not None:
+                raise ValueError("pass the prompt either as inputs or as input_ids, not both")
+            arguments["input_ids"] = inputs
+        _check_prefill(arguments)
+        prompt = arguments.get("input_ids")
+        with torch.no_grad():
+            new = _compress(model, state, arguments, for_generate=True)
+        _check_expansion(model, state, new)
+        out = original(**new)
+        # Give back the caller's prompt: the new tokens start after column L' of the compressed prompt.
+        start = new["input_ids"].shape[1]
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        repeat = sequences.shape[0] // prompt.shape[0]
+        restored = torch.cat([prompt.repeat_interleave(repeat, 0).to(sequences.device), sequences[:, start:]], 1)
+        if isinstance(out, torch.Tensor):
+            return restored
+        out.sequences = restored
+        return out
+
+    return generate
+
+
+def _check_expansion(model, state: _Patch, new: dict) -> None:
+    video = new["mm_encoder_outputs"]["video"]
+    if state.family != "llava" or len(video.origin) == 1 or video.pooler_output.shape[0] == len(video.origin):
+        return
+    config = new.get("generation_config") or model.generation_config
+    beams = new.get("num_beams") or config.num_beams or 1
+    returns = new.get("num_return_sequences") or config.num_return_sequences or 1
+    if beams * returns > 1:
+        raise ValueError(
+            "LLaVA-OneVision videos of one batch kept different token counts "
+            f"({[len(o) for o in video.origin]}); transformers cannot expand them for num_beams={beams}, "
+            f"num_return_sequences={returns}: generate one video per call or use a single beam"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# compression
+
+
+def _video_features(model, family: str, arguments: dict):
+    """(tower output, per-video [n_i, C] bodies, per-video tails or None, per-video LLM-side grids)."""
+    inner, config = model.model, model.config
+    pixel_values_videos = arguments["pixel_values_videos"]
+    if family == "qwen":
+        grid_thw = arguments.get("video_grid_thw")
+        if grid_thw is None:
+            raise ValueError("Qwen-VL models need video_grid_thw with pixel_values_videos")
+        output = inner.get_video_features(pixel_values_videos, grid_thw, return_dict=True)
+        m = config.vision_config.spatial_merge_size
+        grids = [(t, h // m, w // m) for t, h, w in grid_thw.tolist()]
+        return output, list(output.pooler_output), [None] * len(grids), grids
+    output = inner.get_video_features(
+        pixel_values_videos,
+        vision_feature_layer=arguments.get("vision_feature_layer"),
+        vision_feature_select_strategy=arguments.get("vision_feature_select_strategy"),
+        return_dict=True,
+    )
+    pooled = output.pooler_output  # [V, frames * ph * pw + 1, C]: pooled frames, then image_newline
+    frames = pixel_values_videos.shape[1]
+    side = math.ceil(config.vision_config.image_size // config.vision_config.patch_size / 2)
+    if pooled.shape[1] != frames * side * side + 1:
+        raise ValueError(
+            f"LLaVA-OneVision video features have {pooled.shape[1]} tokens per video, expected "
+            f"frames*ceil(p/2)^2 + 1 = {frames}*{side}*{side} + 1; unsupported pooling"
+        )
+    grids = [(frames, side, side)] * pooled.shape[0]
+    return output, list(pooled[:, :-1]), list(pooled[:, -1:]), grids
+
+
+def _image_features(model, family: str, arguments: dict):
+    """The images of the call encoded as the model's forward would (they pass through uncompressed):
+    the forward refuses pixel_values beside mm_encoder_outputs, so both modalities go in the latter."""
+    inner = model.model
+    if family == "qwen":
+        return inner.get_image_features(arguments["pixel_values"], arguments.get("image_grid_thw"), return_dict=True)
+    return inner.get_image_features(
+        arguments["pixel_values"],
+        arguments.get("image_sizes"),
+        vision_feature_layer=arguments.get("vision_feature_layer"),
+        vision_feature_select_strategy=arguments.get("vision_feature_select_strategy"),
+        batch_num_images=arguments.get("batch_num_images"),
+        return_dict=True,
+    )
+
+
+def _compress(model, state: _Patch, arguments: dict, *, for_generate: bool) -> dict:
+    """The call's arguments with the videos compressed and the prompt shrunk to match (see module doc)."""
+    family, config, inner = state.family, model.config, model.model
+    input_ids = arguments.get("input_ids")
+    if input_ids is None:
+        raise ValueError(
+            "vidtok needs input_ids to find the video placeholder tokens; got pixel_values_videos with "
+            "inputs_embeds only"
+        )
+    if (arguments.get("mm_encoder_outputs") or {}).get("video") is not None:
+        raise ValueError("got both pixel_values_videos and mm_encoder_outputs['video']")
+    attention_mask = arguments.get("attention_mask")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be [batch, seq] (2-D), got shape {tuple(attention_mask.shape)}")
+    if family == "qwen" and arguments.get("position_ids") is None and arguments.get("mm_token_type_ids") is None:
+        raise ValueError(
+            "Qwen-VL models need mm_token_type_ids (from the processor) to compute M-RoPE positions of a video"
+        )
+
+    # 1. The policy, once per video.
+    output, bodies, tails, grids = _video_features(model, family, arguments)
+    device = input_ids.device
+    outs, origins, keeps = [], [], []
+    for body, tail, grid in zip(bodies, tails, grids):
+        out, origin = check_output(state.policy(body, grid), body, grid)
+        keep = torch.zeros(body.shape[0], dtype=torch.bool, device=device)
+        keep[origin.to(device)] = True
+        if tail is not None:
+            out = torch.cat([out, tail])
+            keep = torch.cat([keep, keep.new_ones(1)])
+        outs.append(out)
+        origins.append(origin)
+        keeps.append(keep)
+
+    # 2. Which prompt columns survive. masked_scatter fills placeholders in row-major order, so the
+    #    i-th placeholder of the whole batch belongs to the i-th video token in order.
+    video_mask = input_ids == config.video_token_id
+    placeholders, expected = int(video_mask.sum()), sum(k.numel() for k in keeps)
+    if placeholders != expected:
+        raise ValueError(
+            f"input_ids hold {placeholders} video placeholder tokens (id {config.video_token_id}) but the "
+            f"videos give {expected} tokens"
+        )
+    keep_seq = torch.ones_like(video_mask)
+    keep_seq[video_mask] = torch.cat(keeps)
+    batch = input_ids.shape[0]
+    lengths = keep_seq.sum(1)
+    width = int(lengths.max())
+    pad = width - lengths  # new left padding per row
+    rows, cols = keep_seq.nonzero(as_tuple=True)
+    dest = pad[rows] + keep_seq.long().cumsum(1)[rows, cols] - 1
+
+    def pack(x: torch.Tensor, fill) -> torch.Tensor:  # x [..., B, L] -> [..., B, width]
+        packed = x.new_full((*x.shape[:-2], batch, width), fill)
+        packed[..., rows, dest] = x[..., rows, cols]
+        return packed
+
+    new_padding = bool((pad > 0).any())
+    new = {k: v for k, v in arguments.items() if k != "pixel_values_videos"}
+    pad_id = config.text_config.pad_token_id
+    new["input_ids"] = pack(input_ids, 0 if pad_id is None else pad_id)
+    if attention_mask is None and (new_padding or for_generate):
+        attention_mask = torch.ones_like(input_ids)
+    new["attention_mask"] = None if attention_mask is None else pack(attention_mask, 0)
+    for name, fill in (("labels", -100), ("mm_token_type_ids", 0)):
+        if arguments.get(name) is not None:
+            new[name] = pack(arguments[name], fill)
+
+    # 3. Position ids.
+    if arguments.get("position_ids") is not None:
+        new["position_ids"] = pack(arguments["position_ids"], 0)
+    elif family == "qwen":
+        rope_kwargs = {"attention_mask": arguments.get("attention_mask")}
+        for name in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts"):
+            if arguments.get(name) is not None:
+                rope_kwargs[name] = arguments[name]
+        full, deltas = inner.get_rope_index(input_ids, mm_token_type_ids=arguments["mm_token_type_ids"], **rope_kwargs)
+        positions = pack(full, 0)  # [3, B, width]: kept tokens keep their (t, h, w)
+        # delta = max position + 1 - tokens; each dropped token shortens the row by one.
+        removed = (~keep_seq).sum(1, keepdim=True)
+        inner.rope_deltas = deltas + removed.to(deltas.device)
+        if for_generate:
+            # the [text; t; h; w] layout Qwen's own _prepare_position_ids_for_generation builds
+            text = GenerationMixin._prepare_position_ids_for_generation(
+                model, new["input_ids"], {"attention_mask": new["attention_mask"]}
+            )
+            positions = torch.cat([text[None].to(positions), positions])
+        new["position_ids"] = positions
+    elif new_padding and not for_generate:
+        # 1-D positions: number each compressed row from 0, as if it were not padded.
+        new["position_ids"] = (torch.arange(width, device=device)[None] - pad[:, None]).clamp(min=0)
+
+    # 4. The compressed features, in the layout the model's forward reads.
+    if family == "qwen":
+        pooler = tuple(outs)
+    elif len({o.shape[0] for o in outs}) == 1:
+        pooler = torch.stack(outs)
+    else:
+        pooler = torch.cat(outs)[None]
+    video = CompressedVideoOutput(
+        last_hidden_state=output.last_hidden_state,
+        pooler_output=pooler,
+        hidden_states=output.hidden_states,
+        attentions=output.attentions,
+        origin=tuple(origins),
+        grid=tuple(grids),
+    )
+    mm_encoder_outputs = {**(arguments.get("mm_encoder_outputs") or {}), "video": video}
+    if arguments.get("pixel_values") is not None:
+        if mm_encoder_outputs.get("image") is not None:
+            raise ValueError("got both pixel_values and mm_encoder_outputs['image']")
+        mm_encoder_outputs["image"] = _image_features(model, family, arguments)
+        del new["pixel_values"]
+    new["mm_encoder_outputs"] = mm_encoder_outputs
+    return new
