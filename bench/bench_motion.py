@@ -77,8 +77,8 @@ def bench_motion_gate(shape, impl, device, measure, benchmark):
 
 def _match_impls(device):
     impls = {"eager unfold block matcher": _eager_block_match}
-    for backend in _backend.BACKENDS:
-        if not _backend.reasons(backend, device, torch.float32) and backend != "cuda":
+    for backend in _backend.BACKENDS:  # cuda included: csrc/motion.cu (issue 4)
+        if not _backend.reasons(backend, device, torch.float32):
             impls[f"vidtok {backend}"] = lambda c, r, bl, rad, b=backend: vidtok.block_match(c, r, block=bl, radius=rad, backend=b)
     return impls
 

@@ -13,7 +13,7 @@
 namespace vidtok {
 
 // Must match vidtok/_backend.py::CUDA_DTYPE_CODES.
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kUInt8 = 3 };
 
 inline void check_launch(const char* what) {
   cudaError_t err = cudaGetLastError();

@@ -24,7 +24,7 @@ import torch
 BACKENDS = ("reference", "triton", "cuda")
 
 # dtype codes understood by csrc/common.cuh (enum DType).
-CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.uint8: 3}  # uint8: block_match only
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # "auto" order per op and device type. No GPU measurement exists yet (issue 8): on CUDA the
@@ -37,13 +37,13 @@ AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "bipartite_merge": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
     "temporal_merge": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
     "frame_scores": {"cuda": ("triton", "reference"), "cpu": ("reference",)},
-    "greedy_select": {"cuda": ("reference",), "cpu": ("reference",)},
-    "dpp_select": {"cuda": ("reference",), "cpu": ("reference",)},
+    "greedy_select": {"cuda": ("cuda", "reference"), "cpu": ("reference",)},  # persistent kernel; not yet measured on a GPU
+    "dpp_select": {"cuda": ("cuda", "reference"), "cpu": ("reference",)},  # persistent kernel; not yet measured on a GPU
     "scene_boundaries": {"cuda": ("reference",), "cpu": ("reference",)},
     "sparse_attention": {"cuda": ("triton", "reference"), "cpu": ("reference",)},  # no CUDA C++ kernel
     "patch_delta": {"cuda": ("triton", "reference"), "cpu": ("reference",)},  # no CUDA C++ kernel
     "motion_gate": {"cuda": ("triton", "reference"), "cpu": ("reference",)},  # no CUDA C++ kernel
-    "block_match": {"cuda": ("triton", "reference"), "cpu": ("reference",)},  # no CUDA C++ kernel yet
+    "block_match": {"cuda": ("cuda", "triton", "reference"), "cpu": ("reference",)},  # not yet measured on a GPU
 }
 DEFAULT_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("reference",)}
 

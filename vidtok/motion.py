@@ -7,9 +7,9 @@ Layout: video ``[B, T, C, H, W]`` (C = 1 luma or 3 RGB; uint8, float32, float16 
 
 Each op is a ``torch.library.custom_op`` in the ``vidtok`` namespace whose last argument is the
 resolved backend name; the op bodies dispatch to ``vidtok.reference.motion`` (any device) or
-``vidtok.kernels.motion`` (Triton). None has a CUDA C++ kernel yet: the Triton kernels are the GPU
-path. pack/unpack are plain PyTorch (a prefix sum, gathers and scatters) around one custom op for
-the data-dependent row count; motion_report is a host-side report.
+``vidtok.kernels.motion`` (Triton); block_match also has a CUDA C++ kernel (csrc/motion.cu, backend
+"cuda"), the other ops' GPU path is Triton. pack/unpack are plain PyTorch (a prefix sum, gathers and
+scatters) around one custom op for the data-dependent row count; motion_report is a host-side report.
 """
 
 from __future__ import annotations
@@ -102,12 +102,15 @@ def _elements(video, ph, pw, ts, reduce) -> int:
     return (1 if reduce == "rlt" else ts) * video.shape[2] * ph * pw
 
 
-def _select(op: str, video: torch.Tensor, backend, elements: int) -> str:
+def _select(op: str, video: torch.Tensor, backend, elements: int, cuda_reasons: list[str] | None = None) -> str:
     """The backend for a motion op; ``elements`` is what one Triton program holds in registers
-    (tubelet x C x ph x pw for the gates, block^2 for block_match)."""
+    (tubelet x C x ph x pw for the gates, block^2 for block_match); ``cuda_reasons``: why the op's CUDA
+    C++ kernel cannot take these arguments (None: the op has no CUDA C++ kernel)."""
     def op_reasons(name: str) -> list[str]:
         if name == "cuda":
-            return [f"{op} has no CUDA C++ kernel (the Triton kernel is its GPU path)"]
+            if cuda_reasons is None:
+                return [f"{op} has no CUDA C++ kernel (the Triton kernel is its GPU path)"]
+            return cuda_reasons
         if name == "triton" and elements > TRITON_MAX_ELEMENTS:
             return [f"the Triton kernel holds a patch (block) in registers: at most {TRITON_MAX_ELEMENTS} "
                     f"elements, got {elements}"]
@@ -304,13 +307,74 @@ def motion_gate(
 # block_match
 
 
+# csrc/motion.cu stages each block's search window in shared memory, at most this much per thread
+# block (csrc/motion.h kBlockMatchSharedLimit: the 48 KiB every sm_80+ GPU grants without an opt-in,
+# less 1280 bytes of static shared memory). Larger windows are left to Triton or the reference.
+CUDA_BLOCK_MATCH_SHARED_LIMIT = 48 * 1024 - 1280
+_CUDA_SLOTS = 4  # csrc/motion.cu kSlots: candidates per thread group
+
+
+def _cuda_layout_bytes(block: int, radius: int, lanes: int, elem_bytes: int) -> int:
+    """csrc/motion.cu layout_bytes: ``lanes`` shifted copies of the window, the cur block, and (packed
+    uint8) the raw staging rows, each rounded up to 16 bytes."""
+    side, row_elems = block + 2 * radius, block // lanes
+    count0 = 2 * radius // lanes + 1
+    needed = -(-count0 // _CUDA_SLOTS) * _CUDA_SLOTS + row_elems - 1
+    pitch = needed | 1 if elem_bytes == 4 else (((needed + 3) // 4) | 1) * 4
+    copy_stride = side * pitch + (8 - side * pitch) % 32 if lanes == 4 else side * pitch  # copies 8 banks apart
+    raw_pitch = pitch + 1 if lanes == 4 else 0
+
+    def round16(v: int) -> int:
+        return -(-v // 16) * 16
+
+    return round16(lanes * copy_stride * elem_bytes) + round16(block * row_elems * elem_bytes) + round16(side * raw_pitch * 4)
+
+
+def cuda_block_match_shared_bytes(dtype: torch.dtype, block: int, radius: int) -> int:
+    """Shared memory the CUDA kernel needs per thread block (mirror of csrc/motion.cu
+    block_match_shared_bytes): uint8 uses packed words (4 pixels per element, 4 shifted copies of the
+    window) when block % 4 == 0 and they fit, else one byte per pixel; float types use fp32."""
+    if dtype == torch.uint8:
+        if block % 4 == 0 and (packed := _cuda_layout_bytes(block, radius, 4, 4)) <= CUDA_BLOCK_MATCH_SHARED_LIMIT:
+            return packed
+        return _cuda_layout_bytes(block, radius, 1, 1)
+    return _cuda_layout_bytes(block, radius, 1, 4)
+
+
+def _block_match_cuda_reasons(dtype: torch.dtype, block: int, radius: int) -> list[str]:
+    out = []
+    if _backend.cuda_module_error() is None and not hasattr(_backend.cuda_module(), "block_match"):
+        out.append("vidtok._C was built before its block_match kernel (csrc/motion.cu) existed; rebuild it "
+                   "(VIDTOK_BUILD_CUDA=1 pip install -e .)")
+    need = cuda_block_match_shared_bytes(dtype, block, radius)
+    if need > CUDA_BLOCK_MATCH_SHARED_LIMIT:
+        out.append(f"the CUDA kernel stages the (block + 2 radius)^2 search window in shared memory: block = {block}, "
+                   f"radius = {radius} needs {need} bytes for {str(dtype).replace('torch.', '')} frames, over its "
+                   f"{CUDA_BLOCK_MATCH_SHARED_LIMIT}-byte limit (use a smaller radius, or backend triton/reference)")
+    return out
+
+
 def _block_match_triton(cur, ref_frame, block, radius):
     from vidtok.kernels import motion as kernels
 
     return kernels.block_match(cur, ref_frame, block, radius)
 
 
-_BLOCK_MATCH = {"reference": _ref.block_match, "triton": _block_match_triton}
+def _block_match_cuda(cur, ref_frame, block, radius):
+    B, H, W = cur.shape
+    h, w = H // block, W // block
+    motion = torch.empty((B, h, w, 2), device=cur.device, dtype=torch.int16)
+    cost = torch.empty((B, h, w), device=cur.device, dtype=torch.float32)
+    if cost.numel() > 0:
+        with torch.cuda.device(cur.device):
+            _backend.cuda_module().block_match(
+                _backend.CUDA_DTYPE_CODES[cur.dtype], cur.data_ptr(), ref_frame.data_ptr(), motion.data_ptr(),
+                cost.data_ptr(), B, H, W, block, radius, *cur.stride(), *ref_frame.stride(), _backend.cuda_stream(cur),
+            )
+    return motion, cost
+
+
+_BLOCK_MATCH = {"reference": _ref.block_match, "triton": _block_match_triton, "cuda": _block_match_cuda}
 
 
 @torch.library.custom_op("vidtok::block_match", mutates_args=())
@@ -334,8 +398,13 @@ def block_match(cur: torch.Tensor, ref: torch.Tensor, *, block: int = 16, radius
         block: block size in pixels, <= 256 (16: one block per 16x16 patch).
         radius: search range: every motion with ``|dy|, |dx| <= radius`` whose displaced block lies
             inside ref is tried ((2 radius + 1)^2 candidates).
-        backend: "reference", "triton" (blocks of at most 4096 pixels) or "auto". The issue's fast
-            path, a CUDA C++ kernel with shared-memory search windows, does not exist yet.
+        backend: "reference", "triton" (blocks of at most 4096 pixels), "cuda" or "auto" (on CUDA
+            tensors: cuda, then triton, then reference). The CUDA C++ kernel (csrc/motion.cu) stages
+            each block's (block + 2 radius)^2 search window in shared memory, at most
+            ``CUDA_BLOCK_MATCH_SHARED_LIMIT`` (48 KiB - 1280) bytes per thread block
+            (``cuda_block_match_shared_bytes``): block 16 reaches radius 45 (float types) or 100
+            (uint8), block 8 radius 49 or 104, block 64 radius 11 or 71. Past that "auto" falls back
+            to Triton and a forced "cuda" raises ``BackendUnavailableError`` saying why.
 
     Returns:
         ``(motion, cost)``: motion int16 ``[B, h, w, 2]`` as (dy, dx), meaning block (i, j) of cur best
@@ -343,7 +412,8 @@ def block_match(cur: torch.Tensor, ref: torch.Tensor, *, block: int = 16, radius
         (exact integers for uint8). Ties prefer the smaller motion |dy| + |dx|, then the lower candidate
         index (row-major over (dy, dx) from (-radius, -radius)). uint8 frames give bit-identical
         results on every backend; float SADs agree within fp32 rounding (near-ties may pick another
-        motion). Not differentiable; no host sync.
+        motion). A NaN SAD never wins, except that a block whose zero-motion SAD is NaN gets motion 0
+        and cost NaN. Not differentiable; no host sync.
     """
     for name, t in (("cur", cur), ("ref", ref)):
         check_tensor(name, t, rank=3, layout="[B, H, W]", dtypes=VIDEO_DTYPES)
@@ -358,7 +428,7 @@ def block_match(cur: torch.Tensor, ref: torch.Tensor, *, block: int = 16, radius
         raise ValueError(f"H and W must be multiples of block = {block}, got H = {H}, W = {W}")
     check_int("radius", radius, low=0, high=2**15 - 1)
 
-    chosen = _select("block_match", cur, backend, block * block)
+    chosen = _select("block_match", cur, backend, block * block, _block_match_cuda_reasons(cur.dtype, block, radius))
     return _block_match_op(cur, ref, block, radius, chosen)
 
 

@@ -5,11 +5,11 @@ relevance to the question, similarity of consecutive frames, then a selection ru
 each stage batched over videos and queries, deterministically (ties: higher gain, then the lower
 frame index), with every selection returned as int32 indices sorted by time and padded with -1.
 
-``frame_scores`` has a fused Triton scan; the selection ops (``greedy_select``, ``dpp_select``,
-``scene_boundaries``) run the vectorised PyTorch reference on every device for now (a persistent
-CUDA greedy kernel is planned: issue 5). Each is a ``torch.library.custom_op`` in the ``vidtok``
-namespace whose last argument is the resolved backend. ``segment_topk`` and ``uniform_indices`` are
-plain PyTorch functions.
+``frame_scores`` has a fused Triton scan; ``greedy_select`` and ``dpp_select`` have a persistent
+CUDA C++ kernel (csrc/select.cu: one thread block runs all k steps of a (video, query) problem);
+``scene_boundaries`` runs the vectorised PyTorch reference on every device. Each is a
+``torch.library.custom_op`` in the ``vidtok`` namespace whose last argument is the resolved backend.
+``segment_topk`` and ``uniform_indices`` are plain PyTorch functions.
 """
 
 from __future__ import annotations
@@ -152,6 +152,140 @@ def frame_scores(
 
 
 # ---------------------------------------------------------------------------------------------------
+# The persistent CUDA C++ kernels of greedy_select and dpp_select (csrc/select.cu)
+
+# Pool mode (research/selection.md §6.3): up to GRAM_MAX_T frames the kernels can read each step's
+# similarities from the Gram matrix of the unit rows (one GEMM over the video first) instead of
+# making one pass over x per step. Both give the same values (every Gram entry is the kernel's own
+# fmaf chain over the channels), so the choice changes speed only, never a pick. Videos are processed
+# in chunks whose Gram matrices fit GRAM_BUDGET_BYTES.
+GRAM_MAX_T = 8192
+GRAM_BUDGET_BYTES = 1 << 30
+_SIMS_PATH: str | None = None  # "gram" or "stream" forces a path (the tests check that they agree)
+_FORCE_GLOBAL_STATE = False  # True keeps per-candidate state in global scratch at any T (tests)
+_F32_OVERFLOW = 2.0**128 - 2.0**103  # Python floats at or above this round to inf in float32
+
+
+def _f32(value: float) -> float:
+    """value rounded to float32 as torch rounds a Python scalar against a float32 tensor."""
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+def _use_gram(device: torch.device, B: int, Q: int, T: int, k: int) -> bool:
+    """Pool mode or streaming. A guess until measured on a GPU (bench/NOTES.md): the Gram costs about
+    B * T^2 * C / 2 FMAs spread over the whole GPU (~1.4e13 FMA/s on an H100), streaming min(k, T)
+    passes of T * C * 4 bytes per problem through one SM (~1e11 B/s) in ceil(B * Q / SMs) waves."""
+    if _SIMS_PATH is not None:
+        return _SIMS_PATH == "gram"
+    if T > GRAM_MAX_T:
+        return False
+    waves = -(-B * Q // torch.cuda.get_device_properties(device).multi_processor_count)
+    return B * T <= 1000 * min(k, T) * max(waves, 1)
+
+
+def _video_chunks(B: int, T: int, gram: bool):
+    """(b0, b1) ranges of videos processed together: all at once when streaming, else as many as
+    GRAM_BUDGET_BYTES of Gram matrices hold (at least one)."""
+    step = max(1, GRAM_BUDGET_BYTES // (T * T * 4)) if gram else max(B, 1)
+    return [(b0, min(b0 + step, B)) for b0 in range(0, B, step)]
+
+
+def _unit_rows_channel_major(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(xt [B, C, T] float32, finite [B, T], norms [B, T]): the reference's own unit rows, transposed so
+    that a warp of the kernel reads 32 consecutive frames of one channel."""
+    xn, finite, norms = ref._unit_rows(x, torch.float32)
+    return xn.transpose(1, 2).contiguous(), finite, norms
+
+
+def _greedy_pool(rel: torch.Tensor, eligible: torch.Tensor, pool: str, pool_top: int) -> torch.Tensor:
+    """The candidate pool of reference.greedy_select with the same tensor ops, so that on the same
+    device the pool is bit-identical (the mean of "above_mean" depends on the order of the sum)."""
+    T = rel.shape[-1]
+    if pool == "above_mean":
+        count = eligible.sum(-1, keepdim=True).clamp_min(1)
+        mean = torch.where(eligible, rel, torch.zeros_like(rel)).sum(-1, keepdim=True) / count
+        eligible = eligible & (rel > mean)
+    elif pool == "top":
+        masked = torch.where(eligible, rel, torch.full_like(rel, float("-inf")))
+        order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(T, device=rel.device).expand_as(order))
+        eligible = eligible & (rank < pool_top)
+    return eligible
+
+
+def _greedy_select_cuda(relevance, k, x, lam, min_gap, sim_thresh, pool, pool_top, timestamps):
+    B, Q, T = relevance.shape
+    device, f32 = relevance.device, torch.float32
+    picks = torch.full((B, Q, k), -1, dtype=torch.int32, device=device)
+    if B * Q == 0 or T == 0:
+        return picks
+    rel = relevance.to(f32)
+    eligible = torch.isfinite(rel)
+    sims = lam != 0.0 or sim_thresh is not None
+    xt = None
+    if sims:
+        xt, finite, _ = _unit_rows_channel_major(x)
+        eligible = eligible & finite[:, None, :]
+    eligible = _greedy_pool(rel, eligible, pool, pool_top)
+    # the kernel's per-candidate state: relevance, NaN once a frame is not (or no longer) a candidate
+    state = torch.where(eligible, rel, torch.full_like(rel, float("nan"))).contiguous()
+    gap = min_gap > 0
+    pos, pos_sb = None, 0
+    if gap:
+        if timestamps is not None:
+            pos, pos_sb = timestamps.to(f32).contiguous(), T
+        else:
+            pos = torch.arange(T, device=device, dtype=f32)  # the reference's frame positions, one row shared
+    ms = torch.empty_like(state) if sims else None
+    use_gram = sims and _use_gram(device, B, Q, T, k)
+    module = _backend.cuda_module()
+    lam32, thresh32, gap32 = _f32(lam), _f32(sim_thresh if sim_thresh is not None else 0.0), _f32(min_gap)
+    C = 0 if xt is None else xt.shape[1]
+    with torch.cuda.device(device):
+        stream = _backend.cuda_stream(relevance)
+        for b0, b1 in _video_chunks(B, T, use_gram):
+            gram = None
+            if use_gram:
+                gram = torch.empty((b1 - b0, T, T), device=device, dtype=f32)
+                module.select_gram(xt[b0:b1].data_ptr(), gram.data_ptr(), b1 - b0, T, C, stream)
+            module.greedy_select(
+                state[b0:b1].data_ptr(), 0 if pos is None else pos.data_ptr() + 4 * b0 * pos_sb, pos_sb,
+                0 if (xt is None or use_gram) else xt[b0:b1].data_ptr(), 0 if gram is None else gram.data_ptr(),
+                0 if ms is None else ms[b0:b1].data_ptr(), picks[b0:b1].data_ptr(), b1 - b0, Q, T, C, k,
+                lam != 0.0, lam32, sim_thresh is not None, thresh32, gap, gap32, _FORCE_GLOBAL_STATE, stream,
+            )
+    return ref._sort_by_time(picks, T)[0]
+
+
+def _stale_module(name: str) -> list[str]:
+    """A vidtok._C built before csrc/select.cu has no selection kernels: say so (auto then falls back)."""
+    if _backend.cuda_module_error() is None and not hasattr(_backend.cuda_module(), name):
+        return [f"vidtok._C was built without the {name} kernel; rebuild it (VIDTOK_BUILD_CUDA=1 pip install -e .)"]
+    return []
+
+
+def _greedy_reasons(x, timestamps, lam: float, T: int):
+    def reasons(backend: str) -> list[str]:
+        if backend == "triton":
+            return ["vidtok.greedy_select has no triton kernel (its GPU path is the CUDA C++ persistent kernel)"]
+        if backend != "cuda":
+            return []
+        out = _stale_module("greedy_select")
+        if any(t is not None and t.dtype == torch.float64 for t in (x, timestamps)):
+            out.append("float64 x or timestamps make the reference compute in float64; the cuda kernel computes in float32")
+        if not abs(lam) < _F32_OVERFLOW:
+            out.append(f"the cuda kernel needs lam finite in float32, got {lam}")
+        if T >= 2**31 - 1:
+            out.append(f"the cuda kernel takes T < 2^31 - 1 frames, got {T}")
+        return out
+
+    return reasons
+
+
+_GREEDY_SELECT = {"reference": ref.greedy_select, "cuda": _greedy_select_cuda}
+
+
+# ---------------------------------------------------------------------------------------------------
 # greedy_select
 
 
@@ -168,7 +302,7 @@ def _greedy_select_op(
     timestamps: torch.Tensor | None,
     backend: str,
 ) -> torch.Tensor:
-    return ref.greedy_select(relevance, k, x, lam, min_gap, sim_thresh, pool, pool_top, timestamps)
+    return _GREEDY_SELECT[backend](relevance, k, x, lam, min_gap, sim_thresh, pool, pool_top, timestamps)
 
 
 @_greedy_select_op.register_fake
@@ -208,13 +342,20 @@ def greedy_select(
             the finite relevances of that (video, query), as TASS); or an int m >= 1, the m most
             relevant frames (ties to the lower index).
         timestamps: ``[B, T]`` float frame times for min_gap.
-        backend: "reference" or "auto" (no GPU kernel yet; the reference runs on any device).
+        backend: "reference", "cuda" or "auto".
 
     Returns:
         int32 ``[B, Q, k]``: chosen frame indices sorted by time, padded with -1 at the end when fewer
         than k frames can be chosen. Ties: higher gain, then the lower frame index, so results are
         exact and independent of what else is in the batch. The reference loops over the k steps
         (vectorised over problems and frames: O(k * T * C) with x, O(k * T) without) and never syncs.
+
+    The cuda backend (float32 math; relevance may be float16/bfloat16) runs all k steps of each
+    (video, query) in one thread block of a persistent kernel, no host sync. Without similarities
+    (lam = 0, no sim_thresh) its picks are exactly the reference's; with them a cosine is summed over
+    channels in a different order than the reference's GEMM, so picks agree except where two gains are
+    within float32 rounding of each other (near-ties). Up to 8192 frames it first forms the Gram matrix
+    of the unit rows (T^2 floats per video; chunked to 1 GiB); longer videos stream x once per step.
     """
     check_tensor("relevance", relevance, rank=3, layout="[B, Q, T]", dtypes=_DTYPES)
     B, Q, T = relevance.shape
@@ -247,7 +388,8 @@ def greedy_select(
     else:
         raise ValueError(f"pool must be 'all', 'above_mean' or an int, got {pool!r}")
     check_same_device(relevance=relevance, x=x, timestamps=timestamps)
-    chosen = _backend.select("greedy_select", relevance.device, relevance.dtype, backend, _reference_only("greedy_select"))
+    reasons = _greedy_reasons(x, timestamps, lam, T)
+    chosen = _backend.select("greedy_select", relevance.device, relevance.dtype, backend, reasons)
     return _greedy_select_op(relevance, k, x, lam, float(min_gap), sim_thresh, pool_name, pool_top, timestamps, chosen)
 
 
@@ -255,11 +397,65 @@ def greedy_select(
 # dpp_select
 
 
+def _dpp_select_cuda(x, k, quality, eps):
+    B, T, _ = x.shape
+    device, f32 = x.device, torch.float32
+    xt, finite, norms = _unit_rows_channel_major(x)
+    # q, L_ii and eps * L_ii with the reference's tensor ops (bit-identical on the same device)
+    q = torch.ones(B, 1, T, dtype=f32, device=device) if quality is None else quality.to(f32)
+    q = torch.where(torch.isfinite(q), q, torch.zeros_like(q)).contiguous()
+    Q, C = q.shape[1], xt.shape[1]
+    diag = (q.square() * (finite & (norms > 0)).to(f32)[:, None, :]).contiguous()
+    thr = (eps * diag).contiguous()
+    picks = torch.full((B, Q, k), -1, dtype=torch.int32, device=device)
+    d2_pick = torch.zeros((B, Q, k), dtype=f32, device=device)
+    if B * Q > 0 and T > 0:
+        d2 = torch.empty((B, Q, T), dtype=f32, device=device)
+        cf = torch.empty((B, Q, min(k, T), T), dtype=f32, device=device)  # rows of the Cholesky factor
+        use_gram = _use_gram(device, B, Q, T, k)
+        module = _backend.cuda_module()
+        with torch.cuda.device(device):
+            stream = _backend.cuda_stream(x)
+            for b0, b1 in _video_chunks(B, T, use_gram):
+                gram = None
+                if use_gram:
+                    gram = torch.empty((b1 - b0, T, T), device=device, dtype=f32)
+                    module.select_gram(xt[b0:b1].data_ptr(), gram.data_ptr(), b1 - b0, T, C, stream)
+                module.dpp_select(
+                    q[b0:b1].data_ptr(), diag[b0:b1].data_ptr(), thr[b0:b1].data_ptr(),
+                    0 if use_gram else xt[b0:b1].data_ptr(), 0 if gram is None else gram.data_ptr(),
+                    d2[b0:b1].data_ptr(), cf[b0:b1].data_ptr(), picks[b0:b1].data_ptr(), d2_pick[b0:b1].data_ptr(),
+                    b1 - b0, Q, T, C, k, _FORCE_GLOBAL_STATE, stream,
+                )
+    # the reference's gain: log of the residual at the pick, 0 beside padding
+    gains = torch.where(picks >= 0, d2_pick.clamp_min(torch.finfo(f32).tiny).log(), torch.zeros_like(d2_pick))
+    return ref._sort_by_time(picks, T, gains)
+
+
+def _dpp_reasons(quality, T: int):
+    def reasons(backend: str) -> list[str]:
+        if backend == "triton":
+            return ["vidtok.dpp_select has no triton kernel (its GPU path is the CUDA C++ persistent kernel)"]
+        if backend != "cuda":
+            return []
+        out = _stale_module("dpp_select")
+        if quality is not None and quality.dtype == torch.float64:
+            out.append("float64 quality makes the reference compute in float64; the cuda kernel computes in float32")
+        if T >= 2**31 - 1:
+            out.append(f"the cuda kernel takes T < 2^31 - 1 frames, got {T}")
+        return out
+
+    return reasons
+
+
+_DPP_SELECT = {"reference": ref.dpp_select, "cuda": _dpp_select_cuda}
+
+
 @torch.library.custom_op("vidtok::dpp_select", mutates_args=())
 def _dpp_select_op(
     x: torch.Tensor, k: int, quality: torch.Tensor | None, eps: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return ref.dpp_select(x, k, quality, eps)
+    return _DPP_SELECT[backend](x, k, quality, eps)
 
 
 @_dpp_select_op.register_fake
@@ -292,13 +488,18 @@ def dpp_select(
         eps: a frame stays a candidate while its residual d2_i = det(L_{S+i}) / det(L_S) exceeds
             eps * L_ii, i.e. while it is not, to relative precision eps, a combination of the chosen
             frames; the selection stops early when none is left (an exact duplicate is never chosen twice).
-        backend: "reference" or "auto".
+        backend: "reference", "cuda" or "auto".
 
     Returns:
         (idx, gains): idx int32 ``[B, k]`` (``[B, Q, k]`` for quality [B, Q, T]) sorted by time and
         padded with -1; gains float32 (float64 for float64 inputs), same shape, the natural-log
         determinant increment log d2 of each frame when it was picked and 0 beside padding, so
         ``gains.sum(-1)`` = log det L_S. Ties go to the lower frame index. No host sync.
+
+    The cuda backend (float32) runs all k steps of each (video, quality row) in one thread block and
+    keeps the Cholesky rows in a [B, Q, min(k, T), T] float32 scratch, as the reference does. Its
+    cosines and projections are summed in a different order than the reference's, so picks agree
+    except at near-ties of the residuals and gains agree to float32 rounding.
     """
     check_tensor("x", x, rank=3, layout="[B, T, C]", dtypes=_DTYPES)
     B, T, _ = x.shape
@@ -314,7 +515,7 @@ def dpp_select(
         squeeze = True
     eps = _check_float("eps", eps, low=0.0)
     check_same_device(x=x, quality=quality)
-    chosen = _backend.select("dpp_select", x.device, x.dtype, backend, _reference_only("dpp_select"))
+    chosen = _backend.select("dpp_select", x.device, x.dtype, backend, _dpp_reasons(quality, T))
     idx, gains = _dpp_select_op(x, k, quality, eps, chosen)
     return (idx[:, 0], gains[:, 0]) if squeeze else (idx, gains)
 

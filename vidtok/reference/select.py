@@ -118,6 +118,8 @@ def greedy_select(
     and, with sim_thresh, every candidate with cos > sim_thresh to it (ViLaMP-style NMS).
     """
     B, Q, T = relevance.shape
+    if relevance.numel() == 0:  # no video, query or frame: nothing to choose, all padding
+        return torch.full((B, Q, k), -1, dtype=torch.int32, device=relevance.device)
     acc = _acc(relevance, x, timestamps)
     rel = relevance.to(acc)
     eligible = torch.isfinite(rel)
@@ -176,10 +178,13 @@ def dpp_select(
     """
     B, T, _ = x.shape
     acc = _acc(x, quality)
+    Q = 1 if quality is None else quality.shape[1]
+    if B * Q * T == 0:  # no video, query or frame: nothing to choose, all padding
+        return (torch.full((B, Q, k), -1, dtype=torch.int32, device=x.device),
+                torch.zeros(B, Q, k, dtype=acc, device=x.device))
     xn, finite, norms = _unit_rows(x, acc)
     q = torch.ones(B, 1, T, dtype=acc, device=x.device) if quality is None else quality.to(acc)
     q = torch.where(torch.isfinite(q), q, torch.zeros_like(q))
-    Q = q.shape[1]
     # L_ii = q_i^2 exactly (S_ii = 1 for a nonzero frame, 0 for a zero or non-finite one), so equal
     # qualities tie exactly at the first step and go to the lower index
     diag = q.square() * (finite & (norms > 0)).to(acc)[:, None, :]  # [B, Q, T]
