@@ -3,8 +3,12 @@
 - ``vidtok.integrations.policies``: the policy contract (what happens to one video's tokens) and the
   ready-made policies ``KeepAll`` and ``DropStatic``.
 - ``vidtok.integrations.transformers``: ``apply(model, policy)`` / ``remove(model)`` for Hugging Face
-  Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision. Imported on first access, so ``import vidtok`` never
-  imports transformers.
+  Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision.
+- ``vidtok.integrations.timm``: ``apply_tome(model, r)`` / ``remove(model)``, ToMe token merging
+  inside a timm VisionTransformer (Bolya et al., ICLR 2023) on ``vidtok.bipartite_merge``.
+
+Both are imported on first access, so ``import vidtok`` never imports transformers or timm; without
+the library, accessing the submodule raises an ImportError saying what to ``pip install``.
 """
 
 from __future__ import annotations
@@ -13,10 +17,10 @@ import importlib
 
 from vidtok.integrations.policies import DropStatic, KeepAll, Policy
 
-__all__ = ["DropStatic", "KeepAll", "Policy", "policies", "transformers"]
+__all__ = ["DropStatic", "KeepAll", "Policy", "policies", "timm", "transformers"]
 
 
 def __getattr__(name: str):
-    if name == "transformers":
-        return importlib.import_module("vidtok.integrations.transformers")
+    if name in ("timm", "transformers"):
+        return importlib.import_module(f"vidtok.integrations.{name}")
     raise AttributeError(f"module 'vidtok.integrations' has no attribute {name!r}")
