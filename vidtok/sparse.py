@@ -7,8 +7,8 @@
   only inside partial tiles, never on all N^2 pairs -- and stores the non-empty tiles in CSR form, with
   its transpose, and the token masks of the partial tiles as bits.
 - ``sparse_attention(q, k, v, plan)``: attention on the plan's tiles only -- Triton forward and
-  backward kernels, or the reference (forward over gathered tiles, backward dense in chunks) -- with
-  ToMe's proportional attention as ``kv_log_size``.
+  backward kernels, or the reference (the same tiles gathered into dense blocks, a chunk of tiles at
+  a time, forward and backward) -- with ToMe's proportional attention as ``kv_log_size``.
 
 Patterns: FlexAttention's BlockMask (full + partial block lists, mask_mod inside partial blocks),
 NATTEN's neighborhood windows, ToMe's proportional attention (see research/attention.md).
@@ -245,16 +245,21 @@ class SparsePlan:
         )
 
 
-def _tile_bounds(layout: VideoLayout, block: int):
-    """Bounds [B, n_tiles] of the video tokens of each tile, and the valid-token count per tile."""
-    coords, kind = _padded_tile_coords(layout, block)
-    video = (kind == _KIND_VIDEO)[..., None]
-    lo = torch.where(video, coords, _masks._FAR).amin(2)
-    hi = torch.where(video, coords, -_masks._FAR).amax(2)
+def _tile_bounds(coords: torch.Tensor, kind: torch.Tensor):
+    """Bounds [B, n_tiles] of the video tokens of each tile (from ``_padded_tile_coords``), and the
+    valid-token count per tile. Reduced in int32 (half the bytes of int64), then widened: tiles
+    without video tokens get lo = _FAR, hi = -_FAR, as the specs expect."""
+    video = kind == _KIND_VIDEO
+    big = torch.iinfo(torch.int32).max
+    has_video = video.any(2)
+    lo = coords.masked_fill(~video[..., None], big).amin(2).long()
+    hi = coords.masked_fill(~video[..., None], -big).amax(2).long()
+    lo = torch.where(has_video[..., None], lo, _masks._FAR)
+    hi = torch.where(has_video[..., None], hi, -_masks._FAR)
     bounds = _masks.Bounds(
         tuple(lo[..., d] for d in range(3)),
         tuple(hi[..., d] for d in range(3)),
-        video[..., 0].any(2),
+        has_video,
         (kind == _KIND_GLOBAL).any(2),
     )
     return bounds, (kind != _KIND_PAD).sum(2)
@@ -267,28 +272,34 @@ def _select(bounds: _masks.Bounds, index) -> _masks.Bounds:
 
 
 def _padded_tile_coords(layout: VideoLayout, block: int):
-    """Coords and validity per tile, [B, n_tiles, block] (padding past N is invalid)."""
+    """int32 coords and kind per tile, [B, n_tiles, block] (padding past N is kind 0, coords -1)."""
     B, N = layout.batch, layout.num_tokens
     n_tiles = -(-N // block)
     pad = n_tiles * block - N
-    c = torch.nn.functional.pad(layout.coords.long(), (0, 0, 0, pad), value=-1).view(B, n_tiles, block, 3)
+    c = torch.nn.functional.pad(layout.coords.to(torch.int32), (0, 0, 0, pad), value=-1).view(B, n_tiles, block, 3)
     kind = torch.nn.functional.pad(layout.kind, (0, pad), value=_KIND_PAD).view(B, n_tiles, block)
     return c, kind
 
 
 def _pack_bits(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
     """bool [P, BQ, BK] -> (int32 [P, BQ, ceil(BK / 32)] with bit c % 32 of word c // 32 = mask[..., c],
-    number of True). Packs bytes first (8x fewer wide operations than packing words directly)."""
+    number of True).
+
+    Eight bools (bytes 0/1) are read as one int64 x, little-endian (x86 and CUDA): byte k holds bit
+    8k. x * 0x0102040810204080 puts byte k's bit at bit 56 + k (each product term lands on its own
+    bit, so nothing carries) and >> 56 keeps that octet; x * 0x0101010101010101 >> 56 is the byte sum,
+    i.e. the count. Int64 products wrap (two's complement), the & 0xFF drops the sign. 6x faster than
+    shifting and summing bytes (measured on this CPU, 1 thread, 256 tiles of 64 x 64)."""
     P, BQ, BK = mask.shape
-    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
-    octets = (mask.view(P, BQ, BK // 8, 8).to(torch.uint8) << shifts).sum(-1, dtype=torch.uint8)
-    count = int(_POPCOUNT8.to(mask.device)[octets.long()].sum()) if P else 0
-    # little-endian bytes of an int32 (x86 and CUDA): byte k holds bits 8k .. 8k + 7
+    mask = mask.contiguous()
+    if mask.storage_offset() % 8:
+        mask = mask.clone()
+    x = mask.view(torch.int64)  # [P, BQ, BK // 8]
+    octets = ((x * 0x0102040810204080) >> 56 & 0xFF).to(torch.uint8)
+    count = int(((x * 0x0101010101010101) >> 56 & 0xFF).sum()) if P else 0
+    # little-endian bytes of an int32: byte k holds bits 8k .. 8k + 7
     words = octets.view(torch.int16).to(torch.int32) if BK == 16 else octets.view(torch.int32)
     return words, count
-
-
-_POPCOUNT8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
 
 # Partial tiles whose token masks are evaluated at once (bounds the [P, BQ, BK] temporaries).
@@ -324,26 +335,31 @@ def build_plan(layout: VideoLayout, spec: _masks.MaskSpec, *, block: tuple[int, 
     B, N = layout.batch, layout.num_tokens
     dev = layout.device
 
-    qb, q_valid = _tile_bounds(layout, BQ)
-    kb, k_valid = _tile_bounds(layout, BK)
+    qc, qkind = _padded_tile_coords(layout, BQ)
+    qb, q_valid = _tile_bounds(qc, qkind)
+    if BK == BQ:
+        kc, kkind, kb, k_valid = qc, qkind, qb, q_valid
+    else:
+        kc, kkind = _padded_tile_coords(layout, BK)
+        kb, k_valid = _tile_bounds(kc, kkind)
     nQ, nK = q_valid.shape[1], k_valid.shape[1]
     q_side = _select(qb, (slice(None), slice(None), None))
     k_side = _select(kb, (slice(None), None, slice(None)))
     any_, all_ = spec.classify(q_side, k_side, grid)
     nonempty = any_ & (q_valid > 0)[:, :, None] & (k_valid > 0)[:, None, :]
-    full = nonempty & all_ & (q_valid == BQ)[:, :, None] & (k_valid == BK)[:, None, :]
-    partial = nonempty & ~full
+    # everything after the classification works on the non-empty tiles only (O(nnz), not nQ * nK)
+    entries = nonempty.nonzero()  # [nnz, 3] (b, i, j) row-major: CSR order
+    eb, ei, ej = entries.unbind(1)
+    is_full = torch.as_tensor(all_, device=dev).expand(B, nQ, nK)[eb, ei, ej] & (q_valid[eb, ei] == BQ) & (k_valid[eb, ej] == BK)
 
     # token masks of the partial tiles, a chunk of tiles at a time
-    qc, qkind = _padded_tile_coords(layout, BQ)
-    kc, kkind = _padded_tile_coords(layout, BK)
-    where = partial.nonzero()  # [P, 3] (b, i, j), row-major
+    where = entries[~is_full]  # [P, 3] (b, i, j), row-major
     P = where.shape[0]
     chunks, allowed_partial = [], 0
     step = max(1, _PARTIAL_CHUNK_PAIRS // (BQ * BK))
     for p0 in range(0, P, step):
         b, i, j = where[p0 : p0 + step].unbind(1)
-        qt, kt = qc[b, i], kc[b, j]  # [p, BQ, 3], [p, BK, 3]
+        qt, kt = qc[b, i].long(), kc[b, j].long()  # [p, BQ, 3], [p, BK, 3]: specs compute in int64
         qk, kk = qkind[b, i], kkind[b, j]
         q = _masks.Coords(qt[:, :, None, 0], qt[:, :, None, 1], qt[:, :, None, 2], (qk == _KIND_GLOBAL)[:, :, None])
         k = _masks.Coords(kt[:, None, :, 0], kt[:, None, :, 1], kt[:, None, :, 2], (kk == _KIND_GLOBAL)[:, None, :])
@@ -358,17 +374,17 @@ def build_plan(layout: VideoLayout, spec: _masks.MaskSpec, *, block: tuple[int, 
     bits = torch.cat(
         [torch.zeros(1, BQ, W, dtype=torch.int32, device=dev), torch.full((1, BQ, W), -1, dtype=torch.int32, device=dev), *chunks]
     )
+    state = is_full.to(torch.int32)  # 1 full, then the partial tiles' bits indices 2 .. P + 1
+    state[~is_full] = torch.arange(2, 2 + P, dtype=torch.int32, device=dev)
     tile_map = torch.zeros(B, nQ, nK, dtype=torch.int32, device=dev)
-    tile_map[full] = 1
-    tile_map[partial] = torch.arange(2, 2 + P, dtype=torch.int32, device=dev)
+    tile_map[eb, ei, ej] = state
 
-    entries = nonempty.nonzero()  # (b, i, j) row-major: CSR order
     row_ptr = torch.zeros(B * nQ + 1, dtype=torch.int32, device=dev)
-    row_ptr[1:] = nonempty.sum(-1).flatten().cumsum(0)
+    row_ptr[1:] = torch.bincount(eb * nQ + ei, minlength=B * nQ).cumsum(0)
     entries_t = nonempty.transpose(1, 2).nonzero()  # (b, j, i)
     col_ptr = torch.zeros(B * nK + 1, dtype=torch.int32, device=dev)
-    col_ptr[1:] = nonempty.sum(1).flatten().cumsum(0)
-    num_full = int(full.sum())
+    col_ptr[1:] = torch.bincount(eb * nK + ej, minlength=B * nK).cumsum(0)
+    num_full = int(is_full.sum())
     return SparsePlan(
         layout=layout,
         spec=spec,
@@ -377,7 +393,7 @@ def build_plan(layout: VideoLayout, spec: _masks.MaskSpec, *, block: tuple[int, 
         bits=bits,
         row_ptr=row_ptr,
         col_idx=entries[:, 2].to(torch.int32).contiguous(),
-        entry_bits=tile_map[entries.unbind(1)].contiguous(),
+        entry_bits=state,
         col_ptr=col_ptr,
         row_idx=entries_t[:, 2].to(torch.int32).contiguous(),
         entry_bits_t=tile_map[entries_t[:, 0], entries_t[:, 2], entries_t[:, 1]].contiguous(),
@@ -542,9 +558,11 @@ def sparse_attention(
     Backends: "triton" runs FlashAttention-2-style kernels over the plan's CSR tiles only: the
     forward (online softmax in exp2, fp32 accumulation, full tiles unmasked, partial tiles masked by
     the plan's token bits), and a backward that recomputes P from the saved LSE in separate dQ
-    programs (forward CSR) and dK/dV programs (transposed CSR). "reference" computes dense masked
-    attention a chunk of query tiles at a time, forward and backward (``BACKWARD_BACKEND`` says which
-    backward each backend runs). Deterministic (no atomics); no host sync.
+    programs (forward CSR) and dK/dV programs (transposed CSR). "reference" computes the same tiles
+    in PyTorch, a chunk of query tiles (dK/dV: key tiles) at a time, each with its non-empty tiles
+    gathered into one dense block (``BACKWARD_BACKEND`` says which backward each backend runs).
+    Deterministic (no atomics); no host sync in the Triton path (the reference reads the plan's row
+    lengths on the host to size its chunks).
     """
     if not isinstance(plan, SparsePlan):
         raise TypeError(f"plan must be a vidtok.SparsePlan from vidtok.build_plan, got {type(plan).__name__}")
