@@ -243,8 +243,8 @@ def test_log_size_is_the_proportional_attention_bias():
 
 
 def test_merged_is_a_named_tuple():
-    x_out, size, index, origin, lengths = vidtok.bipartite_merge(_tokens(1, 6, 2), 2)
-    assert x_out.shape == (1, 4, 2) and index.dtype == origin.dtype == torch.int32 and lengths is None
+    x_out, size, index, origin, lengths, grid = vidtok.bipartite_merge(_tokens(1, 6, 2), 2)
+    assert x_out.shape == (1, 4, 2) and index.dtype == origin.dtype == torch.int32 and lengths is None and grid is None
 
 
 @pytest.mark.parametrize(

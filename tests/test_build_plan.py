@@ -34,6 +34,47 @@ def test_from_keep_packs_kept_tokens_in_order():
         assert layout.kind[b].tolist() == [2] + [1] * n + [0] * (layout.num_tokens - 1 - n)
 
 
+def test_from_merge_places_each_output_at_its_representative():
+    """A static clip merges to one token per position at t = 0 standing for all T frames; the layout
+    follows merged.x's order, carries log(size), and its plan matches brute force."""
+    g = torch.Generator().manual_seed(3)
+    T, h, w, C = 4, 3, 5, 8
+    frame = torch.randn(1, 1, h * w, C, generator=g)
+    x = torch.cat([frame.expand(1, T - 1, h * w, C), torch.randn(1, 1, h * w, C, generator=g)], 1)
+    merged = vidtok.temporal_merge(x, threshold=0.99, grid=(h, w))
+    layout = vidtok.VideoLayout.from_merge(merged, num_global=1)
+    n = h * w
+    assert merged.x.shape[1] == 2 * n and layout.num_tokens == 1 + 2 * n and layout.grid == (T, h, w)
+    assert layout.coords[0, 1 : 1 + n].tolist() == [[0, i // w, i % w] for i in range(n)]
+    assert layout.coords[0, 1 + n :].tolist() == [[T - 1, i // w, i % w] for i in range(n)]
+    assert layout.kind[0].tolist() == [2] + [1] * 2 * n
+    expected = torch.cat([torch.zeros(1), torch.full((n,), float(T - 1)).log(), torch.zeros(n)])
+    assert torch.allclose(layout.kv_log_size[0], expected)
+    spec = M.temporal_window(1, 0) | M.global_tokens()
+    assert torch.equal(vidtok.build_plan(layout, spec, block=(16, 16)).to_dense(), truth_mask(layout, spec))
+
+
+def test_from_merge_padding_bipartite_grid_and_errors():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 4, 8, generator=g)
+    x[0, 1:] = x[0, :1]  # video 0 collapses, video 1 keeps its tokens: padded outputs for video 0
+    merged = vidtok.temporal_merge(x, threshold=0.999, grid=(2, 2))
+    layout = vidtok.VideoLayout.from_merge(merged)
+    assert layout.lengths.tolist() == merged.lengths.tolist() == [4, 12]
+    assert layout.kind[0].tolist() == [1] * 4 + [0] * 8 and (layout.coords[0, 4:] == -1).all()
+    assert (layout.kv_log_size[0, 4:] == 0).all()
+    flat = vidtok.bipartite_merge(x.reshape(2, 12, 8), 3)
+    with pytest.raises(ValueError, match="pass grid"):
+        vidtok.VideoLayout.from_merge(flat)
+    layout = vidtok.VideoLayout.from_merge(flat, (3, 2, 2))
+    o = flat.origin[1].long()
+    assert layout.coords[1].tolist() == torch.stack([o // 4, (o // 2) % 2, o % 2], -1).tolist()
+    with pytest.raises(ValueError, match="holds 8 positions"):
+        vidtok.VideoLayout.from_merge(flat, (2, 2, 2))
+    with pytest.raises(TypeError, match="vidtok.Merged"):
+        vidtok.VideoLayout.from_merge(flat.x)
+
+
 @pytest.mark.parametrize("seed", range(10))
 @pytest.mark.parametrize("block", [(16, 16), (32, 16), (16, 32)], ids=str)
 def test_tiles_match_brute_force(seed, block):

@@ -231,7 +231,9 @@ class Merged(NamedTuple):
     origin: int32 ``[B, L]``, the input position of each output's representative (the token that kept
     its place: a destination or an unmerged token). lengths: int64 ``[B]``, the valid outputs of each
     video when outputs are padded (temporal_merge; padding has x = 0, size = 0, origin = -1, so
-    log_size is -inf there); None for bipartite_merge.
+    log_size is -inf there); None for bipartite_merge. grid: (T, h, w) of the merged positions for
+    temporal_merge (what ``VideoLayout.from_merge`` needs to place the outputs); None for
+    bipartite_merge, whose caller knows how its N tokens lie.
     """
 
     x: torch.Tensor
@@ -239,6 +241,7 @@ class Merged(NamedTuple):
     index: torch.Tensor
     origin: torch.Tensor
     lengths: torch.Tensor | None = None
+    grid: tuple[int, int, int] | None = None
 
     @property
     def log_size(self) -> torch.Tensor:
@@ -550,4 +553,4 @@ def temporal_merge(
                  else size.reshape(B, T * N))
     index, origin, lengths = _temporal_plan_op(metric.detach(), threshold, r, lag, radius, h, w, chosen)
     out, size_out = _merge_tokens_op(x.reshape(B, T * N, C), flat_size.detach(), index, origin, mode, chosen)
-    return Merged(out, size_out, index, origin, lengths)
+    return Merged(out, size_out, index, origin, lengths, (T, h, w))

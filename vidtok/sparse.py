@@ -59,6 +59,10 @@ class VideoLayout:
         lengths: int32 [B], valid tokens per sequence.
         grid: (T, H, W) of the full video grid (the neighborhood windows' extents).
         num_global: global tokens at the start of every sequence.
+        kv_log_size: float32 [B, N] or None. For merged tokens (``from_merge``): log of how many
+            original tokens each one stands for (0 for global tokens and padding), the bias ToMe's
+            proportional attention adds to each key: pass it as ``sparse_attention(...,
+            kv_log_size=layout.kv_log_size)``.
     """
 
     coords: torch.Tensor
@@ -66,6 +70,7 @@ class VideoLayout:
     lengths: torch.Tensor
     grid: tuple
     num_global: int
+    kv_log_size: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -136,6 +141,64 @@ class VideoLayout:
             (counts + num_global).to(torch.int32),
             (T, H, W),
             num_global,
+        )
+
+
+    @staticmethod
+    def from_merge(merged, grid: tuple[int, int, int] | None = None, *, num_global: int = 0) -> VideoLayout:
+        """The tokens of a merge (``vidtok.temporal_merge`` or ``vidtok.bipartite_merge``), in output order.
+
+        Output token i of video b sits at the (t, h, w) of its representative, ``merged.origin[b, i]``
+        (the earliest token of its chain for temporal_merge), after ``num_global`` global tokens, so
+        the layout lines up with ``merged.x`` (global tokens prepended). ``kv_log_size`` holds
+        log(merged.size) for ToMe's proportional attention (Bolya et al. 2023, Sec. 3).
+
+        grid: (T, H, W) of the merged positions, T * H * W = merged.index.shape[1]; default
+        ``merged.grid`` (set by temporal_merge; bipartite_merge of a flattened video needs it).
+        Padding outputs (origin -1, temporal_merge with a threshold) must come last in each row, as
+        vidtok's merges produce them. Validating that reads one flag on the host (one sync; a layout
+        is built once per clip).
+        """
+        from vidtok.merge import Merged
+
+        if not isinstance(merged, Merged):
+            raise TypeError(f"merged must be a vidtok.Merged (from temporal_merge or bipartite_merge), got {type(merged).__name__}")
+        grid = merged.grid if grid is None else grid
+        if grid is None:
+            raise ValueError("merged carries no grid (bipartite_merge): pass grid=(T, H, W) of its N positions")
+        if not (isinstance(grid, (tuple, list)) and len(grid) == 3):
+            raise TypeError(f"grid must be (T, H, W), got {grid!r}")
+        for name, value in zip(("T", "H", "W"), grid):
+            _check_pos_int(f"grid {name}", value)
+        _check_pos_int("num_global", num_global, 0)
+        T, H, W = (int(v) for v in grid)
+        origin = merged.origin
+        B, L = origin.shape
+        if merged.index.shape[1] != T * H * W:
+            raise ValueError(
+                f"grid (T, H, W) = {(T, H, W)} holds {T * H * W} positions, but merged.index covers {merged.index.shape[1]}"
+            )
+        if B == 0:
+            raise ValueError(f"merged must hold at least one video, got origin of shape {tuple(origin.shape)}")
+        valid = origin >= 0
+        lengths = valid.sum(1)
+        if not bool((valid == (torch.arange(L, device=origin.device) < lengths[:, None])).all()):
+            raise ValueError("merged.origin has padding (-1) before valid outputs; padding must come last in each row")
+        o = origin.long().clamp_min(0)
+        coords = torch.stack([o // (H * W), (o // W) % H, o % W], -1).masked_fill(~valid[..., None], -1)
+        kind = torch.where(valid, _KIND_VIDEO, _KIND_PAD).to(torch.int8)
+        log_size = torch.where(valid, merged.size.float().clamp_min(torch.finfo(torch.float32).tiny).log(), 0.0)
+        if num_global:
+            coords = torch.cat([torch.full((B, num_global, 3), -1, dtype=coords.dtype, device=coords.device), coords], 1)
+            kind = torch.cat([torch.full((B, num_global), _KIND_GLOBAL, dtype=torch.int8, device=kind.device), kind], 1)
+            log_size = torch.cat([log_size.new_zeros(B, num_global), log_size], 1)
+        return VideoLayout(
+            coords.to(torch.int32).contiguous(),
+            kind.contiguous(),
+            (lengths + num_global).to(torch.int32),
+            (T, H, W),
+            num_global,
+            log_size.contiguous(),
         )
 
 
