@@ -15,7 +15,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from vidtok.integrations import DropStatic, KeepAll  # noqa: E402
+from vidtok.integrations import DropStatic, KeepAll, MergeTemporal, SelectFrames  # noqa: E402
 from vidtok.integrations import transformers as vt  # noqa: E402
 from vidtok.integrations.policies import check_output  # noqa: E402
 
@@ -405,3 +405,29 @@ def test_import_vidtok_does_not_import_transformers():
 
     code = "import sys, vidtok, vidtok.integrations; assert 'transformers' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    "policy", [MergeTemporal(0.99), MergeTemporal(r=10**6, radius=None), SelectFrames(1), SelectFrames(1, method="mmr")], ids=repr
+)
+def test_vidtok_policies_generate_with_fewer_tokens(patched, policy):
+    """Temporal merging and frame selection as policies: a static video keeps one frame's worth of
+    tokens (at frame 0's positions), and generate() runs end to end on the shorter prefill."""
+    case, model = patched, patched.model
+    kw = case.inputs([True])
+    L = kw["input_ids"].shape[1]
+    T, h, w = case.grid
+    vt.apply(model, policy)
+    with torch.no_grad(), Recorder(model) as rec:
+        out = model(**kw)
+    expected = L - (T - 1) * h * w
+    assert rec.lengths == [expected] and out.logits.shape[1] == expected
+    origin = out.video_outputs.origin[0]
+    if isinstance(policy, MergeTemporal):
+        assert torch.equal(origin, torch.arange(h * w))  # each chain stands at its frame-0 root
+    else:
+        assert origin.shape == (h * w,) and int(origin[0]) % (h * w) == 0  # one whole frame
+    with Recorder(model) as rec:
+        seq = case.generate(kw)
+    assert rec.lengths == [expected] + [1] * (NEW_TOKENS - 1)
+    assert torch.equal(seq[:, :L], kw["input_ids"])

@@ -1,7 +1,8 @@
 """Plug vidtok into the models people already run, without editing those models' code.
 
 - ``vidtok.integrations.policies``: the policy contract (what happens to one video's tokens) and the
-  ready-made policies ``KeepAll`` and ``DropStatic``.
+  ready-made policies ``KeepAll``, ``DropStatic`` (EVS / DyCoke-style), ``MergeTemporal``
+  (``vidtok.temporal_merge``) and ``SelectFrames`` (DPP / MMR / uniform frame selection).
 - ``vidtok.integrations.transformers``: ``apply(model, policy)`` / ``remove(model)`` for Hugging Face
   Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision.
 - ``vidtok.integrations.timm``: ``apply_tome(model, r)`` / ``remove(model)``, ToMe token merging
@@ -15,9 +16,9 @@ from __future__ import annotations
 
 import importlib
 
-from vidtok.integrations.policies import DropStatic, KeepAll, Policy
+from vidtok.integrations.policies import DropStatic, KeepAll, MergeTemporal, Policy, SelectFrames
 
-__all__ = ["DropStatic", "KeepAll", "Policy", "policies", "timm", "transformers"]
+__all__ = ["DropStatic", "KeepAll", "MergeTemporal", "Policy", "SelectFrames", "policies", "timm", "transformers"]
 
 
 def __getattr__(name: str):

@@ -30,9 +30,10 @@ from typing import Protocol
 import torch
 
 from vidtok._backend import FLOAT_DTYPES
-from vidtok.merge import paired_similarity
+from vidtok.merge import paired_similarity, temporal_merge
+from vidtok.select import dpp_select, frame_scores, greedy_select, uniform_indices
 
-__all__ = ["DropStatic", "KeepAll", "Policy", "check_input", "check_output"]
+__all__ = ["DropStatic", "KeepAll", "MergeTemporal", "Policy", "SelectFrames", "check_input", "check_output"]
 
 
 class Policy(Protocol):
@@ -145,3 +146,95 @@ class DropStatic:
 
     def __repr__(self) -> str:
         return f"DropStatic(threshold={self.threshold})"
+
+
+class MergeTemporal:
+    """Merge the tokens that persist across frames (``vidtok.temporal_merge``): each chain of matches
+    becomes one size-weighted mean token at its earliest position.
+
+    Token (t, n) links to its most similar token of frame t - 1 within ``radius`` on the h x w grid
+    (0: the same position, FrameFusion / DyCoke; None: the whole frame, FlashVID) when the cosine is
+    >= ``threshold``, or, with ``r``, the r best links of the video are kept. The output token of a
+    chain stands at its root, so it keeps the root's prompt slot and (Qwen2-VL) M-RoPE position.
+
+    Args:
+        threshold: cosine in [-1, 1] (exactly one of threshold and r).
+        r: links to merge per video (clamped to the (T - 1) * h * w links a video has).
+        radius: search radius on the grid, or None for the whole frame.
+        mode: "wmean" (default), "mean", "sum" or "replace" (see ``vidtok.temporal_merge``).
+        backend: passed to ``temporal_merge``.
+
+    Returns ``(merged tokens [L', C], origin int64 [L'])``; with a threshold, L' is read on the host.
+    """
+
+    def __init__(self, threshold: float | None = None, *, r: int | None = None, radius: int | None = 0,
+                 mode: str = "wmean", backend: str | None = None):
+        if (threshold is None) == (r is None):
+            raise ValueError("pass exactly one of threshold= and r=")
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 0):
+            raise ValueError(f"r must be an int >= 0, got {r!r}")
+        self.threshold, self.r, self.radius, self.mode, self.backend = threshold, r, radius, mode, backend
+
+    def __call__(self, features: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
+        T, h, w = check_input(features, grid)
+        x = features.reshape(1, T, h * w, -1)
+        r = None if self.r is None else min(self.r, (T - 1) * h * w)
+        merged = temporal_merge(x, threshold=self.threshold, r=r, radius=self.radius, mode=self.mode,
+                                grid=(h, w), backend=self.backend)
+        # one video: no padding, so every output is valid and origin ascends (roots in (t, n) order)
+        return merged.x[0], merged.origin[0].long()
+
+    def __repr__(self) -> str:
+        what = f"threshold={self.threshold}" if self.r is None else f"r={self.r}"
+        return f"MergeTemporal({what}, radius={self.radius}, mode={self.mode!r})"
+
+
+class SelectFrames:
+    """Keep every token of k frames chosen from the frames' mean tokens, drop the other frames.
+
+    Methods: "dpp" (``vidtok.dpp_select``: greedy MAP of a DPP on the frame embeddings, the most
+    diverse frames; MDP3-style without a query), "mmr" (``vidtok.greedy_select`` with lam: each pick
+    the frame least similar to those chosen, from relevance = the frame's similarity to the video's
+    mean frame), or "uniform" (``vidtok.uniform_indices``, the baseline every paper reports).
+    Chosen frames keep their tokens, prompt slots and M-RoPE positions. A video with at most k frames
+    is kept whole.
+
+    Args:
+        k: frames to keep, >= 1.
+        method: "dpp", "mmr" or "uniform".
+        lam: MMR's redundancy weight (method "mmr").
+    """
+
+    METHODS = ("dpp", "mmr", "uniform")
+
+    def __init__(self, k: int, *, method: str = "dpp", lam: float = 1.0):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        if method not in self.METHODS:
+            raise ValueError(f"method must be one of {self.METHODS}, got {method!r}")
+        self.k, self.method, self.lam = k, method, float(lam)
+
+    def frames(self, features: torch.Tensor, grid) -> torch.Tensor:
+        """int64 ``[k']`` the chosen frames in time order (k' <= k)."""
+        T, h, w = check_input(features, grid)
+        if T <= self.k:
+            return torch.arange(T, device=features.device)
+        if self.method == "uniform":
+            return uniform_indices(T, self.k, device=features.device).long()
+        emb = features.reshape(T, h * w, -1).float().mean(1)[None]  # [1, T, C]
+        if self.method == "dpp":
+            idx = dpp_select(emb, self.k)[0]
+        else:
+            rel = frame_scores(emb, emb.mean(1, keepdim=True)).relevance  # [1, 1, T]
+            idx = greedy_select(rel, self.k, x=emb, lam=self.lam)
+        idx = idx.reshape(-1)
+        return idx[idx >= 0].long()  # -1 padding (fewer frames could be chosen) dropped: a host sync
+
+    def __call__(self, features: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
+        T, h, w = check_input(features, grid)
+        chosen = self.frames(features, grid)
+        origin = (chosen[:, None] * (h * w) + torch.arange(h * w, device=features.device)).reshape(-1)
+        return features.index_select(0, origin), origin
+
+    def __repr__(self) -> str:
+        return f"SelectFrames(k={self.k}, method={self.method!r})"
