@@ -22,3 +22,11 @@ def test_ci_runs_the_readme_commands():
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     for command in _readme_commands():
         assert command in ci_lines, f".ci/run does not run the README command: {command}"
+
+
+def test_readme_usage_example_runs():
+    """The README's main example is code a newcomer pastes: it must run as written (on the CPU here)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Use", 1)[1].split("\n## ", 1)[0]
+    example = re.findall(r"```python\n(.+?)\n```", section, flags=re.S)[0]
+    exec(compile(example, "README.md", "exec"), {})
