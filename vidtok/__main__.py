@@ -37,6 +37,17 @@ def _example() -> str:
     return "\n".join(lines)
 
 
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (results from different machines must not collide)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def _bench(quick: bool, out: str | None) -> int:
     """Run bench/ with pytest-benchmark, then bench/render.py over the JSON it wrote."""
     import os
@@ -52,7 +63,7 @@ def _bench(quick: bool, out: str | None) -> int:
         return 2
     out_dir = Path(out) if out else bench_dir / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu {_cpu_model()} {os.cpu_count()}t"
     name = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") + ("-quick" if quick else "")
     json_path = out_dir / f"{name}.json"
     env = {**os.environ, "VIDTOK_BENCH_QUICK": "1" if quick else "0"}
