@@ -197,22 +197,6 @@ def _unit_rows_channel_major(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return xn.transpose(1, 2).contiguous(), finite, norms
 
 
-def _greedy_pool(rel: torch.Tensor, eligible: torch.Tensor, pool: str, pool_top: int) -> torch.Tensor:
-    """The candidate pool of reference.greedy_select with the same tensor ops, so that on the same
-    device the pool is bit-identical (the mean of "above_mean" depends on the order of the sum)."""
-    T = rel.shape[-1]
-    if pool == "above_mean":
-        count = eligible.sum(-1, keepdim=True).clamp_min(1)
-        mean = torch.where(eligible, rel, torch.zeros_like(rel)).sum(-1, keepdim=True) / count
-        eligible = eligible & (rel > mean)
-    elif pool == "top":
-        masked = torch.where(eligible, rel, torch.full_like(rel, float("-inf")))
-        order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(T, device=rel.device).expand_as(order))
-        eligible = eligible & (rank < pool_top)
-    return eligible
-
-
 def _greedy_select_cuda(relevance, k, x, lam, min_gap, sim_thresh, pool, pool_top, timestamps):
     B, Q, T = relevance.shape
     device, f32 = relevance.device, torch.float32
@@ -226,7 +210,7 @@ def _greedy_select_cuda(relevance, k, x, lam, min_gap, sim_thresh, pool, pool_to
     if sims:
         xt, finite, _ = _unit_rows_channel_major(x)
         eligible = eligible & finite[:, None, :]
-    eligible = _greedy_pool(rel, eligible, pool, pool_top)
+    eligible = ref.candidate_pool(rel, eligible, pool, pool_top)
     # the kernel's per-candidate state: relevance, NaN once a frame is not (or no longer) a candidate
     state = torch.where(eligible, rel, torch.full_like(rel, float("nan"))).contiguous()
     gap = min_gap > 0

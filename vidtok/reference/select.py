@@ -96,6 +96,23 @@ def _sort_by_time(picks: torch.Tensor, T: int, *extra: torch.Tensor):
     return (out, *(e.gather(-1, order) for e in extra))
 
 
+def candidate_pool(rel: torch.Tensor, eligible: torch.Tensor, pool: str, pool_top: int) -> torch.Tensor:
+    """bool [B, Q, T]: the eligible frames left by ``pool``: all of them ("all"), those with relevance
+    strictly above the eligible frames' mean ("above_mean", TASS), or the ``pool_top`` most relevant
+    ("top", ties to the lower index)."""
+    T = rel.shape[-1]
+    if pool == "above_mean":
+        count = eligible.sum(-1, keepdim=True).clamp_min(1)
+        mean = torch.where(eligible, rel, torch.zeros_like(rel)).sum(-1, keepdim=True) / count
+        eligible = eligible & (rel > mean)
+    elif pool == "top":
+        masked = torch.where(eligible, rel, torch.full_like(rel, float("-inf")))
+        order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(T, device=rel.device).expand_as(order))
+        eligible = eligible & (rank < pool_top)
+    return eligible
+
+
 def greedy_select(
     relevance: torch.Tensor,
     k: int,
@@ -127,15 +144,7 @@ def greedy_select(
     if need_x:
         xn, finite, _ = _unit_rows(x, acc)
         eligible = eligible & finite[:, None, :]
-    if pool == "above_mean":
-        count = eligible.sum(-1, keepdim=True).clamp_min(1)
-        mean = torch.where(eligible, rel, torch.zeros_like(rel)).sum(-1, keepdim=True) / count
-        eligible = eligible & (rel > mean)
-    elif pool == "top":
-        masked = torch.where(eligible, rel, torch.full_like(rel, float("-inf")))
-        order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(T, device=rel.device).expand_as(order))
-        eligible = eligible & (rank < pool_top)
+    eligible = candidate_pool(rel, eligible, pool, pool_top)
     if min_gap > 0:
         pos = (timestamps.to(acc) if timestamps is not None else torch.arange(T, device=rel.device, dtype=acc).expand(B, T))
         pos = pos[:, None, :].expand(B, Q, T)
