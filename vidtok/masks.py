@@ -5,6 +5,10 @@ video and whether it is a global (register) token. Every spec answers two questi
 
 - ``pred(q, k, grid)``: the exact token predicate, vectorised over broadcastable coordinate tensors
   (``Coords``). It defines the truth: ``SparsePlan.to_dense`` and the partial tiles of a plan use it.
+- ``pred_words(tiles, grid)``: the same predicate over the token pairs of a batch of tile pairs
+  (``TilePairs``), packed 32 keys to a word. The window specs answer it from sorted key coordinates
+  (two binary searches per query and dimension instead of one comparison per pair, ~20x less work for
+  64-token tiles); a spec without its own falls back to ``pred``. Partial tiles of a plan use it.
 - ``classify(q, k, grid)``: for tiles of tokens described only by the bounds of their coordinates
   (``Bounds``), a pair ``(any, all)`` of bool tensors: ``any`` is False only if no pair of the two
   tiles can be allowed (the tile pair is empty), ``all`` is True only if every pair of valid tokens is
@@ -33,6 +37,7 @@ __all__ = [
     "Bounds",
     "Coords",
     "MaskSpec",
+    "TilePairs",
     "causal_in_time",
     "frame_local",
     "frame_pairs",
@@ -68,11 +73,66 @@ class Bounds(NamedTuple):
     has_global: torch.Tensor
 
 
+class TilePairs:
+    """P (query tile, key tile) pairs whose token masks are evaluated as packed words.
+
+    ``q``: Coords [P, BQ] and ``k``: Coords [P, BK] (int64; ``g`` bool). A word mask is int64
+    [P, BQ, W] (or [P, 1, W], broadcastable), W = ceil(BK / 32): bit c % 32 of word c // 32 says
+    whether the query attends to key c; values stay in [0, 2**32). Because every key owns one bit, the
+    union of disjoint key sets is their sum, which makes prefix unions a cumsum.
+    """
+
+    def __init__(self, q: Coords, k: Coords):
+        self.q, self.k = q, k
+        P, BK = k.t.shape
+        dev = k.t.device
+        c = torch.arange(BK, device=dev)
+        self.onehot = torch.zeros(BK, -(-BK // 32), dtype=torch.int64, device=dev)  # key c's bit in its word
+        self.onehot[c, c // 32] = torch.ones_like(c) << (c % 32)
+        self._below: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def key_bits(self, keys: torch.Tensor) -> torch.Tensor:
+        """int64 [P, 1, W]: the words of the keys where ``keys`` (bool [P, BK]) is True."""
+        return (keys.to(torch.int64)[..., None] * self.onehot).sum(1, keepdim=True)
+
+    def all_keys(self) -> torch.Tensor:
+        return self.key_bits(torch.ones_like(self.k.g))
+
+    def pack(self, mask: torch.Tensor) -> torch.Tensor:
+        """int64 [P, BQ, W] words of a bool token mask [P, BQ, BK] (the fallback of ``pred_words``)."""
+        P, BQ, BK = mask.shape
+        W = self.onehot.shape[1]
+        groups = torch.nn.functional.pad(mask, (0, W * 32 - BK)).view(P, BQ, W, 32).to(torch.int64)
+        return (groups << torch.arange(32, device=mask.device)).sum(-1)
+
+    def window(self, dim: int, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """int64 [P, BQ, W]: the keys with ``lo <= k[dim] <= hi`` for per-query ends lo, hi [P, BQ].
+
+        The keys of each tile sorted by coordinate, ``below[j]`` = the words of the j smallest; the
+        window is then below[#keys <= hi] - below[#keys < lo] (nested sets: a difference is a set)."""
+        if dim not in self._below:
+            vals, order = self.k[dim].sort(dim=-1)
+            bits = self.onehot[order]  # [P, BK, W]
+            below = torch.cat([bits.new_zeros(bits.shape[0], 1, bits.shape[2]), bits.cumsum(1)], 1)
+            self._below[dim] = (vals.contiguous(), below)
+        vals, below = self._below[dim]
+        n_lo = torch.searchsorted(vals, lo.contiguous(), side="left")
+        n_hi = torch.maximum(torch.searchsorted(vals, hi.contiguous(), side="right"), n_lo)
+        W = below.shape[-1]
+        return below.gather(1, n_hi[..., None].expand(-1, -1, W)) - below.gather(1, n_lo[..., None].expand(-1, -1, W))
+
+
 class MaskSpec:
     """Base of every mask spec; combine specs with ``&``, ``|`` and ``~``."""
 
     def pred(self, q: Coords, k: Coords, grid: tuple[int, int, int]) -> torch.Tensor:
         raise NotImplementedError
+
+    def pred_words(self, tiles: TilePairs, grid: tuple[int, int, int]) -> torch.Tensor:
+        """``pred`` over every (query, key) pair of each tile pair, as int64 words (``TilePairs``)."""
+        q = Coords(*(x[:, :, None] for x in tiles.q))
+        k = Coords(*(x[:, None, :] for x in tiles.k))
+        return tiles.pack(self.pred(q, k, grid))
 
     def classify(self, q: Bounds, k: Bounds, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -103,6 +163,9 @@ class _And(MaskSpec):
     def pred(self, q, k, grid):
         return self.a.pred(q, k, grid) & self.b.pred(q, k, grid)
 
+    def pred_words(self, tiles, grid):
+        return self.a.pred_words(tiles, grid) & self.b.pred_words(tiles, grid)
+
     def classify(self, q, k, grid):
         (a_any, a_all), (b_any, b_all) = self.a.classify(q, k, grid), self.b.classify(q, k, grid)
         return a_any & b_any, a_all & b_all
@@ -119,6 +182,9 @@ class _Or(_And):
     def pred(self, q, k, grid):
         return self.a.pred(q, k, grid) | self.b.pred(q, k, grid)
 
+    def pred_words(self, tiles, grid):
+        return self.a.pred_words(tiles, grid) | self.b.pred_words(tiles, grid)
+
     def classify(self, q, k, grid):
         (a_any, a_all), (b_any, b_all) = self.a.classify(q, k, grid), self.b.classify(q, k, grid)
         return a_any | b_any, a_all | b_all
@@ -133,6 +199,9 @@ class _Not(MaskSpec):
 
     def pred(self, q, k, grid):
         return ~self.a.pred(q, k, grid)
+
+    def pred_words(self, tiles, grid):
+        return tiles.all_keys() & ~self.a.pred_words(tiles, grid)
 
     def classify(self, q, k, grid):
         a_any, a_all = self.a.classify(q, k, grid)
@@ -149,6 +218,9 @@ class _Not(MaskSpec):
 class _GlobalTokens(MaskSpec):
     def pred(self, q, k, grid):
         return q.g | k.g
+
+    def pred_words(self, tiles, grid):
+        return torch.where(tiles.q.g[..., None], tiles.all_keys(), tiles.key_bits(tiles.k.g))
 
     def classify(self, q, k, grid):
         # every pair has a global member iff one side holds only global tokens
@@ -173,6 +245,13 @@ class _Window(MaskSpec):
             lo, hi = self.interval(d, q[d], grid)
             ok = ok & (k[d] >= lo) & (k[d] <= hi)
         return ok
+
+    def pred_words(self, tiles, grid):
+        q = tiles.q
+        words = tiles.key_bits(~tiles.k.g)
+        for d in self.dims:
+            words = words & tiles.window(d, *self.interval(d, q[d], grid))
+        return words * (~q.g)[..., None]
 
     def classify(self, q, k, grid):
         any_ = q.has_video & k.has_video

@@ -191,6 +191,8 @@ def sparse_random_spec(rng, grid, depth: int = 0):
             is_causal=(rng.random() < 0.3, rng.random() < 0.2, False),
         ),
         lambda: masks.global_tokens(),
+        # a spec without its own pred_words: the plan evaluates it through the generic fallback
+        lambda: masks.frame_pairs(torch.tensor([[rng.random() < 0.5 for _ in range(T)] for _ in range(T)])),
     ]
     if depth >= 2 or rng.random() < 0.4:
         return rng.choice(leaves)()
