@@ -140,6 +140,12 @@ class MaskSpec:
     def validate(self, grid: tuple[int, int, int]) -> None:
         """Raise ValueError if the spec cannot apply to a video of this (T, H, W) grid."""
 
+    def shift_invariant(self) -> tuple[bool, bool, bool]:
+        """Per dimension (t, h, w): whether shifting every video token's coordinate by the same integer
+        never changes the predicate. build_plan then evaluates one partial tile pair per geometry
+        (tiles of equal content up to such a shift, at equal offsets) and copies its mask."""
+        return (False, False, False)
+
     def __and__(self, other: MaskSpec) -> MaskSpec:
         return _And(self, _spec(other, "&"))
 
@@ -173,6 +179,9 @@ class _And(MaskSpec):
     def validate(self, grid):
         self.a.validate(grid)
         self.b.validate(grid)
+
+    def shift_invariant(self):
+        return tuple(x and y for x, y in zip(self.a.shift_invariant(), self.b.shift_invariant()))
 
     def __repr__(self):
         return f"({self.a!r} & {self.b!r})"
@@ -211,6 +220,9 @@ class _Not(MaskSpec):
     def validate(self, grid):
         self.a.validate(grid)
 
+    def shift_invariant(self):
+        return self.a.shift_invariant()
+
     def __repr__(self):
         return f"~{self.a!r}"
 
@@ -225,6 +237,9 @@ class _GlobalTokens(MaskSpec):
     def classify(self, q, k, grid):
         # every pair has a global member iff one side holds only global tokens
         return q.has_global | k.has_global, ~q.has_video | ~k.has_video
+
+    def shift_invariant(self):
+        return (True, True, True)
 
     def __repr__(self):
         return "global_tokens()"
@@ -283,6 +298,9 @@ class _TemporalWindow(_Window):
         hi = qd + (_FAR if self.after is None else self.after)
         return lo, hi
 
+    def shift_invariant(self):
+        return (True, True, True)  # a window of constant offsets; h and w unconstrained
+
     def __repr__(self):
         if self.name == "temporal_window":
             return f"temporal_window({self.before}, {self.after})"
@@ -298,6 +316,9 @@ class _SpatialWindow(_Window):
 
     def interval(self, dim, qd, grid):
         return qd - self.radius[dim], qd + self.radius[dim]
+
+    def shift_invariant(self):
+        return (True, True, True)
 
     def __repr__(self):
         return f"spatial_window({self.kh}, {self.kw})"
@@ -360,6 +381,9 @@ class _FramePairs(MaskSpec):
         count = sat[q1, k1] - sat[q0, k1] - sat[q1, k0] + sat[q0, k0]
         area = (q1 - q0) * (k1 - k0)
         return q.has_video & k.has_video & (count > 0), ~q.has_global & ~k.has_global & (count == area)
+
+    def shift_invariant(self):
+        return (False, True, True)  # the table is indexed by absolute frames
 
     def __repr__(self):
         return f"frame_pairs({int(self.allowed.sum())} of {self.allowed.numel()} pairs)"

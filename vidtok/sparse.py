@@ -215,8 +215,9 @@ class SparsePlan:
     Attributes (int32 tensors on the layout's device):
         tile_map [B, nQ, nK]: 0 empty, 1 full (every pair of the tiles attends, no padding inside),
             s >= 2 partial with token mask ``bits[s]``.
-        bits [2 + P, BQ, ceil(BK / 32)]: token masks; bit c % 32 of word [s, r, c // 32] says whether
-            query r attends to key c; bits[0] is all zeros, bits[1] all ones.
+        bits [2 + U, BQ, ceil(BK / 32)]: token masks; bit c % 32 of word [s, r, c // 32] says whether
+            query r attends to key c; bits[0] is all zeros, bits[1] all ones. U <= num_partial:
+            partial tile pairs of one geometry share their mask (see ``build_plan``).
         row_ptr [B * nQ + 1], col_idx [nnz], entry_bits [nnz]: CSR of the non-empty tile pairs, row
             b * nQ + i lists the key tiles of query tile i of sequence b (ascending) and their bits index.
         col_ptr [B * nK + 1], row_idx [nnz], entry_bits_t [nnz]: the transposed CSR (query tiles of
@@ -344,15 +345,59 @@ def _padded_tile_coords(layout: VideoLayout, block: int):
     return c, kind
 
 
-def _words_to_int32(words: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """int64 words with values in [0, 2**32) (``masks.TilePairs``) -> (the same bits as int32, the
-    number of set bits). The count is a SWAR popcount: 2-, 4- then 8-bit partial sums, and the
-    product by 0x01010101 adds the four byte counts into the top byte."""
+def _words_to_int32(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 words [P, BQ, W] with values in [0, 2**32) (``masks.TilePairs``) -> (the same bits as
+    int32, the number of set bits of each tile pair [P]). The count is a SWAR popcount: 2-, 4- then
+    8-bit partial sums, and the product by 0x01010101 adds the four byte counts into the top byte."""
     x = words - ((words >> 1) & 0x55555555)
     x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
     x = (x + (x >> 4)) & 0x0F0F0F0F
-    count = int((((x * 0x01010101) & 0xFFFFFFFF) >> 24).sum()) if words.numel() else 0
+    count = ((((x * 0x01010101) & 0xFFFFFFFF) >> 24)).sum((1, 2))
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32), count
+
+
+def _row_ids(rows: torch.Tensor) -> torch.Tensor:
+    """int64 [R]: equal ids exactly for equal rows of the int64 matrix ``rows`` [R, C], in 0 .. R - 1.
+    Column by column, (id so far, column value) pairs are renumbered with a 1-D unique: exact (no
+    hashing) and much faster than ``torch.unique(dim=0)``, which compares rows one at a time on CPU."""
+    ids = rows.new_zeros(rows.shape[0])
+    for column in rows.unbind(1):
+        column = column - column.min()
+        ids = torch.unique(ids * (int(column.max()) + 1) + column, return_inverse=True)[1]
+    return ids
+
+
+def _tile_classes(coords: torch.Tensor, kind: torch.Tensor, bounds: _masks.Bounds, invariant) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class [B, n], shift int64 [B, n, 3]) of the tiles of ``_padded_tile_coords``: shift is each
+    tile's lowest video coordinate on the shift-invariant dims (0 elsewhere), and two tiles share a
+    class when their tokens are equal once their video tokens are moved by -shift."""
+    lo = torch.stack(bounds.lo, -1)  # [B, n, 3]
+    keep = torch.tensor(invariant, device=lo.device) & bounds.has_video[..., None]
+    shift = torch.where(keep, lo, torch.zeros_like(lo))
+    video = (kind == _KIND_VIDEO)[..., None]
+    moved = torch.where(video, coords.long() - shift[:, :, None, :], coords.long())
+    content = torch.cat([moved.flatten(2), kind.long()], 2).flatten(0, 1)
+    return _row_ids(content).view(kind.shape[:2]), shift
+
+
+def _partial_geometries(where, invariant, qc, qkind, qb, kc, kkind, kb, same_tiles: bool):
+    """(geometry [P], first [U]) for the partial tile pairs ``where`` [P, 3] (b, i, j): pairs of one
+    geometry (equal query-tile class, key-tile class and key-minus-query shift) have one token mask,
+    because moving both tiles by a shift on the spec's invariant dims never changes it; first[u] is
+    the row of ``where`` whose mask stands for geometry u."""
+    P = where.shape[0]
+    if P == 0:
+        return where.new_zeros(0), where.new_zeros(0)
+    q_class, q_shift = _tile_classes(qc, qkind, qb, invariant)
+    k_class, k_shift = (q_class, q_shift) if same_tiles else _tile_classes(kc, kkind, kb, invariant)
+    b, i, j = where.unbind(1)
+    key = torch.cat([q_class[b, i, None], k_class[b, j, None], k_shift[b, j] - q_shift[b, i]], 1)
+    geometry = _row_ids(key)
+    U = int(geometry.max()) + 1
+    first = torch.full((U,), P, dtype=torch.int64, device=where.device).scatter_reduce(
+        0, geometry, torch.arange(P, device=where.device), "amin"
+    )
+    return geometry, first
 
 
 # Token pairs of the partial tiles evaluated at once (bounds the [P, BQ, BK / 32] word temporaries and
@@ -365,7 +410,10 @@ def build_plan(layout: VideoLayout, spec: _masks.MaskSpec, *, block: tuple[int, 
 
     Every (query tile, key tile) pair of a sequence is classified empty / full / partial by
     ``spec.classify`` on the tiles' coordinate bounds: O(N + B * nQ * nK), no token pair evaluated.
-    Only the partial tiles' token masks are then evaluated, with ``spec.pred_words`` (BQ * BK pairs each).
+    Only the partial tiles' token masks are then evaluated, with ``spec.pred_words`` (BQ * BK pairs
+    each), and only once per geometry: along the dims where the spec is shift-invariant
+    (``spec.shift_invariant()``; windows of constant offsets), tile pairs whose tiles hold the same
+    tokens up to a shift, at the same offset from each other, share one mask.
     A full tile has every pair of its tokens allowed and no padding. BQ and BK are powers of two
     >= 16 (the tile sizes the Triton kernel accepts; 64 and 128 are the fast ones on GPUs).
 
@@ -406,13 +454,15 @@ def build_plan(layout: VideoLayout, spec: _masks.MaskSpec, *, block: tuple[int, 
     eb, ei, ej = entries.unbind(1)
     is_full = torch.as_tensor(all_, device=dev).expand(B, nQ, nK)[eb, ei, ej] & (q_valid[eb, ei] == BQ) & (k_valid[eb, ej] == BK)
 
-    # token masks of the partial tiles, a chunk of tiles at a time
+    # token masks of the partial tiles: one evaluation per geometry (shift-invariant specs repeat the
+    # same few tile pairs all over a video), a chunk of geometries at a time
     where = entries[~is_full]  # [P, 3] (b, i, j), row-major
     P = where.shape[0]
-    chunks, allowed_partial = [], 0
+    geometry, first = _partial_geometries(where, spec.shift_invariant(), qc, qkind, qb, kc, kkind, kb, BQ == BK)
+    chunks, counts = [], []
     step = max(1, _PARTIAL_CHUNK_PAIRS // (BQ * BK))
-    for p0 in range(0, P, step):
-        b, i, j = where[p0 : p0 + step].unbind(1)
+    for p0 in range(0, first.shape[0], step):
+        b, i, j = where[first[p0 : p0 + step]].unbind(1)
         qt, kt = qc[b, i].long(), kc[b, j].long()  # [p, BQ, 3], [p, BK, 3]: specs compute in int64
         qk, kk = qkind[b, i], kkind[b, j]
         tiles = _masks.TilePairs(
@@ -422,14 +472,15 @@ def build_plan(layout: VideoLayout, spec: _masks.MaskSpec, *, block: tuple[int, 
         # padding (only in tiles at sequence ends) attends to nothing and is attended by nothing
         words = spec.pred_words(tiles, grid) & tiles.key_bits(kk != _KIND_PAD)
         words, count = _words_to_int32(words * (qk != _KIND_PAD)[..., None])
-        allowed_partial += count
         chunks.append(words)
+        counts.append(count)
+    allowed_partial = int(torch.cat(counts)[geometry].sum()) if P else 0
     W = -(-BK // 32)
     bits = torch.cat(
         [torch.zeros(1, BQ, W, dtype=torch.int32, device=dev), torch.full((1, BQ, W), -1, dtype=torch.int32, device=dev), *chunks]
     )
-    state = is_full.to(torch.int32)  # 1 full, then the partial tiles' bits indices 2 .. P + 1
-    state[~is_full] = torch.arange(2, 2 + P, dtype=torch.int32, device=dev)
+    state = is_full.to(torch.int32)  # 1 full, else the bits index 2 + geometry of the partial tile
+    state[~is_full] = (2 + geometry).to(torch.int32)
     tile_map = torch.zeros(B, nQ, nK, dtype=torch.int32, device=dev)
     tile_map[eb, ei, ej] = state
 
