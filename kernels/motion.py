@@ -43,6 +43,27 @@ def _num_warps(block: int) -> int:
 
 
 @triton.jit
+def _decide_and_store(delta, k, last, out, hw, spatial, threshold, refresh_every, max_run,
+                      keep_ptr, delta_ptr, run_ptr, carry_ptr):
+    """Both gate kernels: keep slice k at this location (forced: the first slice, refresh_every,
+    max_run; else delta > threshold), store delta, keep, run_length and carry; return (keep, last
+    kept slice)."""
+    forced = k == 0
+    forced = forced | ((refresh_every > 0) & (k % tl.maximum(refresh_every, 1) == 0))
+    forced = forced | ((max_run > 0) & (k - last >= max_run))
+    keep = forced | (delta > threshold)
+    o = out + k * hw
+    tl.store(delta_ptr + o, delta)
+    tl.store(keep_ptr + o, keep.to(tl.int8))
+    # run length: 0 for a dropped slot now; for a kept one once the next kept slice is known
+    tl.store(run_ptr + o, 0, mask=keep == 0)
+    tl.store(run_ptr + out + last * hw, k - last, mask=keep & (k > 0))
+    last = tl.where(keep, k, last)
+    tl.store(carry_ptr + o, last * hw + spatial)
+    return keep, last
+
+
+@triton.jit
 def _motion_gate_kernel(
     x_ptr, keep_ptr, delta_ptr, run_ptr, carry_ptr,
     Tq, h, w, ts, C, ph, pw, E,
@@ -99,20 +120,8 @@ def _motion_gate_kernel(
         else:
             delta = tl.div_rn(tl.sum(tl.abs(d), axis=0).to(tl.float32), count)
         delta = tl.where(k == 0, INF, delta)
-
-        forced = k == 0
-        forced = forced | ((refresh_every > 0) & (k % tl.maximum(refresh_every, 1) == 0))
-        forced = forced | ((max_run > 0) & (k - last >= max_run))
-        keep = forced | (delta > threshold)
-
-        o = out + k * hw
-        tl.store(delta_ptr + o, delta)
-        tl.store(keep_ptr + o, keep.to(tl.int8))
-        # run length: 0 for a dropped slot now; for a kept one once the next kept slice is known
-        tl.store(run_ptr + o, 0, mask=keep == 0)
-        tl.store(run_ptr + out + last * hw, k - last, mask=keep & (k > 0))
-        last = tl.where(keep, k, last)
-        tl.store(carry_ptr + o, last * hw + spatial)
+        keep, last = _decide_and_store(delta, k, last, out, hw, spatial, threshold, refresh_every, max_run,
+                                       keep_ptr, delta_ptr, run_ptr, carry_ptr)
         ref = tl.where(keep | (last_kept == 0), cand, ref)
     tl.store(run_ptr + out + last * hw, Tq - last)
 
@@ -195,21 +204,11 @@ def _motion_gate_mc_kernel(
         best_dy = tl.where(nan00 | (k == 0), 0, best_dy)
         best_dx = tl.where(nan00 | (k == 0), 0, best_dx)
         delta = tl.where(k == 0, INF, delta)
-
-        forced = k == 0
-        forced = forced | ((refresh_every > 0) & (k % tl.maximum(refresh_every, 1) == 0))
-        forced = forced | ((max_run > 0) & (k - last >= max_run))
-        keep = forced | (delta > threshold)
-
         o = out + k * hw
-        tl.store(delta_ptr + o, delta)
-        tl.store(keep_ptr + o, keep.to(tl.int8))
         tl.store(motion_ptr + 2 * o, best_dy.to(tl.int16))
         tl.store(motion_ptr + 2 * o + 1, best_dx.to(tl.int16))
-        tl.store(run_ptr + o, 0, mask=keep == 0)
-        tl.store(run_ptr + out + last * hw, k - last, mask=keep & (k > 0))
-        last = tl.where(keep, k, last)
-        tl.store(carry_ptr + o, last * hw + spatial)
+        keep, last = _decide_and_store(delta, k, last, out, hw, spatial, threshold, refresh_every, max_run,
+                                       keep_ptr, delta_ptr, run_ptr, carry_ptr)
     tl.store(run_ptr + out + last * hw, Tq - last)
 
 
