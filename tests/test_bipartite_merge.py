@@ -13,7 +13,7 @@ import torch
 
 import vidtok
 from vidtok import reference as ref
-from vidtok.testing import assert_close, devices, make_strided, runnable_backends
+from vidtok.testing import assert_close, backend_cases, make_strided, runnable_backends
 
 
 def _cos(u, v):
@@ -74,11 +74,7 @@ def tome_loop(x, metric, size, r, protect, mode, order):
 
 
 def _cases():
-    for device in devices():
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            for backend in runnable_backends(device, dtype):
-                if backend != "cuda":
-                    yield pytest.param(device, dtype, backend, id=f"{device}-{str(dtype)[6:]}-{backend}")
+    return backend_cases(skip=("cuda",))
 
 
 CASES = list(_cases())

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import vidtok
-from vidtok.testing import assert_close, devices, runnable_backends
+from vidtok.testing import assert_close, backend_cases, runnable_backends
 
 # (B, T, Q, C): one frame, Q = 0 / 1 / past one 16-query block, T past one 64-frame block, C past 64.
 SHAPES = [(1, 1, 1, 3), (2, 5, 3, 17), (1, 70, 1, 130), (2, 9, 18, 64), (3, 66, 2, 33)]
@@ -29,12 +29,7 @@ def _oracle(x, query, scale, bias, lengths):
 
 
 def _cases():
-    for device in devices():
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            for backend in runnable_backends(device, dtype):
-                if backend == "cuda":
-                    continue
-                yield pytest.param(device, dtype, backend, id=f"{device}-{str(dtype)[6:]}-{backend}")
+    return backend_cases(skip=("cuda",))
 
 
 def _inputs(B, T, Q, C, dtype, device, seed):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import vidtok
 from vidtok import reference as ref
-from vidtok.testing import assert_close, devices, make_strided, runnable_backends
+from vidtok.testing import assert_close, backend_cases, make_strided, runnable_backends
 
 # (B, M, K, D): single rows, odd sizes, several 64-row/64-column tiles and a D past one 64-wide chunk.
 SHAPES = [(1, 1, 1, 1), (2, 5, 7, 3), (1, 70, 130, 33), (2, 19, 66, 80)]
@@ -39,11 +39,7 @@ def _oracle(a, b, a_group=None, b_group=None):
 
 
 def _cases():
-    for device in devices():
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            for backend in runnable_backends(device, dtype):
-                if backend != "cuda":  # no CUDA C++ match kernel
-                    yield pytest.param(device, dtype, backend, id=f"{device}-{str(dtype)[6:]}-{backend}")
+    return backend_cases(skip=("cuda",))  # no CUDA C++ match kernel
 
 
 CASES = list(_cases())

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import vidtok
 from vidtok import reference as ref
-from vidtok.testing import assert_close, devices, make_strided, runnable_backends, video_tokens
+from vidtok.testing import assert_close, backend_cases, make_strided, runnable_backends, video_tokens
 
 # (B, T, N, C, lag): T=2, lag = T-1, N=1, C=1, odd sizes, C past one 128-wide block, lag > T/2.
 SHAPES = [
@@ -28,10 +28,7 @@ def _oracle(x: torch.Tensor, lag: int) -> torch.Tensor:
 
 
 def _cases():
-    for device in devices():
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            for backend in runnable_backends(device, dtype):
-                yield pytest.param(device, dtype, backend, id=f"{device}-{str(dtype)[6:]}-{backend}")
+    return backend_cases()
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

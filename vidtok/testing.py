@@ -49,6 +49,20 @@ def runnable_backends(device: str | torch.device, dtype: torch.dtype) -> list[st
     return [name for name in _backend.BACKENDS if not _backend.reasons(name, device, dtype)]
 
 
+def backend_cases(*, skip: tuple[str, ...] = ()) -> list:
+    """``pytest.param(device, dtype, backend)`` for every device, float dtype and backend that runs
+    here, minus the backends in ``skip`` (those an op does not have); ids like "cpu-float32-triton"."""
+    import pytest
+
+    return [
+        pytest.param(device, dtype, backend, id=f"{device}-{str(dtype)[6:]}-{backend}")
+        for device in devices()
+        for dtype in (torch.float32, torch.float16, torch.bfloat16)
+        for backend in runnable_backends(device, dtype)
+        if backend not in skip
+    ]
+
+
 def make_strided(t: torch.Tensor, layout: str) -> torch.Tensor:
     """The same values as ``t`` laid out as ``layout``: "contiguous", "channels_strided" (every other
     element of a wider buffer, so the last stride is 2) or "permuted" (memory order differs from the
