@@ -395,7 +395,7 @@ def frame_pairs(allowed: torch.Tensor) -> MaskSpec:
     if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool or allowed.dim() != 2 or allowed.shape[0] != allowed.shape[1]:
         what = f"{allowed.dtype} {tuple(allowed.shape)}" if isinstance(allowed, torch.Tensor) else type(allowed).__name__
         raise TypeError(f"allowed must be a square bool tensor [T, T], got {what}")
-    return _FramePairs(allowed.detach().cpu())
+    return _FramePairs(allowed.detach().cpu())  # once, at spec construction: the table is tiny and read on the host
 
 
 def frame_local() -> MaskSpec:

@@ -486,9 +486,11 @@ def build_plan(layout: VideoLayout, spec: _masks.MaskSpec, *, block: tuple[int, 
 
     row_ptr = torch.zeros(B * nQ + 1, dtype=torch.int32, device=dev)
     row_ptr[1:] = torch.bincount(eb * nQ + ei, minlength=B * nQ).cumsum(0)
-    entries_t = nonempty.transpose(1, 2).nonzero()  # (b, j, i)
+    # the transposed CSR: the same entries stably sorted by (b, j), so i stays ascending in each column
+    key_t = eb * nK + ej
+    by_col = torch.sort(key_t, stable=True).indices
     col_ptr = torch.zeros(B * nK + 1, dtype=torch.int32, device=dev)
-    col_ptr[1:] = torch.bincount(eb * nK + ej, minlength=B * nK).cumsum(0)
+    col_ptr[1:] = torch.bincount(key_t, minlength=B * nK).cumsum(0)
     num_full = int(is_full.sum())
     return SparsePlan(
         layout=layout,
@@ -500,8 +502,8 @@ def build_plan(layout: VideoLayout, spec: _masks.MaskSpec, *, block: tuple[int, 
         col_idx=entries[:, 2].to(torch.int32).contiguous(),
         entry_bits=state,
         col_ptr=col_ptr,
-        row_idx=entries_t[:, 2].to(torch.int32).contiguous(),
-        entry_bits_t=tile_map[entries_t[:, 0], entries_t[:, 2], entries_t[:, 1]].contiguous(),
+        row_idx=ei[by_col].to(torch.int32),
+        entry_bits_t=state[by_col],
         lengths=layout.lengths,
         num_full=num_full,
         num_partial=P,
