@@ -43,6 +43,34 @@ def _num_warps(block: int) -> int:
 
 
 @triton.jit
+def _patch_elements(x_ptr, b, i, j, C, ph, pw, E, s_b, s_t, s_c, s_h, s_w, BLOCK_E: tl.constexpr):
+    """(pointers to the E elements of patch (i, j) of video b in its first frame, their mask): element
+    e of the flattened patch is (frame in tubelet, channel, row, column) = e in row-major order."""
+    offs_e = tl.arange(0, BLOCK_E)
+    pp = ph * pw
+    f = offs_e // (C * pp)
+    c = (offs_e // pp) % C
+    y = (offs_e // pw) % ph
+    xx = offs_e % pw
+    elem = f.to(tl.int64) * s_t + c.to(tl.int64) * s_c + y.to(tl.int64) * s_h + xx.to(tl.int64) * s_w
+    base = x_ptr + b.to(tl.int64) * s_b + (i * ph).to(tl.int64) * s_h + (j * pw).to(tl.int64) * s_w + elem
+    return base, offs_e < E
+
+
+@triton.jit
+def _reduce_delta(d, reduce_mode, count):
+    """A patch's change from its differences d (int32 for uint8 video: exact), correctly rounded to
+    fp32 as the reference does: 1 l2, 2 max_abs, else mean_abs."""
+    if reduce_mode == 1:
+        delta = tl.sqrt_rn(tl.sum(d * d, axis=0).to(tl.float32))
+    elif reduce_mode == 2:
+        delta = tl.max(tl.abs(d), axis=0).to(tl.float32)
+    else:
+        delta = tl.div_rn(tl.sum(tl.abs(d), axis=0).to(tl.float32), count)
+    return delta
+
+
+@triton.jit
 def _decide_and_store(delta, k, last, out, hw, spatial, threshold, refresh_every, max_run,
                       keep_ptr, delta_ptr, run_ptr, carry_ptr):
     """Both gate kernels: keep slice k at this location (forced: the first slice, refresh_every,
@@ -78,18 +106,9 @@ def _motion_gate_kernel(
     i = spatial // w
     j = spatial % w
 
-    # element e of the flattened patch -> (frame in tubelet, channel, row, column)
-    offs_e = tl.arange(0, BLOCK_E)
-    emask = offs_e < E
+    base, emask = _patch_elements(x_ptr, b, i, j, C, ph, pw, E, s_b, s_t, s_c, s_h, s_w, BLOCK_E)
     # (broadcast to a vector: the interpreter rejects a scalar condition in a vector mask)
     first_mask = emask & ((tl.zeros([BLOCK_E], dtype=tl.int32) + rlt) != 0)
-    pp = ph * pw
-    f = offs_e // (C * pp)
-    c = (offs_e // pp) % C
-    y = (offs_e // pw) % ph
-    xx = offs_e % pw
-    elem = f.to(tl.int64) * s_t + c.to(tl.int64) * s_c + y.to(tl.int64) * s_h + xx.to(tl.int64) * s_w
-    base = x_ptr + b.to(tl.int64) * s_b + (i * ph).to(tl.int64) * s_h + (j * pw).to(tl.int64) * s_w + elem
     # RLT's rule compares the LAST frame of tubelet k with the FIRST frame of tubelet k - 1
     cur_shift = tl.where(rlt != 0, ts - 1, 0)
     count = E.to(tl.float32)
@@ -112,13 +131,7 @@ def _motion_gate_kernel(
             first = first.to(tl.float32)
         cand = tl.where(rlt != 0, first, cur)  # what slice k leaves as the reference
 
-        d = cur - ref
-        if reduce_mode == 1:
-            delta = tl.sqrt_rn(tl.sum(d * d, axis=0).to(tl.float32))
-        elif reduce_mode == 2:
-            delta = tl.max(tl.abs(d), axis=0).to(tl.float32)
-        else:
-            delta = tl.div_rn(tl.sum(tl.abs(d), axis=0).to(tl.float32), count)
+        delta = _reduce_delta(cur - ref, reduce_mode, count)
         delta = tl.where(k == 0, INF, delta)
         keep, last = _decide_and_store(delta, k, last, out, hw, spatial, threshold, refresh_every, max_run,
                                        keep_ptr, delta_ptr, run_ptr, carry_ptr)
@@ -144,18 +157,10 @@ def _motion_gate_mc_kernel(
     spatial = pid % hw
     i = spatial // w
     j = spatial % w
-    offs_e = tl.arange(0, BLOCK_E)
-    emask = offs_e < E
+    base, emask = _patch_elements(x_ptr, b, i, j, C, ph, pw, E, s_b, s_t, s_c, s_h, s_w, BLOCK_E)
     zero_vec = tl.zeros([BLOCK_E], dtype=tl.int32)
-    pp = ph * pw
-    f = offs_e // (C * pp)
-    c = (offs_e // pp) % C
-    y = (offs_e // pw) % ph
-    xx = offs_e % pw
-    elem = f.to(tl.int64) * s_t + c.to(tl.int64) * s_c + y.to(tl.int64) * s_h + xx.to(tl.int64) * s_w
     y0 = i * ph
     x0 = j * pw
-    base = x_ptr + b.to(tl.int64) * s_b + y0.to(tl.int64) * s_h + x0.to(tl.int64) * s_w + elem
     cur_shift = tl.where(rlt != 0, ts - 1, 0)
     count = E.to(tl.float32)
 
@@ -183,13 +188,7 @@ def _motion_gate_mc_kernel(
                     cand = cand.to(tl.int32)
                 else:
                     cand = cand.to(tl.float32)
-                d = cur - cand
-                if reduce_mode == 1:
-                    dc = tl.sqrt_rn(tl.sum(d * d, axis=0).to(tl.float32))
-                elif reduce_mode == 2:
-                    dc = tl.max(tl.abs(d), axis=0).to(tl.float32)
-                else:
-                    dc = tl.div_rn(tl.sum(tl.abs(d), axis=0).to(tl.float32), count)
+                dc = _reduce_delta(cur - cand, reduce_mode, count)
                 l1 = tl.abs(dy) + tl.abs(dx)
                 # candidates run row-major, so on equal delta and |m| the earlier (lower index) stays
                 better = inside & ((dc < best) | ((dc == best) & (l1 < best_l1)))
