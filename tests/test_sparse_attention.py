@@ -196,6 +196,59 @@ def test_low_precision_gradients(dtype, backend):
         torch.testing.assert_close(got.double(), exp, atol=tol, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", range(3))
+def test_chunk_math_cpu_kernel_equals_explicit(dtype, seed):
+    """The reference runs each chunk in ATen's fused CPU kernel on CPUs and as explicit tensor ops
+    elsewhere: both give the same output, LSE and gradients, with a bias that has -inf pairs, rows
+    with no allowed key, broadcast over heads; odd sizes."""
+    from vidtok.reference import sparse as ref
+
+    g = torch.Generator().manual_seed(seed)
+    R, H, M_, L, D = 3, 2, 16, 37, 9
+    q, k, v = (torch.randn(R, H, n, D, generator=g, dtype=dtype) for n in (M_, L, L))
+    bias = torch.randn(R, 1, M_, L, generator=g, dtype=dtype)
+    bias[torch.rand(R, 1, M_, L, generator=g) < 0.6] = float("-inf")
+    bias[1, :, 3] = float("-inf")  # a row with no allowed key
+    empty = torch.isinf(bias).all(-1)
+    outs = []
+    for attend, attend_backward in ((ref._attend_cpu, ref._attend_backward_cpu), (ref._attend_explicit, ref._attend_backward_explicit)):
+        out, lse = attend(q, k, v, bias, 0.3)
+        if attend is ref._attend_cpu:  # the caller's fix-up; the explicit math gives 0 and -inf itself
+            out, lse = out.masked_fill(empty[..., None], 0), lse.masked_fill(empty, float("-inf"))
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+        grads = attend_backward(grad_out, q, k, v, out, torch.where(torch.isinf(lse), 0.0, lse), bias, 0.3)
+        outs.append((out, lse, *grads))
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    for fused, explicit in zip(*outs):
+        torch.testing.assert_close(fused, explicit, atol=tol, rtol=tol)
+    assert torch.isinf(outs[1][1][empty.expand(R, H, M_)]).all()
+
+
+def test_reference_explicit_chunk_math_matches_oracle(monkeypatch):
+    """The whole reference with the explicit chunk math (its path on GPUs) on a random layout:
+    output, LSE and gradients (with GQA, log sizes and dLSE) against the float64 oracle."""
+    from vidtok.reference import sparse as ref
+
+    monkeypatch.setattr(ref, "_chunk_math", lambda device: (ref._attend_explicit, ref._attend_backward_explicit))
+    layout, rng = sparse_random_layout(77, max_grid=(3, 4, 5))
+    spec = sparse_random_spec(rng, layout.grid)
+    plan = vidtok.build_plan(layout, spec, block=(16, 32))
+    B, N = layout.batch, layout.num_tokens
+    q, k, v = (x.requires_grad_() for x in _inputs(B, 4, 2, N, 8, torch.float64, 5))
+    ls = torch.randn(B, N, dtype=torch.float64, requires_grad=True)
+    out, lse = vidtok.sparse_attention(q, k, v, plan, kv_log_size=ls, return_lse=True, backend="reference")
+    e_out, e_lse = oracle(q, k, v, sparse_truth_mask(layout, spec), 8**-0.5, ls)
+    torch.testing.assert_close(out, e_out, atol=1e-10, rtol=1e-10)
+    finite = torch.isfinite(e_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    g_out, g_lse = torch.randn_like(out), torch.randn_like(lse)
+    got = torch.autograd.grad((out * g_out).sum() + (lse[finite] * g_lse[finite]).sum(), (q, k, v, ls))
+    expected = torch.autograd.grad((e_out * g_out).sum() + (e_lse[finite] * g_lse[finite]).sum(), (q, k, v, ls))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
 def test_reference_gradcheck_float64():
     layout = vidtok.VideoLayout.from_keep(torch.rand(1, 2, 2, 3, generator=torch.Generator().manual_seed(0)) < 0.8, num_global=1)
     plan = vidtok.build_plan(layout, M.temporal_window(1, 0) | M.global_tokens(), block=(16, 16))

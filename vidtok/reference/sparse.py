@@ -8,43 +8,121 @@ The plan is read through two tensors (see vidtok.sparse.SparsePlan):
   query r of the tile attends to key c; ``bits[0]`` is all zeros and ``bits[1]`` all ones, so
   ``bits[tile_map]`` is the token mask of every tile pair.
 
-Both passes work on the plan's tiles only (time proportional to the non-empty tile pairs, not N^2):
-a chunk of query tiles at a time gathers each tile's non-empty key tiles into a dense [BQ, T * BK]
-block (T = the most key tiles any query tile of the chunk has; tiles are taken longest row first, so
-little is padding), and the token mask inside comes from ``bits``. The forward and the dQ part of the
-backward walk query tiles; dK, dV and d kv_log_size walk key tiles over the transposed map (the
-FlashAttention-2 / FlexAttention split), so every output tile is written once: deterministic, no
-atomics. All in fp32 (fp64 for fp64 inputs): S = scale * q k^T + kv_log_size[key], pairs outside the
-mask -> -inf, P = softmax(S) with rows that have no allowed key giving P = 0 (output 0, LSE -inf),
+Both passes walk query tiles and work on the plan's tiles only (time proportional to the non-empty
+tile pairs, not N^2). A chunk of query tiles at a time (longest rows first, so little is padding)
+is one attention problem: each query tile [BQ] against the keys of its non-empty key tiles that any
+of its queries attends to (``_TileMasks.chunk``), the token mask inside as an additive bias (0 or
+-inf, from ``bits``). q, k and v are laid out token-major (``_tiles``), so gathering a chunk's
+queries and keys is one index_select of contiguous rows. On CPUs each chunk runs in ATen's fused
+flash-attention kernels (``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward:
+the blocked online softmax torch's own SDPA runs on CPUs); elsewhere as the explicit softmax(S) V of
+``_attend_explicit``, which is what the CPU kernel computes (tests/test_sparse_attention.py checks
+one against the other). The backward adds each chunk's dK and dV into their keys in chunk order
+(``_add_rows``): deterministic, no float atomics.
+
+All in fp32 (fp64 for fp64 inputs): S = scale * q k^T + kv_log_size[key], pairs outside the mask
+-> -inf, P = softmax(S) with rows that have no allowed key giving P = 0 (output 0, LSE -inf),
 O = P v. ``kv_log_size`` is ToMe's proportional attention (Bolya et al. 2023, facebookresearch/ToMe):
 a key of size s weighs as s copies of itself, since s e^x = e^(x + log s).
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from vidtok.reference.merge import accumulation_dtype
 
-# Scores held by one chunk of tile rows (rows * H * BQ * T * BK). On CPUs 2^20 fp32 = 4 MiB, so the
-# softmax passes over them stay in cache: measured on the 2-thread CPU of bench/NOTES.md (one thread,
-# CPU time, 16x16x16 grid, H = 4, D = 64), 2^20 ran the forward 1.2-2.8x faster than 2^24 (the old
-# chunk), and 2^18-2^21 were within noise of each other. GPUs keep 2^24 (fewer, larger launches).
+# Scores held by one chunk of tile rows (rows * H * BQ * T * BK). On CPUs 2^20 (4 MiB of fp32):
+# 2^17-2^20 ran within noise of each other through the fused kernel and 2^21-2^22 up to 1.7x slower
+# (bench/NOTES.md, sparse attention). GPUs keep 2^24 (fewer, larger launches).
 _CHUNK_ELEMENTS = {"cpu": 1 << 20}
 _CHUNK_ELEMENTS_DEFAULT = 1 << 24
+
+
+def _unpack_bits(bits: torch.Tensor, block_k: int) -> torch.Tensor:
+    """bool [S, BQ, BK]: the token masks of every bit pattern ``bits`` [S, BQ, W], unpacked.
+
+    Key c of a row is bit c % 32 of word c // 32, i.e. bit c % 8 of the word's byte (c % 32) // 8
+    counted from the least significant end: the words are read as bytes (reordered on big-endian
+    machines) and each byte is shifted out into its 8 bits."""
+    words = bits.view(torch.uint8)  # [S, BQ, 4W]
+    if sys.byteorder == "big":
+        words = words.view(*bits.shape, 4).flip(-1).reshape(words.shape)
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    return (words[..., None] >> shifts & 1).bool().flatten(-2)[..., :block_k]
 
 
 def dense_mask_rows(tile_map: torch.Tensor, bits: torch.Tensor, block_q: int, block_k: int, q_tile0: int, q_tile1: int, n: int) -> torch.Tensor:
     """bool [B, rows, n]: the token mask of query tiles [q_tile0, q_tile1) (rows past n cut off)."""
     B, _, nK = tile_map.shape
-    words = bits[tile_map[:, q_tile0:q_tile1].long()]  # [B, c, nK, BQ, W]
-    col = torch.arange(block_k, device=bits.device)
-    words = words[..., col // 32]  # [B, c, nK, BQ, BK]: the word holding each column's bit
-    mask = ((words >> (col % 32)) & 1).bool()
     c = q_tile1 - q_tile0
+    mask = _unpack_bits(bits, block_k)[tile_map[:, q_tile0:q_tile1].long()]  # [B, c, nK, BQ, BK]
     mask = mask.permute(0, 1, 3, 2, 4).reshape(B, c * block_q, nK * block_k)
     rows = min(n - q_tile0 * block_q, c * block_q)
     return mask[:, :rows, :n]
+
+
+class _TileMasks:
+    """The token masks of a plan's tile pairs as additive score biases (0 where the pair attends,
+    -inf where not), built per chunk from the bit words by one table look-up per byte (8 keys), and
+    which keys and query rows of each bit pattern attend at all. Keys past N (in the last key tile
+    when N is not a multiple of BK) are masked too: they have no bits in plans from build_plan; this
+    keeps padding out whatever the bits."""
+
+    def __init__(self, bits: torch.Tensor, block_q: int, block_k: int, n: int, n_key_tiles: int, dtype: torch.dtype):
+        self.bits, self.block_q, self.block_k, self.last_tile = bits, block_q, block_k, n_key_tiles - 1
+        self.tail = n - self.last_tile * block_k  # keys of the last key tile that exist
+        device = bits.device
+        byte_bits = torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device) & 1
+        self.byte_bias = byte_bits.to(dtype).reciprocal_().neg_().add_(1)  # 1 - 1/x: 0 for a set bit, -inf if not
+        self.row_used = (bits != 0).any(-1)  # [S, BQ]: the query attends to some key
+        words = bits
+        while words.shape[1] > 1:  # OR over the (power-of-two many) query rows
+            words = words[:, 0::2] | words[:, 1::2]
+        self.key_used = _unpack_bits(words, block_k)[:, 0]  # [S, BK]: some query attends to the key
+        if self.tail < block_k:  # the row test of the last key tile sees only the keys that exist
+            low_bits = [min(32, max(0, self.tail - 32 * w)) for w in range(bits.shape[-1])]
+            existing = torch.tensor([(1 << b) - 1 if b < 32 else -1 for b in low_bits], dtype=torch.int32, device=device)
+            self.row_used_last = (bits & existing != 0).any(-1)
+
+    def chunk(self, state: torch.Tensor, cols: torch.Tensor, first_key: torch.Tensor, log_size: torch.Tensor | None = None):
+        """(keys [R, L], bias [R, 1, BQ, L] or None, empty rows [R, BQ] or None) of a chunk's tile
+        pairs state, cols [R, T], whose tiles start at key ``first_key`` [R, T] (an index into the
+        flattened keys of every sequence).
+
+        ``keys`` are the keys each query tile attends to: those of its key tiles that any of its
+        queries attends to, ascending, padded with unused ones to the chunk's longest list (a 64-query
+        tile of a 7x7 window on a pruned layout uses ~80 % of its partial tiles' keys: that much less
+        attention to compute); ``log_size`` [R, T, BK] is added to every allowed key's bias. Every
+        key, no bias and no empty row when every tile is full and there is no log size (checked on
+        CPUs only, where reading it costs no device sync): full tiles have no padding and no empty row.
+        """
+        R, T = state.shape
+        BQ, BK = self.block_q, self.block_k
+        keys = (first_key[..., None] + torch.arange(BK, device=state.device)).view(R, T * BK)
+        if log_size is None and state.device.type == "cpu" and bool((state == 1).all()):
+            return keys, None, None
+        state = state.long()
+        words = self.bits[state].permute(0, 2, 1, 3).contiguous().view(torch.uint8)  # [R, BQ, T, 4W]
+        bias = torch.nn.functional.embedding(words.long().flatten(), self.byte_bias).view(R, BQ, T, -1)[..., :BK]
+        used, row_used = self.key_used[state], self.row_used[state]  # [R, T, BK], [R, T, BQ]
+        if self.tail < BK:
+            last = cols == self.last_tile
+            r, t = last.nonzero(as_tuple=True)
+            bias[r, :, t, self.tail :] = float("-inf")
+            used[r, t, self.tail :] = False
+            row_used = torch.where(last[..., None], self.row_used_last[state], row_used)
+        if log_size is not None:
+            bias += log_size[:, None]
+        bias, used = bias.reshape(R, BQ, T * BK), used.view(R, T * BK)
+        L = max(1, int(used.sum(1).max()))  # host sync (the chunking read the row lengths already)
+        if L < T * BK:
+            picked = torch.sort((~used).to(torch.int8), dim=1, stable=True).indices[:, :L]  # used keys first, in order
+            keys = keys.gather(1, picked)
+            bias = bias.gather(2, picked[:, None].expand(R, BQ, L))
+        return keys, bias[:, None], ~row_used.any(1)
 
 
 def _expand_heads(x: torch.Tensor, H: int) -> torch.Tensor:
@@ -52,11 +130,29 @@ def _expand_heads(x: torch.Tensor, H: int) -> torch.Tensor:
     return x if x.shape[1] == H else x.repeat_interleave(H // x.shape[1], dim=1)
 
 
-def _tiles(x: torch.Tensor, n_tiles: int, block: int) -> torch.Tensor:
-    """[B, H, N, C] -> [B * H * n_tiles, block * C]; tile i of (b, h) is row (b * H + h) * n_tiles + i
-    (zero rows past N), so a chunk's tiles are gathered with one index_select of contiguous rows."""
+def _tiles(x: torch.Tensor, n_tiles: int, block: int, dtype: torch.dtype, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, H, N, C] -> [B * n_tiles, block * H * C'] in dtype, token-major: row b * n_tiles + i holds
+    the ``block`` tokens of tile i of sequence b, each with all its heads (zero rows past N); with
+    ``extra`` (broadcastable to [B, H, N]) one more channel C' = C + 1 holds it. A chunk's tiles are
+    then one index_select of long contiguous rows, ``_heads_view`` of them is the [R, H, block, C']
+    the attention takes, and the fused CPU kernel's outputs and gradients, which it lays out
+    token-major too, go back without a copy. One pass over x (the dtype cast rides in the copy)."""
     B, H, N, C = x.shape
-    return torch.nn.functional.pad(x, (0, 0, 0, n_tiles * block - N)).reshape(B * H * n_tiles, block * C)
+    tiles = x.new_zeros((B, n_tiles * block, H, C + (extra is not None)), dtype=dtype)
+    tiles[:, :N, :, :C] = x.transpose(1, 2)
+    if extra is not None:
+        tiles[:, :N, :, C] = extra.expand(B, H, N).transpose(1, 2)
+    return tiles.view(B * n_tiles, -1)
+
+
+def _heads_view(rows: torch.Tensor, R: int, H: int, C: int) -> torch.Tensor:
+    """Gathered ``_tiles`` rows of R query tiles (or their T key tiles each) -> [R, H, tokens, C], a view."""
+    return rows.view(R, -1, H, C).transpose(1, 2)
+
+
+def _token_major(x: torch.Tensor) -> torch.Tensor:
+    """[R, H, tokens, C] -> [R, tokens * H * C], the ``_tiles`` row layout (a view of the CPU kernel's outputs)."""
+    return x.transpose(1, 2).reshape(x.shape[0], -1)
 
 
 def _tile_rows(tile_map: torch.Tensor, H: int, block_row: int, block_col: int):
@@ -86,34 +182,75 @@ def _tile_rows(tile_map: torch.Tensor, H: int, block_row: int, block_col: int):
         r0 = r1
 
 
-def _tile_mask(bits: torch.Tensor, state: torch.Tensor, cols: torch.Tensor, block_q: int, block_k: int, n: int, by_key: bool):
-    """The token mask of a chunk's tiles, or None when every tile is full (nothing to mask; checked
-    on CPUs only, where reading it costs no device sync).
-
-    Walking query tiles (``by_key`` False, ``cols`` = key tiles): bool [R, BQ, T * BK]; walking key
-    tiles (``cols`` = query tiles): bool [R, BK, T * BQ]. Tokens past n on the gathered side are
-    masked too (their bits are 0 in plans from build_plan; this keeps padding out whatever the bits)."""
-    if state.device.type == "cpu" and bool((state == 1).all()):
-        return None
-    R, T = state.shape
-    col = torch.arange(block_k, device=bits.device)
-    words = bits[state][..., col // 32]  # [R, T, BQ, BK], the word holding each key's bit
-    allowed = ((words >> (col % 32)) & 1).bool()
-    if by_key:
-        if n % block_q:
-            allowed &= ((cols * block_q)[..., None] + torch.arange(block_q, device=bits.device) < n)[..., None]
-        return allowed.permute(0, 3, 1, 2).reshape(R, block_k, T * block_q)
-    if n % block_k:
-        allowed &= ((cols * block_k)[..., None] + col < n)[:, :, None, :]
-    return allowed.permute(0, 2, 1, 3).reshape(R, block_q, T * block_k)
+def _gather_buffer(keys: torch.Tensor, chunks: list, block_k: int) -> torch.Tensor:
+    """One buffer for the keys or values of the largest chunk, reused by every chunk: on CPUs a
+    fresh multi-MB tensor per chunk page-faults as it is first written, which cost more than the
+    copy itself (bench/NOTES.md, sparse attention)."""
+    rows = max((cols.numel() for _, _, cols, _ in chunks), default=0) * block_k
+    return keys.new_empty((rows, keys.shape[1]))
 
 
-def _heads_index(b: torch.Tensor, tiles: torch.Tensor, H: int, n_tiles: int) -> torch.Tensor:
-    """Rows of ``_tiles`` for sequences b [R] and tiles [R] or [R, T]: [R * H] or [R * H * T], (r, h, t) order."""
-    heads = torch.arange(H, device=b.device)
-    if tiles.dim() == 1:
-        return ((b[:, None] * H + heads) * n_tiles + tiles[:, None]).flatten()
-    return ((b[:, None, None] * H + heads[:, None]) * n_tiles + tiles[:, None, :]).flatten()
+def _gather(rows: torch.Tensor, index: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """rows[index], written into the front of ``buffer``."""
+    return torch.index_select(rows, 0, index, out=buffer[: index.numel()])
+
+
+def _attend_explicit(q, k, v, bias, scale):
+    """softmax(scale q k^T + bias) v and its natural-log LSE for q [R, H, M, D], k, v [R, H, L, D],
+    bias [R, 1, M, L] or None: the math of every chunk, in plain tensor ops (the path off CPUs).
+    Rows whose bias is all -inf give output 0 and LSE -inf."""
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    if bias is not None:
+        s += bias
+    m = s.amax(-1, keepdim=True)
+    m.masked_fill_(torch.isinf(m), 0.0)  # rows with no allowed key: P = exp(-inf) = 0
+    p = s.sub_(m).exp_()
+    total = p.sum(-1, keepdim=True)
+    out = torch.matmul(p, v).mul_(torch.where(total > 0, 1 / total, 0.0))
+    return out, (m + total.log()).squeeze(-1)
+
+
+def _attend_cpu(q, k, v, bias, scale):
+    """``_attend_explicit`` in ATen's fused CPU flash-attention kernel (rows with no allowed key are
+    fixed up by the caller: the kernel's LSE there is not -inf)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
+
+
+def _attend_backward_explicit(grad_out, q, k, v, out, lse, bias, scale):
+    """(dq, dk, dv) of ``_attend_explicit`` from its output and a finite LSE (FlashAttention-2):
+    P = exp(S - LSE), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = scale dS K, dK = scale dS^T Q."""
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    if bias is not None:
+        s += bias
+    p = s.sub_(lse[..., None]).exp_()
+    dv = torch.matmul(p.transpose(-1, -2), grad_out)
+    dp = torch.matmul(grad_out, v.transpose(-1, -2))
+    ds = p.mul_(dp.sub_((grad_out * out).sum(-1, keepdim=True)))
+    return torch.matmul(ds, k).mul_(scale), torch.matmul(ds.transpose(-1, -2), q).mul_(scale), dv
+
+
+def _attend_backward_cpu(grad_out, q, k, v, out, lse, bias, scale):
+    """``_attend_backward_explicit`` in ATen's fused CPU flash-attention backward."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale
+    )
+
+
+def _chunk_math(device: torch.device):
+    """(attend, attend_backward) for tensors on ``device``: ATen's fused kernels on CPUs, the
+    explicit tensor ops elsewhere."""
+    if device.type == "cpu":
+        return _attend_cpu, _attend_backward_cpu
+    return _attend_explicit, _attend_backward_explicit
+
+
+def _add_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[index] += src with repeated indices summed in a fixed order: index_add_ is serial over the
+    index on CPUs; on GPUs it uses float atomics, so there index_put_(accumulate=True) (sorted) runs."""
+    if dst.device.type == "cpu":
+        dst.index_add_(0, index, src)
+    else:
+        dst.index_put_((index,), src, accumulate=True)
 
 
 def sparse_attention(
@@ -131,44 +268,45 @@ def sparse_attention(
 
     q [B, H, N, D]; k, v [B, Hk, N, D] with H % Hk == 0; kv_log_size [B, N] or None.
 
-    Each query tile attends to the keys of its non-empty key tiles only (``_tile_rows``): scores
-    [BQ, T * BK] per tile and head, the row max subtracted and exponentiated in place, O = P V / rowsum.
+    Each query tile attends to the keys of its non-empty key tiles that any of its queries
+    attends to (``_tile_rows``, ``_TileMasks.chunk``): one attention problem per tile and head, the
+    token mask and the log sizes as its bias.
     """
     B, H, N, D = q.shape
-    Dv = v.shape[-1]
     acc = accumulation_dtype(q.dtype)
     nQ, nK = tile_map.shape[1:]
-    out = torch.zeros(B * H * nQ, block_q * Dv, dtype=acc, device=q.device)
-    lse = torch.full((B * H * nQ, block_q), float("-inf"), dtype=acc, device=q.device)
+    out = torch.zeros(B * nQ, block_q * H * D, dtype=acc, device=q.device)
+    lse = torch.full((B * nQ, block_q * H), float("-inf"), dtype=acc, device=q.device)
     if q.numel() and v.numel():
-        qt = _tiles(q.to(acc) * scale, nQ, block_q)
-        kt = _tiles(_expand_heads(k.to(acc), H), nK, block_k)
-        vt = _tiles(_expand_heads(v.to(acc), H), nK, block_k)
+        attend = _chunk_math(q.device)[0]
+        qt = _tiles(q, nQ, block_q, acc)
+        kt = _tiles(_expand_heads(k, H), nK * block_k, 1, acc)  # one row per key
+        vt = _tiles(_expand_heads(v, H), nK * block_k, 1, acc)
         ls = None
         if kv_log_size is not None:
             ls = torch.nn.functional.pad(kv_log_size.to(acc), (0, nK * block_k - N)).view(B, nK, block_k)
-        for b, i, cols, state in _tile_rows(tile_map, H, block_q, block_k):
-            R, T = cols.shape
-            q_rows, k_rows = _heads_index(b, i, H, nQ), _heads_index(b, cols, H, nK)
-            s = torch.matmul(
-                qt.index_select(0, q_rows).view(R, H, block_q, D),
-                kt.index_select(0, k_rows).view(R, H, T * block_k, D).transpose(-1, -2),
-            )  # [R, H, BQ, T * BK]
-            mask = _tile_mask(bits, state, cols, block_q, block_k, N, by_key=False)
-            if mask is not None:
-                s.masked_fill_(~mask[:, None], float("-inf"))
-            if ls is not None:
-                s += ls[b[:, None], cols].view(R, 1, 1, T * block_k)
-            m = s.amax(-1, keepdim=True)
-            m.masked_fill_(torch.isinf(m), 0.0)  # rows with no allowed key: P = exp(-inf) = 0
-            p = s.sub_(m).exp_()
-            total = p.sum(-1, keepdim=True)
-            o = torch.matmul(p, vt.index_select(0, k_rows).view(R, H, T * block_k, Dv))
-            o *= torch.where(total > 0, 1 / total, 0.0)
-            out.index_copy_(0, q_rows, o.view(R * H, block_q * Dv))
-            lse.index_copy_(0, q_rows, (m + total.log()).view(R * H, block_q))  # -inf where total = 0
-    out = out.view(B, H, nQ * block_q, Dv)[:, :, :N].to(q.dtype).contiguous()
-    return out, lse.view(B, H, nQ * block_q)[:, :, :N].contiguous()
+        masks = _TileMasks(bits, block_q, block_k, N, nK, acc)
+        chunks = list(_tile_rows(tile_map, H, block_q, block_k))
+        kbuf, vbuf = _gather_buffer(kt, chunks, block_k), _gather_buffer(vt, chunks, block_k)
+        for b, i, cols, state in chunks:
+            R = cols.shape[0]
+            q_rows = b * nQ + i
+            log_size = None if ls is None else ls[b[:, None], cols]
+            keys, bias, empty = masks.chunk(state, cols, (b[:, None] * nK + cols) * block_k, log_size)
+            o, m = attend(
+                _heads_view(qt.index_select(0, q_rows), R, H, D),
+                _heads_view(_gather(kt, keys.flatten(), kbuf), R, H, D),
+                _heads_view(_gather(vt, keys.flatten(), vbuf), R, H, D),
+                bias,
+                scale,
+            )
+            if empty is not None:  # rows with no allowed key: output 0, LSE -inf
+                o = o.masked_fill(empty[:, None, :, None], 0.0)
+                m = m.masked_fill(empty[:, None], float("-inf"))
+            out.index_copy_(0, q_rows, _token_major(o))
+            lse.index_copy_(0, q_rows, _token_major(m[..., None]))
+    out = out.view(B, nQ * block_q, H, D)[:, :N].transpose(1, 2).to(q.dtype).contiguous()
+    return out, lse.view(B, nQ * block_q, H)[:, :N].transpose(1, 2).contiguous()
 
 
 def sparse_attention_backward(
@@ -189,75 +327,61 @@ def sparse_attention_backward(
     """Gradients (dq, dk, dv, d kv_log_size) of ``sparse_attention`` from the saved out and LSE.
 
     With P recomputed from the LSE: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O) + dLSE),
-    dQ = scale dS K, dK = scale dS^T Q, d kv_log_size[key] = sum over heads and queries of dS (the
-    column sums of dS, FlashAttention-2's backward with a per-key bias). dQ walks query tiles, dK, dV
-    and d kv_log_size walk key tiles (the transposed tile map), each over the plan's tiles only. GQA
-    gradients are summed over the query heads sharing a key/value head. Returned in the inputs'
-    dtypes (dls in fp32/fp64).
+    dQ = scale dS K, dK = scale dS^T Q, d kv_log_size[key] = sum over heads and queries of dS. One
+    walk over query tiles: each chunk's dQ is final, its dK and dV are added into their key tiles.
+    The log sizes and dLSE ride in one extra head channel, so every chunk is a plain attention
+    backward: S = scale q' k'^T with q' = [q, 1/scale] and k' = [k, log size] (the last column of
+    dK' = scale dS^T q' is then the column sums of dS, d kv_log_size); v' = [v, 0] leaves P V and dP
+    as they are; out' = [out, -dLSE] with dO' = [dO, 1] turns rowsum(dO' * out') into
+    rowsum(dO * O) - dLSE. GQA gradients are summed over the query heads sharing a key/value head.
+    Returned in the inputs' dtypes (d kv_log_size in fp32/fp64).
     """
     B, H, N, D = q.shape
-    Hk, Dv = k.shape[1], v.shape[-1]
+    Hk = k.shape[1]
     acc = accumulation_dtype(q.dtype)
     nQ, nK = tile_map.shape[1:]
-    dq = torch.zeros(B * H * nQ, block_q * D, dtype=acc, device=q.device)
-    dk = torch.zeros(B * H * nK, block_k * D, dtype=acc, device=q.device)
-    dv = torch.zeros(B * H * nK, block_k * Dv, dtype=acc, device=q.device)
-    dls = None if kv_log_size is None else torch.zeros(B * nK, block_k, dtype=acc, device=q.device)
+    E = D + 1  # the head channels with the extra one
+    dq = torch.zeros(B * nQ, block_q * H * E, dtype=acc, device=q.device)
+    dk = torch.zeros(B * nK * block_k, H * E, dtype=acc, device=q.device)
+    dv = torch.zeros(B * nK * block_k, H * E, dtype=acc, device=q.device)
     if q.numel() and v.numel():
-        go = grad_out.to(acc)
-        delta = (go * out.to(acc)).sum(-1)  # [B, H, N]
-        if grad_lse is not None:
-            delta = delta - grad_lse.to(acc)
+        attend_backward = _chunk_math(q.device)[1]
+        zero, one = q.new_zeros((), dtype=acc), q.new_ones((), dtype=acc)
+        qt = _tiles(q, nQ, block_q, acc, extra=one / scale)
+        ls = zero if kv_log_size is None else kv_log_size[:, None, :]
+        kt = _tiles(_expand_heads(k, H), nK * block_k, 1, acc, extra=ls)  # one row per key
+        vt = _tiles(_expand_heads(v, H), nK * block_k, 1, acc, extra=zero)
+        ot = _tiles(out, nQ, block_q, acc, extra=zero if grad_lse is None else -grad_lse)
+        gt = _tiles(grad_out, nQ, block_q, acc, extra=one)
         lse = lse.to(acc)
-        lse = torch.where(torch.isinf(lse), 0.0, lse)  # rows with no allowed key have P = 0 anyway
-        qt = _tiles(q.to(acc) * scale, nQ, block_q)  # scaled once: S = (scale q) k^T, dK = dS^T (scale q)
-        gt = _tiles(go, nQ, block_q)
-        lt, dt = _tiles(lse[..., None], nQ, block_q), _tiles(delta[..., None], nQ, block_q)
-        kt = _tiles(_expand_heads(k.to(acc), H), nK, block_k)
-        vt = _tiles(_expand_heads(v.to(acc), H), nK, block_k)
-        ls = None
-        if kv_log_size is not None:
-            ls = torch.nn.functional.pad(kv_log_size.to(acc), (0, nK * block_k - N)).view(B, nK, block_k)
-        # dQ: query tiles x their key tiles
-        for b, i, cols, state in _tile_rows(tile_map, H, block_q, block_k):
-            R, T = cols.shape
-            q_rows, k_rows = _heads_index(b, i, H, nQ), _heads_index(b, cols, H, nK)
-            kg = kt.index_select(0, k_rows).view(R, H, T * block_k, D)
-            s = torch.matmul(qt.index_select(0, q_rows).view(R, H, block_q, D), kg.transpose(-1, -2))
-            mask = _tile_mask(bits, state, cols, block_q, block_k, N, by_key=False)
-            if mask is not None:
-                s.masked_fill_(~mask[:, None], float("-inf"))
-            if ls is not None:
-                s += ls[b[:, None], cols].view(R, 1, 1, T * block_k)
-            p = s.sub_(lt.index_select(0, q_rows).view(R, H, block_q, 1)).exp_()
-            g = gt.index_select(0, q_rows).view(R, H, block_q, Dv)
-            dp = torch.matmul(g, vt.index_select(0, k_rows).view(R, H, T * block_k, Dv).transpose(-1, -2))
-            ds = p.mul_(dp.sub_(dt.index_select(0, q_rows).view(R, H, block_q, 1)))
-            dq.index_copy_(0, q_rows, (torch.matmul(ds, kg) * scale).view(R * H, block_q * D))
-        # dK, dV, d kv_log_size: key tiles x their query tiles (transposed scores S^T [BK, T * BQ])
-        for b, j, rows, state in _tile_rows(tile_map.transpose(1, 2), H, block_k, block_q):
-            R, T = rows.shape
-            k_rows, q_rows = _heads_index(b, j, H, nK), _heads_index(b, rows, H, nQ)
-            qg = qt.index_select(0, q_rows).view(R, H, T * block_q, D)
-            g = gt.index_select(0, q_rows).view(R, H, T * block_q, Dv)
-            st = torch.matmul(kt.index_select(0, k_rows).view(R, H, block_k, D), qg.transpose(-1, -2))
-            mask = _tile_mask(bits, state, rows, block_q, block_k, N, by_key=True)
-            if mask is not None:
-                st.masked_fill_(~mask[:, None], float("-inf"))
-            if ls is not None:
-                st += ls[b, j].view(R, 1, block_k, 1)
-            pt = st.sub_(lt.index_select(0, q_rows).view(R, H, 1, T * block_q)).exp_()
-            dv.index_copy_(0, k_rows, torch.matmul(pt, g).view(R * H, block_k * Dv))
-            dpt = torch.matmul(vt.index_select(0, k_rows).view(R, H, block_k, Dv), g.transpose(-1, -2))
-            dst = pt.mul_(dpt.sub_(dt.index_select(0, q_rows).view(R, H, 1, T * block_q)))
-            dk.index_copy_(0, k_rows, torch.matmul(dst, qg).view(R * H, block_k * D))
-            if dls is not None:
-                dls.index_copy_(0, b * nK + j, dst.sum(dim=(1, 3)))
-    dq = dq.view(B, H, nQ * block_q, D)[:, :, :N]
-    dk = dk.view(B, H, nK * block_k, D)[:, :, :N]
-    dv = dv.view(B, H, nK * block_k, Dv)[:, :, :N]
+        lt = _tiles(torch.where(torch.isinf(lse), 0.0, lse)[..., None], nQ, block_q, acc)  # no allowed key: P = 0 anyway
+        masks = _TileMasks(bits, block_q, block_k, N, nK, acc)
+        chunks = list(_tile_rows(tile_map, H, block_q, block_k))
+        kbuf, vbuf = _gather_buffer(kt, chunks, block_k), _gather_buffer(vt, chunks, block_k)
+        for b, i, cols, state in chunks:
+            R = cols.shape[0]
+            q_rows = b * nQ + i
+            keys, bias, _ = masks.chunk(state, cols, (b[:, None] * nK + cols) * block_k)
+            keys = keys.flatten()
+            dqc, dkc, dvc = attend_backward(
+                _heads_view(gt.index_select(0, q_rows), R, H, E),
+                _heads_view(qt.index_select(0, q_rows), R, H, E),
+                _heads_view(_gather(kt, keys, kbuf), R, H, E),
+                _heads_view(_gather(vt, keys, vbuf), R, H, E),
+                _heads_view(ot.index_select(0, q_rows), R, H, E),
+                _heads_view(lt.index_select(0, q_rows), R, H, 1)[..., 0],
+                bias,
+                scale,
+            )
+            dq.index_copy_(0, q_rows, _token_major(dqc))
+            _add_rows(dk, keys, _token_major(dkc).view(keys.numel(), H * E))
+            _add_rows(dv, keys, _token_major(dvc).view(keys.numel(), H * E))
+    dq = dq.view(B, nQ * block_q, H, E)[:, :N, :, :D]
+    dk = dk.view(B, nK * block_k, H, E)[:, :N]
+    dv = dv.view(B, nK * block_k, H, E)[:, :N, :, :D]
+    dls = None if kv_log_size is None else dk[..., D].sum(-1)
+    dq, dk, dv = dq.transpose(1, 2), dk[..., :D].transpose(1, 2), dv.transpose(1, 2)
     if Hk != H:
         dk = dk.reshape(B, Hk, H // Hk, N, D).sum(2)
-        dv = dv.reshape(B, Hk, H // Hk, N, Dv).sum(2)
-    dls = None if dls is None else dls.view(B, nK * block_k)[:, :N].contiguous()
+        dv = dv.reshape(B, Hk, H // Hk, N, D).sum(2)
     return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(), dls
