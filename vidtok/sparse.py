@@ -665,11 +665,14 @@ def sparse_attention(
     Backends: "triton" runs FlashAttention-2-style kernels over the plan's CSR tiles only: the
     forward (online softmax in exp2, fp32 accumulation, full tiles unmasked, partial tiles masked by
     the plan's token bits), and a backward that recomputes P from the saved LSE in separate dQ
-    programs (forward CSR) and dK/dV programs (transposed CSR). "reference" computes the same tiles
-    in PyTorch, a chunk of query tiles (dK/dV: key tiles) at a time, each with its non-empty tiles
-    gathered into one dense block (``BACKWARD_BACKEND`` says which backward each backend runs).
-    Deterministic (no atomics); no host sync in the Triton path (the reference reads the plan's row
-    lengths on the host to size its chunks).
+    programs (forward CSR) and dK/dV programs (transposed CSR). "reference" (vidtok's CPU path)
+    computes the same tiles in PyTorch, a chunk of query tiles at a time, each query tile against
+    the keys of its non-empty tiles that any of its queries attends to; on CPUs every chunk runs in
+    ATen's fused flash-attention kernels, the ones torch's own SDPA uses there, and the backward
+    is one walk over query tiles adding dK, dV into their keys in a fixed order
+    (``BACKWARD_BACKEND`` says which backward each backend runs). Deterministic (no float
+    atomics); no host sync in the Triton path (the reference reads the plan's row lengths and each
+    chunk's key count on the host).
     """
     if not isinstance(plan, SparsePlan):
         raise TypeError(f"plan must be a vidtok.SparsePlan from vidtok.build_plan, got {type(plan).__name__}")

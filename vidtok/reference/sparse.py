@@ -333,26 +333,32 @@ def sparse_attention_backward(
     backward: S = scale q' k'^T with q' = [q, 1/scale] and k' = [k, log size] (the last column of
     dK' = scale dS^T q' is then the column sums of dS, d kv_log_size); v' = [v, 0] leaves P V and dP
     as they are; out' = [out, -dLSE] with dO' = [dO, 1] turns rowsum(dO' * out') into
-    rowsum(dO * O) - dLSE. GQA gradients are summed over the query heads sharing a key/value head.
+    rowsum(dO * O) - dLSE. Without log sizes and dLSE there is no extra channel (it costs ~8 % in
+    the fused CPU backward). GQA gradients are summed over the query heads sharing a key/value head.
     Returned in the inputs' dtypes (d kv_log_size in fp32/fp64).
     """
     B, H, N, D = q.shape
     Hk = k.shape[1]
     acc = accumulation_dtype(q.dtype)
     nQ, nK = tile_map.shape[1:]
-    E = D + 1  # the head channels with the extra one
+    extended = kv_log_size is not None or grad_lse is not None
+    E = D + extended  # head channels, with the extra one
     dq = torch.zeros(B * nQ, block_q * H * E, dtype=acc, device=q.device)
     dk = torch.zeros(B * nK * block_k, H * E, dtype=acc, device=q.device)
     dv = torch.zeros(B * nK * block_k, H * E, dtype=acc, device=q.device)
     if q.numel() and v.numel():
         attend_backward = _chunk_math(q.device)[1]
         zero, one = q.new_zeros((), dtype=acc), q.new_ones((), dtype=acc)
-        qt = _tiles(q, nQ, block_q, acc, extra=one / scale)
+
+        def channel(x):  # the extra channel's values, or no channel
+            return x if extended else None
+
         ls = zero if kv_log_size is None else kv_log_size[:, None, :]
-        kt = _tiles(_expand_heads(k, H), nK * block_k, 1, acc, extra=ls)  # one row per key
-        vt = _tiles(_expand_heads(v, H), nK * block_k, 1, acc, extra=zero)
-        ot = _tiles(out, nQ, block_q, acc, extra=zero if grad_lse is None else -grad_lse)
-        gt = _tiles(grad_out, nQ, block_q, acc, extra=one)
+        qt = _tiles(q, nQ, block_q, acc, extra=channel(one / scale))
+        kt = _tiles(_expand_heads(k, H), nK * block_k, 1, acc, extra=channel(ls))  # one row per key
+        vt = _tiles(_expand_heads(v, H), nK * block_k, 1, acc, extra=channel(zero))
+        ot = _tiles(out, nQ, block_q, acc, extra=channel(zero if grad_lse is None else -grad_lse))
+        gt = _tiles(grad_out, nQ, block_q, acc, extra=channel(one))
         lse = lse.to(acc)
         lt = _tiles(torch.where(torch.isinf(lse), 0.0, lse)[..., None], nQ, block_q, acc)  # no allowed key: P = 0 anyway
         masks = _TileMasks(bits, block_q, block_k, N, nK, acc)
