@@ -195,6 +195,26 @@ def _gather(rows: torch.Tensor, index: torch.Tensor, buffer: torch.Tensor) -> to
     return torch.index_select(rows, 0, index, out=buffer[: index.numel()])
 
 
+def _chunks(tile_map, bits, kt, vt, H: int, C: int, block_q: int, block_k: int, n: int, dtype, log_size=None):
+    """The chunks both passes walk (``_tile_rows``), each ready to attend: yields (q_rows [R], the
+    ``_tiles`` rows of its query tiles; keys [R * L], its keys (``_TileMasks.chunk``); k, v
+    [R, H, L, C], those keys' rows of ``kt`` and ``vt``; bias [R, 1, BQ, L] or None; empty rows
+    [R, BQ] or None). ``log_size`` [B, nK, BK] goes into the bias. k and v are views of buffers
+    the next chunk overwrites."""
+    nQ, nK = tile_map.shape[1:]
+    masks = _TileMasks(bits, block_q, block_k, n, nK, dtype)
+    chunks = list(_tile_rows(tile_map, H, block_q, block_k))
+    kbuf, vbuf = _gather_buffer(kt, chunks, block_k), _gather_buffer(vt, chunks, block_k)
+    for b, i, cols, state in chunks:
+        R = cols.shape[0]
+        keys, bias, empty = masks.chunk(
+            state, cols, (b[:, None] * nK + cols) * block_k, None if log_size is None else log_size[b[:, None], cols]
+        )
+        keys = keys.flatten()
+        k, v = _heads_view(_gather(kt, keys, kbuf), R, H, C), _heads_view(_gather(vt, keys, vbuf), R, H, C)
+        yield b * nQ + i, keys, k, v, bias, empty
+
+
 def _attend_explicit(q, k, v, bias, scale):
     """softmax(scale q k^T + bias) v and its natural-log LSE for q [R, H, M, D], k, v [R, H, L, D],
     bias [R, 1, M, L] or None: the math of every chunk, in plain tensor ops (the path off CPUs).
@@ -285,21 +305,9 @@ def sparse_attention(
         ls = None
         if kv_log_size is not None:
             ls = torch.nn.functional.pad(kv_log_size.to(acc), (0, nK * block_k - N)).view(B, nK, block_k)
-        masks = _TileMasks(bits, block_q, block_k, N, nK, acc)
-        chunks = list(_tile_rows(tile_map, H, block_q, block_k))
-        kbuf, vbuf = _gather_buffer(kt, chunks, block_k), _gather_buffer(vt, chunks, block_k)
-        for b, i, cols, state in chunks:
-            R = cols.shape[0]
-            q_rows = b * nQ + i
-            log_size = None if ls is None else ls[b[:, None], cols]
-            keys, bias, empty = masks.chunk(state, cols, (b[:, None] * nK + cols) * block_k, log_size)
-            o, m = attend(
-                _heads_view(qt.index_select(0, q_rows), R, H, D),
-                _heads_view(_gather(kt, keys.flatten(), kbuf), R, H, D),
-                _heads_view(_gather(vt, keys.flatten(), vbuf), R, H, D),
-                bias,
-                scale,
-            )
+        for q_rows, _, kc, vc, bias, empty in _chunks(tile_map, bits, kt, vt, H, D, block_q, block_k, N, acc, ls):
+            R = q_rows.numel()
+            o, m = attend(_heads_view(qt.index_select(0, q_rows), R, H, D), kc, vc, bias, scale)
             if empty is not None:  # rows with no allowed key: output 0, LSE -inf
                 o = o.masked_fill(empty[:, None, :, None], 0.0)
                 m = m.masked_fill(empty[:, None], float("-inf"))
@@ -361,19 +369,13 @@ def sparse_attention_backward(
         gt = _tiles(grad_out, nQ, block_q, acc, extra=channel(one))
         lse = lse.to(acc)
         lt = _tiles(torch.where(torch.isinf(lse), 0.0, lse)[..., None], nQ, block_q, acc)  # no allowed key: P = 0 anyway
-        masks = _TileMasks(bits, block_q, block_k, N, nK, acc)
-        chunks = list(_tile_rows(tile_map, H, block_q, block_k))
-        kbuf, vbuf = _gather_buffer(kt, chunks, block_k), _gather_buffer(vt, chunks, block_k)
-        for b, i, cols, state in chunks:
-            R = cols.shape[0]
-            q_rows = b * nQ + i
-            keys, bias, _ = masks.chunk(state, cols, (b[:, None] * nK + cols) * block_k)
-            keys = keys.flatten()
+        for q_rows, keys, kc, vc, bias, _ in _chunks(tile_map, bits, kt, vt, H, E, block_q, block_k, N, acc):
+            R = q_rows.numel()
             dqc, dkc, dvc = attend_backward(
                 _heads_view(gt.index_select(0, q_rows), R, H, E),
                 _heads_view(qt.index_select(0, q_rows), R, H, E),
-                _heads_view(_gather(kt, keys, kbuf), R, H, E),
-                _heads_view(_gather(vt, keys, vbuf), R, H, E),
+                kc,
+                vc,
                 _heads_view(ot.index_select(0, q_rows), R, H, E),
                 _heads_view(lt.index_select(0, q_rows), R, H, 1)[..., 0],
                 bias,
