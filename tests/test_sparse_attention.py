@@ -150,6 +150,13 @@ def test_key_of_size_s_equals_s_duplicated_keys(dtype, backend):
     keep = torch.arange(n) != 3
     expected, _ = oracle(q[:, :, :n], k, v, keep.expand(1, n, n), D**-0.5, torch.where(keep, sizes.float().log(), 0)[None])
     torch.testing.assert_close(out_zero.double(), expected, atol=2e-6, rtol=1e-5)
+    # a query whose every allowed key has size 0 attends to nothing: output 0, LSE -inf
+    local = vidtok.build_plan(vidtok.VideoLayout.from_grid(2, 1, n), M.frame_local(), block=(16, 16))
+    gone = torch.cat([torch.full((1, n), float("-inf")), sizes.float().log()[None]], 1)
+    qq, kk, vv = (torch.randn(1, 2, 2 * n, D, generator=g) for _ in range(3))
+    out_gone, lse_gone = vidtok.sparse_attention(qq, kk, vv, local, kv_log_size=gone, return_lse=True, backend=backend)
+    assert (out_gone[:, :, :n] == 0).all() and torch.isneginf(lse_gone[:, :, :n]).all()
+    assert torch.isfinite(lse_gone[:, :, n:]).all()
 
 
 @pytest.mark.parametrize("seed,block", [(0, (16, 16)), (1, (16, 16)), (2, (32, 16)), (3, (16, 128)), (4, (16, 64))])

@@ -41,17 +41,20 @@ _CHUNK_ELEMENTS = {"cpu": 1 << 20}
 _CHUNK_ELEMENTS_DEFAULT = 1 << 24
 
 
-def _unpack_bits(bits: torch.Tensor, block_k: int) -> torch.Tensor:
-    """bool [S, BQ, BK]: the token masks of every bit pattern ``bits`` [S, BQ, W], unpacked.
-
-    Key c of a row is bit c % 32 of word c // 32, i.e. bit c % 8 of the word's byte (c % 32) // 8
-    counted from the least significant end: the words are read as bytes (reordered on big-endian
-    machines) and each byte is shifted out into its 8 bits."""
-    words = bits.view(torch.uint8)  # [S, BQ, 4W]
+def _key_bytes(bits: torch.Tensor) -> torch.Tensor:
+    """uint8 [S, BQ, 4W]: the bit words [S, BQ, W] as bytes in key order, byte c // 8 holding key c
+    in bit c % 8. Key c is bit c % 32 of word c // 32, so the words' bytes are taken from the least
+    significant end (as they lie in memory on little-endian machines; reordered on big-endian ones)."""
+    words = bits.view(torch.uint8)
     if sys.byteorder == "big":
         words = words.view(*bits.shape, 4).flip(-1).reshape(words.shape)
+    return words
+
+
+def _unpack_bits(bits: torch.Tensor, block_k: int) -> torch.Tensor:
+    """bool [S, BQ, BK]: the token masks of every bit pattern ``bits`` [S, BQ, W], unpacked."""
     shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
-    return (words[..., None] >> shifts & 1).bool().flatten(-2)[..., :block_k]
+    return (_key_bytes(bits)[..., None] >> shifts & 1).bool().flatten(-2)[..., :block_k]
 
 
 def dense_mask_rows(tile_map: torch.Tensor, bits: torch.Tensor, block_q: int, block_k: int, q_tile0: int, q_tile1: int, n: int) -> torch.Tensor:
@@ -72,7 +75,7 @@ class _TileMasks:
     keeps padding out whatever the bits."""
 
     def __init__(self, bits: torch.Tensor, block_q: int, block_k: int, n: int, n_key_tiles: int, dtype: torch.dtype):
-        self.bits, self.block_q, self.block_k, self.last_tile = bits, block_q, block_k, n_key_tiles - 1
+        self.bytes, self.block_q, self.block_k, self.last_tile = _key_bytes(bits), block_q, block_k, n_key_tiles - 1
         self.tail = n - self.last_tile * block_k  # keys of the last key tile that exist
         device = bits.device
         byte_bits = torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device) & 1
@@ -105,7 +108,7 @@ class _TileMasks:
         if log_size is None and state.device.type == "cpu" and bool((state == 1).all()):
             return keys, None, None
         state = state.long()
-        words = self.bits[state].permute(0, 2, 1, 3).contiguous().view(torch.uint8)  # [R, BQ, T, 4W]
+        words = self.bytes[state].permute(0, 2, 1, 3).contiguous()  # [R, BQ, T, 4W]
         bias = torch.nn.functional.embedding(words.long().flatten(), self.byte_bias).view(R, BQ, T, -1)[..., :BK]
         used, row_used = self.key_used[state], self.row_used[state]  # [R, T, BK], [R, T, BQ]
         if self.tail < BK:
@@ -122,7 +125,9 @@ class _TileMasks:
             picked = torch.sort((~used).to(torch.int8), dim=1, stable=True).indices[:, :L]  # used keys first, in order
             keys = keys.gather(1, picked)
             bias = bias.gather(2, picked[:, None].expand(R, BQ, L))
-        return keys, bias[:, None], ~row_used.any(1)
+        # a log size of -inf removes a key, so with log sizes the bias itself says which rows are empty
+        empty = ~row_used.any(1) if log_size is None else torch.isneginf(bias).all(-1)
+        return keys, bias[:, None], empty
 
 
 def _expand_heads(x: torch.Tensor, H: int) -> torch.Tensor:
