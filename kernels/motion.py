@@ -211,6 +211,17 @@ def _motion_gate_mc_kernel(
     tl.store(run_ptr + out + last * hw, Tq - last)
 
 
+def _gate_launch(video: torch.Tensor, ph: int, pw: int, ts: int, reduce: str):
+    """What both gate launchers share: (T', h, w, rlt, E = elements per patch delta, the outputs
+    keep int8, delta fp32, run int32, carry int32, each [B, T', h, w])."""
+    B, T, C, H, W = video.shape
+    Tq, h, w = T // ts, H // ph, W // pw
+    rlt = reduce == "rlt"
+    shape = (B, Tq, h, w)
+    outputs = tuple(torch.empty(shape, device=video.device, dtype=d) for d in (torch.int8, torch.float32, torch.int32, torch.int32))
+    return Tq, h, w, rlt, (1 if rlt else ts) * C * ph * pw, outputs
+
+
 def motion_gate_compensated(
     video: torch.Tensor, ph: int, pw: int, threshold: float, reference: str, ts: int, reduce: str,
     refresh_every: int, max_run: int, radius: int,
@@ -220,15 +231,8 @@ def motion_gate_compensated(
     from vidtok.reference.motion import REDUCE_CODES
 
     B, T, C, H, W = video.shape
-    Tq, h, w = T // ts, H // ph, W // pw
-    rlt = reduce == "rlt"
-    E = (1 if rlt else ts) * C * ph * pw
-    shape = (B, Tq, h, w)
-    keep = torch.empty(shape, device=video.device, dtype=torch.int8)
-    delta = torch.empty(shape, device=video.device, dtype=torch.float32)
-    run = torch.empty(shape, device=video.device, dtype=torch.int32)
-    carry = torch.empty(shape, device=video.device, dtype=torch.int32)
-    motion = torch.empty((*shape, 2), device=video.device, dtype=torch.int16)
+    Tq, h, w, rlt, E, (keep, delta, run, carry) = _gate_launch(video, ph, pw, ts, reduce)
+    motion = torch.empty((B, Tq, h, w, 2), device=video.device, dtype=torch.int16)
     if keep.numel() > 0:
         block = block_size(E)
         _motion_gate_mc_kernel[(B * h * w,)](
@@ -249,14 +253,7 @@ def motion_gate(
     from vidtok.reference.motion import REDUCE_CODES
 
     B, T, C, H, W = video.shape
-    Tq, h, w = T // ts, H // ph, W // pw
-    rlt = reduce == "rlt"
-    E = (1 if rlt else ts) * C * ph * pw
-    shape = (B, Tq, h, w)
-    keep = torch.empty(shape, device=video.device, dtype=torch.int8)
-    delta = torch.empty(shape, device=video.device, dtype=torch.float32)
-    run = torch.empty(shape, device=video.device, dtype=torch.int32)
-    carry = torch.empty(shape, device=video.device, dtype=torch.int32)
+    Tq, h, w, rlt, E, (keep, delta, run, carry) = _gate_launch(video, ph, pw, ts, reduce)
     if keep.numel() > 0:
         block = block_size(E)
         _motion_gate_kernel[(B * h * w,)](

@@ -196,16 +196,16 @@ def _motion_gate_op(
     return _MOTION_GATE[backend](video, ph, pw, threshold, reference, ts, reduce, refresh_every, max_run)
 
 
-@_motion_gate_op.register_fake
-def _(video, ph, pw, threshold, reference, ts, reduce, refresh_every, max_run, backend):
+def _gate_fakes(video: torch.Tensor, ph: int, pw: int, ts: int) -> tuple[torch.Tensor, ...]:
+    """Empty (keep, delta, run, carry) [B, T', h, w] for the fake impls of both gates."""
     B, T, C, H, W = video.shape
     shape = (B, T // ts, H // ph, W // pw)
-    return (
-        video.new_empty(shape, dtype=torch.bool),
-        video.new_empty(shape, dtype=torch.float32),
-        video.new_empty(shape, dtype=torch.int32),
-        video.new_empty(shape, dtype=torch.int32),
-    )
+    return tuple(video.new_empty(shape, dtype=d) for d in (torch.bool, torch.float32, torch.int32, torch.int32))
+
+
+@_motion_gate_op.register_fake
+def _(video, ph, pw, threshold, reference, ts, reduce, refresh_every, max_run, backend):
+    return _gate_fakes(video, ph, pw, ts)
 
 
 def _motion_gate_compensated_triton(video, ph, pw, threshold, reference, ts, reduce, refresh_every, max_run, radius):
@@ -227,15 +227,8 @@ def _motion_gate_compensated_op(
 
 @_motion_gate_compensated_op.register_fake
 def _(video, ph, pw, threshold, reference, ts, reduce, refresh_every, max_run, radius, backend):
-    B, T, C, H, W = video.shape
-    shape = (B, T // ts, H // ph, W // pw)
-    return (
-        video.new_empty(shape, dtype=torch.bool),
-        video.new_empty(shape, dtype=torch.float32),
-        video.new_empty(shape, dtype=torch.int32),
-        video.new_empty(shape, dtype=torch.int32),
-        video.new_empty((*shape, 2), dtype=torch.int16),
-    )
+    gate = _gate_fakes(video, ph, pw, ts)
+    return (*gate, video.new_empty((*gate[0].shape, 2), dtype=torch.int16))
 
 
 def _check_optional_count(name, value) -> int:

@@ -450,7 +450,7 @@ def build_plan(layout: VideoLayout, spec: _masks.MaskSpec, *, block: tuple[int, 
     any_, all_ = spec.classify(q_side, k_side, grid)
     nonempty = any_ & (q_valid > 0)[:, :, None] & (k_valid > 0)[:, None, :]
     # everything after the classification works on the non-empty tiles only (O(nnz), not nQ * nK)
-    entries = nonempty.nonzero()  # [nnz, 3] (b, i, j) row-major: CSR order
+    entries = nonempty.nonzero()  # [nnz, 3] (b, i, j) row-major: CSR order; host sync for its size (docstring)
     eb, ei, ej = entries.unbind(1)
     is_full = torch.as_tensor(all_, device=dev).expand(B, nQ, nK)[eb, ei, ej] & (q_valid[eb, ei] == BQ) & (k_valid[eb, ej] == BK)
 
