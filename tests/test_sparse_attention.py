@@ -205,8 +205,8 @@ def test_low_precision_gradients(dtype, backend):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("seed", range(3))
-def test_chunk_math_cpu_kernel_equals_explicit(dtype, seed):
-    """The reference runs each chunk in ATen's fused CPU kernel on CPUs and as explicit tensor ops
+def test_group_math_cpu_kernel_equals_explicit(dtype, seed):
+    """The reference runs each group in ATen's fused CPU kernel on CPUs and as explicit tensor ops
     elsewhere: both give the same output, LSE and gradients, with a bias that has -inf pairs, rows
     with no allowed key, broadcast over heads; odd sizes."""
     from vidtok.reference import sparse as ref
@@ -232,12 +232,12 @@ def test_chunk_math_cpu_kernel_equals_explicit(dtype, seed):
     assert torch.isinf(outs[1][1][empty.expand(R, H, M_)]).all()
 
 
-def test_reference_explicit_chunk_math_matches_oracle(monkeypatch):
-    """The whole reference with the explicit chunk math (its path on GPUs) on a random layout:
+def test_reference_explicit_group_math_matches_oracle(monkeypatch):
+    """The whole reference with the explicit math (its path on GPUs) on a random layout:
     output, LSE and gradients (with GQA, log sizes and dLSE) against the float64 oracle."""
     from vidtok.reference import sparse as ref
 
-    monkeypatch.setattr(ref, "_chunk_math", lambda device: (ref._attend_explicit, ref._attend_backward_explicit))
+    monkeypatch.setattr(ref, "_group_math", lambda device: (ref._attend_explicit, ref._attend_backward_explicit))
     layout, rng = sparse_random_layout(77, max_grid=(3, 4, 5))
     spec = sparse_random_spec(rng, layout.grid)
     plan = vidtok.build_plan(layout, spec, block=(16, 32))
@@ -252,6 +252,57 @@ def test_reference_explicit_chunk_math_matches_oracle(monkeypatch):
     g_out, g_lse = torch.randn_like(out), torch.randn_like(lse)
     got = torch.autograd.grad((out * g_out).sum() + (lse[finite] * g_lse[finite]).sum(), (q, k, v, ls))
     expected = torch.autograd.grad((e_out * g_out).sum() + (e_lse[finite] * g_lse[finite]).sum(), (q, k, v, ls))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("grouping", ["tiles_compacted", "ranges", "model"])
+def test_reference_query_groupings_match_oracle(monkeypatch, grouping, seed):
+    """The reference computes consecutive query tiles together against one key set: a range of key
+    tiles (a view) or just the runs of keys its queries attend to (a copy), as its cost model picks.
+    Forced to one tile per group with compacted keys, to ranges of up to 12 tiles, and left to the
+    model: output, LSE and gradients (GQA, log sizes, dLSE) equal the float64 oracle each way, on
+    pruned layouts of many tiles (N not a multiple of the block)."""
+    from vidtok.reference import sparse as ref
+
+    if grouping == "tiles_compacted":
+        monkeypatch.setattr(ref, "_MAX_GROUP_TILES", 1)
+        monkeypatch.setattr(ref, "_GATHER_BYTES", float("inf"))  # copies cost nothing: always compact
+    elif grouping == "ranges":
+        monkeypatch.setattr(ref, "_GATHER_BYTES", 1e-9)  # copies cost everything: always a range
+        monkeypatch.setattr(ref, "_CALL_SECONDS", 1.0)  # and as few calls as the score budget allows
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(2, 5, 6, 7, generator=g) < 0.6
+    layout = vidtok.VideoLayout.from_keep(keep, num_global=1)
+    spec = [M.causal_in_time() & M.spatial_window(3, 3), M.neighborhood((3, 3, 3)), M.temporal_window(1, 0) | M.global_tokens()][seed]
+    plan = vidtok.build_plan(layout, spec, block=(16, 16))
+    B, N = layout.batch, layout.num_tokens
+    groups = ref._TileMasks(plan.tile_map, plan.bits, 16, 16, N, torch.float64).groups(4, 8)
+    compacted = [grp.key_bytes is not None for grp in groups]
+    sizes = [grp.i1 - grp.i0 for grp in groups]
+    if grouping == "tiles_compacted":
+        assert any(compacted) and max(sizes) == 1  # a range stays where compaction drops no key
+    elif grouping == "ranges":
+        assert not any(compacted) and max(sizes) > 1
+    q, k, v = (x.requires_grad_() for x in _inputs(B, 4, 2, N, 8, torch.float64, seed))
+    ls = (torch.rand(B, N, generator=g, dtype=torch.float64) * 2).log().requires_grad_()
+    out, lse = vidtok.sparse_attention(q, k, v, plan, kv_log_size=ls, return_lse=True, backend="reference")
+    e_out, e_lse = oracle(q, k, v, sparse_truth_mask(layout, spec), 8**-0.5, ls)
+    torch.testing.assert_close(out, e_out, atol=1e-10, rtol=1e-10)
+    finite = torch.isfinite(e_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    g_out, g_lse = torch.randn_like(out), torch.randn_like(lse)
+    got = torch.autograd.grad((out * g_out).sum() + (lse[finite] * g_lse[finite]).sum(), (q, k, v, ls))
+    expected = torch.autograd.grad((e_out * g_out).sum() + (e_lse[finite] * g_lse[finite]).sum(), (q, k, v, ls))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    # and without log sizes and dLSE (the backward without the extra head channel)
+    out = vidtok.sparse_attention(q, k, v, plan, backend="reference")
+    e_out, _ = oracle(q, k, v, sparse_truth_mask(layout, spec), 8**-0.5)
+    torch.testing.assert_close(out, e_out, atol=1e-10, rtol=1e-10)
+    got = torch.autograd.grad((out * g_out).sum(), (q, k, v))
+    expected = torch.autograd.grad((e_out * g_out).sum(), (q, k, v))
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 

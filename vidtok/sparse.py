@@ -614,10 +614,15 @@ def _sparse_attention_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, kv_log_size, out, lse, *plan_tensors)
     ctx.args = (block_q, block_k, scale, backend)
     ctx.has_log_size = kv_log_size is not None
+    # an unused LSE gets grad None, not zeros: the backward then skips its dLSE term (the
+    # reference's extra head channel)
+    ctx.set_materialize_grads(False)
 
 
 def _sparse_attention_grad(ctx, grad_out, grad_lse):
     q, k, v, kv_log_size, out, lse, *plan_tensors = ctx.saved_tensors
+    if grad_out is None:  # only the LSE was used
+        grad_out = torch.zeros_like(out)
     dq, dk, dv, dls = _sparse_attention_backward_op(
         grad_out, grad_lse, q, k, v, kv_log_size, out, lse, plan_tensors, *ctx.args
     )

@@ -9,16 +9,17 @@ The plan is read through two tensors (see vidtok.sparse.SparsePlan):
   ``bits[tile_map]`` is the token mask of every tile pair.
 
 Both passes walk query tiles and work on the plan's tiles only (time proportional to the non-empty
-tile pairs, not N^2). A chunk of query tiles at a time (longest rows first, so little is padding)
-is one attention problem: each query tile [BQ] against the keys of its non-empty key tiles that any
-of its queries attends to (``_TileMasks.chunk``), the token mask inside as an additive bias (0 or
--inf, from ``bits``). q, k and v are laid out token-major (``_tiles``), so gathering a chunk's
-queries and keys is one index_select of contiguous rows. On CPUs each chunk runs in ATen's fused
+tile pairs, not N^2). Consecutive query tiles whose key sets overlap are taken together
+(``_TileMasks.groups``): each group is one attention problem, its queries against one key set -- a
+range of keys (a view of k and v, no copy) or the union of the group's non-empty key tiles (one
+index_select) -- with the token mask as an additive bias (0 or -inf, from ``bits``;
+``_TileMasks``). A small cost model picks the groups: larger problems run faster in the kernel,
+pairs of the union a tile does not use are wasted work. On CPUs each group runs in ATen's fused
 flash-attention kernels (``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward:
 the blocked online softmax torch's own SDPA runs on CPUs); elsewhere as the explicit softmax(S) V of
 ``_attend_explicit``, which is what the CPU kernel computes (tests/test_sparse_attention.py checks
-one against the other). The backward adds each chunk's dK and dV into their keys in chunk order
-(``_add_rows``): deterministic, no float atomics.
+one against the other). The backward adds each group's dK and dV into its keys in group order:
+deterministic, no float atomics.
 
 All in fp32 (fp64 for fp64 inputs): S = scale * q k^T + kv_log_size[key], pairs outside the mask
 -> -inf, P = softmax(S) with rows that have no allowed key giving P = 0 (output 0, LSE -inf),
@@ -28,18 +29,14 @@ a key of size s weighs as s copies of itself, since s e^x = e^(x + log s).
 
 from __future__ import annotations
 
+import math
 import sys
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vidtok.reference.merge import accumulation_dtype
-
-# Scores held by one chunk of tile rows (rows * H * BQ * T * BK). On CPUs 2^20 (4 MiB of fp32):
-# 2^17-2^20 ran within noise of each other through the fused kernel and 2^21-2^22 up to 1.7x slower
-# (bench/NOTES.md, sparse attention). GPUs keep 2^24 (fewer, larger launches).
-_CHUNK_ELEMENTS = {"cpu": 1 << 20}
-_CHUNK_ELEMENTS_DEFAULT = 1 << 24
-
 
 def _key_bytes(bits: torch.Tensor) -> torch.Tensor:
     """uint8 [S, BQ, 4W]: the bit words [S, BQ, W] as bytes in key order, byte c // 8 holding key c
@@ -67,162 +64,186 @@ def dense_mask_rows(tile_map: torch.Tensor, bits: torch.Tensor, block_q: int, bl
     return mask[:, :rows, :n]
 
 
-class _TileMasks:
-    """The token masks of a plan's tile pairs as additive score biases (0 where the pair attends,
-    -inf where not), built per chunk from the bit words by one table look-up per byte (8 keys), and
-    which keys and query rows of each bit pattern attend at all. Keys past N (in the last key tile
-    when N is not a multiple of BK) are masked too: they have no bits in plans from build_plan; this
-    keeps padding out whatever the bits."""
+# The cost model that picks the query groups (``_TileMasks.groups``), measured through the fused
+# CPU kernel on CI's 2-thread AMD EPYC CPU (bench/NOTES.md, sparse attention, "query groups"):
+# ~110 GFLOP/s in fp32 (a little faster with more query rows per problem), ~30 GB/s gathering k
+# and v rows into a reused buffer, ~30 us per call. Only the ratios matter.
+_FLOPS, _GATHER_BYTES, _CALL_SECONDS = 110e9, 30e9, 30e-6
+_MAX_GROUP_TILES = 12  # 768 query rows at 64-token tiles, where the fused kernel's largest query split starts
+# Scores of one group (rows * keys * heads) at most, unless one query tile alone holds more: the
+# explicit math (off CPUs) materialises them; the fused CPU kernel only the bias, 1 / H of them.
+_GROUP_SCORES = 1 << 24
 
-    def __init__(self, bits: torch.Tensor, block_q: int, block_k: int, n: int, n_key_tiles: int, dtype: torch.dtype):
-        self.bytes, self.block_q, self.block_k, self.last_tile = _key_bytes(bits), block_q, block_k, n_key_tiles - 1
-        self.tail = n - self.last_tile * block_k  # keys of the last key tile that exist
+
+def _rows_speed(rows: int) -> float:
+    """The fused CPU kernel's throughput at ``rows`` query rows relative to 64: it splits the queries
+    in 32, 64 or 256 rows at fewer than 192, fewer than 768 and more (bench/NOTES.md)."""
+    return 1.0 if rows <= 64 else 1.1 if rows <= 128 else 1.2 if rows < 768 else 1.3
+
+
+@dataclass
+class _Group:
+    """Query tiles [i0, i1) of sequence b (query tokens [r0, r1), cut at N) and the keys they attend
+    to: a range of key tiles (cols, keys: slices; keys cut at N), or the keys of those tiles in
+    runs of 8 (a byte of the bit words) of which some query of the group attends to one (cols: the
+    tiles, ascending; key_bytes: those bytes' positions among the tiles' BK / 8 * len(cols); keys:
+    their tokens, ascending, cut at N; index tensors). Runs of 8 keep the compacted bias one
+    look-up per byte."""
+
+    b: int
+    i0: int
+    i1: int
+    r0: int
+    r1: int
+    cols: slice | torch.Tensor
+    keys: slice | torch.Tensor
+    key_bytes: torch.Tensor | None
+    last_col: int  # the last key tile
+    num_keys: int
+
+    def key_rows(self, x: torch.Tensor, scratch: "_Scratch", name: str) -> torch.Tensor:
+        """[1, H, L, C]: the group's keys of x [B, H, N, C]: a view for a range, else gathered into
+        ``scratch``'s buffer ``name`` (overwritten by the next group)."""
+        if isinstance(self.keys, slice):
+            return x[self.b : self.b + 1, :, self.keys]
+        H, _, C = x.shape[1:]
+        return torch.index_select(x[self.b], 1, self.keys, out=scratch.get(name, (H, self.num_keys, C), x.dtype))[None]
+
+    def query_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """[1, H, M, C]: the group's queries of x [B, H, N, C], a view."""
+        return x[self.b : self.b + 1, :, self.r0 : self.r1]
+
+
+class _Scratch:
+    """Buffers reused from group to group: on CPUs a fresh multi-MB tensor page-faults as it is first
+    written, which cost more than the copy into it (bench/NOTES.md, sparse attention)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.buffers = device, {}
+
+    def get(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """A contiguous [shape] tensor, the front of buffer ``name`` (grown when too small)."""
+        numel = math.prod(shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+            buffer = self.buffers[name] = torch.empty(numel, dtype=dtype, device=self.device)
+        return buffer[:numel].view(shape)
+
+
+class _TileMasks:
+    """The plan's query tiles in groups (``groups``) and each group's token masks as an additive
+    score bias (``bias``: 0 where the pair attends, -inf where not), built from the bit words by one
+    table look-up per byte (8 keys). Keys past N never enter a group, whatever the bits (plans from
+    build_plan set none there)."""
+
+    def __init__(self, tile_map: torch.Tensor, bits: torch.Tensor, block_q: int, block_k: int, n: int, dtype: torch.dtype):
+        self.tile_map, self.block_q, self.block_k, self.n = tile_map, block_q, block_k, n
+        self.last_tile = tile_map.shape[2] - 1
+        tail = n - self.last_tile * block_k  # keys of the last key tile that exist
         device = bits.device
+        key_bytes = _key_bytes(bits)[..., : block_k // 8]  # [S, BQ, BK / 8] (BK >= 16, a power of two)
+        self.bytes = key_bytes.int()  # embedding indices
         byte_bits = torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device) & 1
         self.byte_bias = byte_bits.to(dtype).reciprocal_().neg_().add_(1)  # 1 - 1/x: 0 for a set bit, -inf if not
+        used = key_bytes
+        while used.shape[1] > 1:  # OR over the (power-of-two many) query rows
+            used = used[:, 0::2] | used[:, 1::2]
+        self.key_used = used[:, 0]  # [S, BK / 8]: bit c % 8 of byte c // 8 says some query attends to key c
         self.row_used = (bits != 0).any(-1)  # [S, BQ]: the query attends to some key
-        words = bits
-        while words.shape[1] > 1:  # OR over the (power-of-two many) query rows
-            words = words[:, 0::2] | words[:, 1::2]
-        self.key_used = _unpack_bits(words, block_k)[:, 0]  # [S, BK]: some query attends to the key
-        if self.tail < block_k:  # the row test of the last key tile sees only the keys that exist
-            low_bits = [min(32, max(0, self.tail - 32 * w)) for w in range(bits.shape[-1])]
-            existing = torch.tensor([(1 << b) - 1 if b < 32 else -1 for b in low_bits], dtype=torch.int32, device=device)
-            self.row_used_last = (bits & existing != 0).any(-1)
+        low_bits = [min(32, max(0, tail - 32 * w)) for w in range(bits.shape[-1])]
+        existing = torch.tensor([(1 << b) - 1 if b < 32 else -1 for b in low_bits], dtype=torch.int32, device=device)
+        self.row_used_last = (bits & existing != 0).any(-1)  # the same, seeing only the last tile's existing keys
+        self.tail_bytes = np.array([(1 << min(8, max(0, tail - 8 * j))) - 1 for j in range(block_k // 8)], dtype=np.uint8)
 
-    def chunk(self, state: torch.Tensor, cols: torch.Tensor, first_key: torch.Tensor, log_size: torch.Tensor | None = None):
-        """(keys [R, L], bias [R, 1, BQ, L] or None, empty rows [R, BQ] or None) of a chunk's tile
-        pairs state, cols [R, T], whose tiles start at key ``first_key`` [R, T] (an index into the
-        flattened keys of every sequence).
+    def groups(self, H: int, C: int) -> list[_Group]:
+        """Consecutive query tiles of a sequence in groups, each one attention problem against one
+        key set, the cheapest by the cost model above (greedy, cost per query tile). Larger groups
+        run faster per pair in the kernel; each group's keys are either a range of key tiles (a
+        view of k and v, but with the pairs no query of the range attends to computed and masked)
+        or exactly the keys some query of the group attends to (the fewest pairs, but a copy of k
+        and v). Query tiles without any key are left out (their output is 0). Reads the tile map
+        on the host."""
+        BQ, BK, n = self.block_q, self.block_k, self.n
+        B, nQ, nK = self.tile_map.shape
+        used = self.key_used.cpu().numpy()[self.tile_map.long().cpu().numpy()]  # [B, nQ, nK, BK / 8]
+        used[:, :, -1] &= self.tail_bytes
+        nonempty = used.any(-1)  # tiles with a pair that attends (partial tiles may have none)
+        tiles, keys, stats = nonempty, used, []  # stats[g - 1]: keys used, first and last key tile of tiles i .. i + g - 1
+        for g in range(1, min(_MAX_GROUP_TILES, nQ) + 1):
+            if g > 1:
+                tiles, keys = tiles[:, :-1] | nonempty[:, g - 1 :], keys[:, :-1] | used[:, g - 1 :]
+            stats.append(((8 * (keys != 0).sum((-1, -2))).tolist(), tiles.argmax(-1).tolist(), (nK - 1 - tiles[..., ::-1].argmax(-1)).tolist()))
+        pair_seconds = 4 * H * C / _FLOPS  # one query-key pair, all heads
+        gather_seconds = H * C * 8 / _GATHER_BYTES  # k and v of one key, fp32
+        groups = []
+        for b in range(B):
+            i = 0
+            while i < nQ:
+                if not nonempty[b, i].any():
+                    i += 1
+                    continue
+                best = None
+                for g in range(1, min(len(stats), nQ - i) + 1):
+                    count, first, last = (s[b][i] for s in stats[g - 1])
+                    span = min((last + 1) * BK, n) - first * BK
+                    if g > 1 and g * BQ * span * H > _GROUP_SCORES:
+                        break
+                    rows = min((i + g) * BQ, n) - i * BQ
+                    view_cost = rows * span * pair_seconds / _rows_speed(rows)
+                    copy_cost = rows * count * pair_seconds / _rows_speed(rows) + count * gather_seconds
+                    cost = (min(view_cost, copy_cost) + _CALL_SECONDS) / g
+                    if best is None or cost < best[0]:
+                        best = (cost, g, first, last, copy_cost < view_cost)
+                _, g, first, last, compact = best
+                groups.append(self._group(b, i, i + g, first, last, keys=used[b, i : i + g] if compact else None))
+                i += g
+        return groups
 
-        ``keys`` are the keys each query tile attends to: those of its key tiles that any of its
-        queries attends to, ascending, padded with unused ones to the chunk's longest list (a 64-query
-        tile of a 7x7 window on a pruned layout uses ~80 % of its partial tiles' keys: that much less
-        attention to compute); ``log_size`` [R, T, BK] is added to every allowed key's bias. Every
-        key, no bias and no empty row when every tile is full and there is no log size (checked on
-        CPUs only, where reading it costs no device sync): full tiles have no padding and no empty row.
-        """
-        R, T = state.shape
-        BQ, BK = self.block_q, self.block_k
-        keys = (first_key[..., None] + torch.arange(BK, device=state.device)).view(R, T * BK)
-        if log_size is None and state.device.type == "cpu" and bool((state == 1).all()):
-            return keys, None, None
+    def _group(self, b: int, i0: int, i1: int, first: int, last: int, keys: np.ndarray | None) -> _Group:
+        """The group of query tiles [i0, i1): key tiles [first, last] as a range, or, with ``keys``
+        (their used-key bytes [g, nK, BK / 8]), just the keys that some query of theirs uses."""
+        BQ, BK, n, device = self.block_q, self.block_k, self.n, self.tile_map.device
+        r0, r1 = i0 * BQ, min(i1 * BQ, n)
+        if keys is None:
+            key_range = slice(first * BK, min((last + 1) * BK, n))
+            return _Group(b, i0, i1, r0, r1, slice(first, last + 1), key_range, None, last, key_range.stop - key_range.start)
+        used_bytes = np.bitwise_or.reduce(keys, axis=0) != 0  # [nK, BK / 8]
+        cols = used_bytes.any(-1).nonzero()[0]
+        key_bytes = used_bytes[cols].reshape(-1).nonzero()[0]  # positions among the tiles' bytes
+        tokens = (cols.repeat(BK // 8) * BK + np.tile(np.arange(0, BK, 8), len(cols)))[key_bytes, None] + np.arange(8)
+        tokens = tokens.reshape(-1)[: len(key_bytes) * 8 - max(0, int(tokens[-1, -1]) + 1 - n)]  # cut at N (the last run only)
+        as_tensor = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+        return _Group(b, i0, i1, r0, r1, as_tensor(cols), as_tensor(tokens), as_tensor(key_bytes), int(cols[-1]), len(tokens))
+
+    def bias(self, grp: _Group, scratch: "_Scratch", log_size: torch.Tensor | None = None):
+        """(bias [1, 1, M, L] or None, empty rows [M] or None) of the group's M queries and L keys, in
+        ``scratch``'s buffers (overwritten by the next group); ``log_size`` [L] (the group's keys') is
+        added to every allowed pair. No bias and no empty
+        row when every tile pair is full and there is no log size (checked on CPUs only, where
+        reading it costs no device sync): full tiles have no padding and no empty row."""
+        state = self.tile_map[grp.b, grp.i0 : grp.i1][:, grp.cols]  # [g, T]
+        M = grp.r1 - grp.r0
+        if log_size is None and grp.key_bytes is None and state.device.type == "cpu" and bool((state == 1).all()):
+            return None, None
         state = state.long()
-        words = self.bytes[state].permute(0, 2, 1, 3).contiguous()  # [R, BQ, T, 4W]
-        bias = torch.nn.functional.embedding(words.long().flatten(), self.byte_bias).view(R, BQ, T, -1)[..., :BK]
-        used, row_used = self.key_used[state], self.row_used[state]  # [R, T, BK], [R, T, BQ]
-        if self.tail < BK:
-            last = cols == self.last_tile
-            r, t = last.nonzero(as_tuple=True)
-            bias[r, :, t, self.tail :] = float("-inf")
-            used[r, t, self.tail :] = False
-            row_used = torch.where(last[..., None], self.row_used_last[state], row_used)
-        if log_size is not None:
-            bias += log_size[:, None]
-        bias, used = bias.reshape(R, BQ, T * BK), used.view(R, T * BK)
-        L = max(1, int(used.sum(1).max()))  # host sync (the chunking read the row lengths already)
-        if L < T * BK:
-            picked = torch.sort((~used).to(torch.int8), dim=1, stable=True).indices[:, :L]  # used keys first, in order
-            keys = keys.gather(1, picked)
-            bias = bias.gather(2, picked[:, None].expand(R, BQ, L))
-        # a log size of -inf removes a key, so with log sizes the bias itself says which rows are empty
-        empty = ~row_used.any(1) if log_size is None else torch.isneginf(bias).all(-1)
-        return keys, bias[:, None], empty
-
-
-def _expand_heads(x: torch.Tensor, H: int) -> torch.Tensor:
-    """GQA: key/value head j serves query heads j * (H / Hk) ... (j + 1) * (H / Hk) - 1."""
-    return x if x.shape[1] == H else x.repeat_interleave(H // x.shape[1], dim=1)
-
-
-def _tiles(x: torch.Tensor, n_tiles: int, block: int, dtype: torch.dtype, extra: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, H, N, C] -> [B * n_tiles, block * H * C'] in dtype, token-major: row b * n_tiles + i holds
-    the ``block`` tokens of tile i of sequence b, each with all its heads (zero rows past N); with
-    ``extra`` (broadcastable to [B, H, N]) one more channel C' = C + 1 holds it. A chunk's tiles are
-    then one index_select of long contiguous rows, ``_heads_view`` of them is the [R, H, block, C']
-    the attention takes, and the fused CPU kernel's outputs and gradients, which it lays out
-    token-major too, go back without a copy. One pass over x (the dtype cast rides in the copy)."""
-    B, H, N, C = x.shape
-    tiles = x.new_zeros((B, n_tiles * block, H, C + (extra is not None)), dtype=dtype)
-    tiles[:, :N, :, :C] = x.transpose(1, 2)
-    if extra is not None:
-        tiles[:, :N, :, C] = extra.expand(B, H, N).transpose(1, 2)
-    return tiles.view(B * n_tiles, -1)
-
-
-def _heads_view(rows: torch.Tensor, R: int, H: int, C: int) -> torch.Tensor:
-    """Gathered ``_tiles`` rows of R query tiles (or their T key tiles each) -> [R, H, tokens, C], a view."""
-    return rows.view(R, -1, H, C).transpose(1, 2)
-
-
-def _token_major(x: torch.Tensor) -> torch.Tensor:
-    """[R, H, tokens, C] -> [R, tokens * H * C], the ``_tiles`` row layout (a view of the CPU kernel's outputs)."""
-    return x.transpose(1, 2).reshape(x.shape[0], -1)
-
-
-def _tile_rows(tile_map: torch.Tensor, H: int, block_row: int, block_col: int):
-    """The rows of ``tile_map`` [B, nR, nC] that have non-empty tiles, in chunks, longest row first.
-
-    Yields (b [R], i [R], cols [R, T], state [R, T]): the chunk's rows (sequence, row tile), each row's
-    non-empty column tiles ascending then padded with empty ones up to T = the longest row of the
-    chunk, and their tile_map states (0 for the padding). Taking rows longest first keeps the padding
-    small (causal masks have rows of 1 .. nC tiles); a chunk holds at most _CHUNK_ELEMENTS scores
-    (or one row, if a row alone holds more).
-    Reads the row lengths on the host.
-    """
-    B, nR, nC = tile_map.shape
-    flat = tile_map.reshape(B * nR, nC)
-    nonempty = flat != 0
-    lengths, order = torch.sort(nonempty.sum(-1), descending=True, stable=True)
-    lengths = lengths.tolist()
-    cols = torch.sort((~nonempty).to(torch.int8), dim=-1, stable=True).indices
-    chunk = _CHUNK_ELEMENTS.get(tile_map.device.type, _CHUNK_ELEMENTS_DEFAULT)
-    r0, n_rows = 0, sum(1 for n in lengths if n)
-    while r0 < n_rows:
-        T = lengths[r0]
-        r1 = min(n_rows, r0 + max(1, chunk // (H * block_row * T * block_col)))
-        rows = order[r0:r1]
-        chunk_cols = cols[rows, :T]
-        yield rows // nR, rows % nR, chunk_cols, flat[rows[:, None], chunk_cols]
-        r0 = r1
-
-
-def _gather_buffer(keys: torch.Tensor, chunks: list, block_k: int) -> torch.Tensor:
-    """One buffer for the keys or values of the largest chunk, reused by every chunk: on CPUs a
-    fresh multi-MB tensor per chunk page-faults as it is first written, which cost more than the
-    copy itself (bench/NOTES.md, sparse attention)."""
-    rows = max((cols.numel() for _, _, cols, _ in chunks), default=0) * block_k
-    return keys.new_empty((rows, keys.shape[1]))
-
-
-def _gather(rows: torch.Tensor, index: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
-    """rows[index], written into the front of ``buffer``."""
-    return torch.index_select(rows, 0, index, out=buffer[: index.numel()])
-
-
-def _chunks(tile_map, bits, kt, vt, H: int, C: int, block_q: int, block_k: int, n: int, dtype, log_size=None):
-    """The chunks both passes walk (``_tile_rows``), each ready to attend: yields (q_rows [R], the
-    ``_tiles`` rows of its query tiles; keys [R * L], its keys (``_TileMasks.chunk``); k, v
-    [R, H, L, C], those keys' rows of ``kt`` and ``vt``; bias [R, 1, BQ, L] or None; empty rows
-    [R, BQ] or None). ``log_size`` [B, nK, BK] goes into the bias. k and v are views of buffers
-    the next chunk overwrites."""
-    nQ, nK = tile_map.shape[1:]
-    masks = _TileMasks(bits, block_q, block_k, n, nK, dtype)
-    chunks = list(_tile_rows(tile_map, H, block_q, block_k))
-    kbuf, vbuf = _gather_buffer(kt, chunks, block_k), _gather_buffer(vt, chunks, block_k)
-    for b, i, cols, state in chunks:
-        R = cols.shape[0]
-        keys, bias, empty = masks.chunk(
-            state, cols, (b[:, None] * nK + cols) * block_k, None if log_size is None else log_size[b[:, None], cols]
-        )
-        keys = keys.flatten()
-        k, v = _heads_view(_gather(kt, keys, kbuf), R, H, C), _heads_view(_gather(vt, keys, vbuf), R, H, C)
-        yield b * nQ + i, keys, k, v, bias, empty
+        words = self.bytes[state].permute(0, 2, 1, 3).flatten(2)  # [g, BQ, T * BK / 8]
+        if grp.key_bytes is not None:
+            words = words.index_select(2, grp.key_bytes)
+        words = words.flatten()  # each byte's 8 biases, in key order
+        bias = torch.index_select(self.byte_bias, 0, words, out=scratch.get("bias", (words.numel(), 8), self.byte_bias.dtype))
+        bias = bias.view(state.shape[0] * self.block_q, -1)[:M, : grp.num_keys]
+        if log_size is not None:  # a log size of -inf removes a key, so the bias itself says which rows are empty
+            bias += log_size
+            return bias[None, None], torch.isneginf(bias).all(-1)
+        row_used = self.row_used[state]  # [g, T, BQ]
+        if grp.last_col == self.last_tile:
+            row_used[:, -1] = self.row_used_last[state[:, -1]]
+        return bias[None, None], ~row_used.any(1).flatten()[:M]
 
 
 def _attend_explicit(q, k, v, bias, scale):
     """softmax(scale q k^T + bias) v and its natural-log LSE for q [R, H, M, D], k, v [R, H, L, D],
-    bias [R, 1, M, L] or None: the math of every chunk, in plain tensor ops (the path off CPUs).
+    bias [R, 1, M, L] or None: the math of every group, in plain tensor ops (the path off CPUs).
     Rows whose bias is all -inf give output 0 and LSE -inf."""
     s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
     if bias is not None:
@@ -261,7 +282,7 @@ def _attend_backward_cpu(grad_out, q, k, v, out, lse, bias, scale):
     )
 
 
-def _chunk_math(device: torch.device):
+def _group_math(device: torch.device):
     """(attend, attend_backward) for tensors on ``device``: ATen's fused kernels on CPUs, the
     explicit tensor ops elsewhere."""
     if device.type == "cpu":
@@ -269,13 +290,28 @@ def _chunk_math(device: torch.device):
     return _attend_explicit, _attend_backward_explicit
 
 
-def _add_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
-    """dst[index] += src with repeated indices summed in a fixed order: index_add_ is serial over the
-    index on CPUs; on GPUs it uses float atomics, so there index_put_(accumulate=True) (sorted) runs."""
-    if dst.device.type == "cpu":
-        dst.index_add_(0, index, src)
+def _add_rows(dst: torch.Tensor, keys: slice | torch.Tensor, src: torch.Tensor) -> None:
+    """dst[keys] += src for a range or distinct indices: each row gets one add, so even index_add_'s
+    atomics on GPUs add in a fixed order (deterministic)."""
+    if isinstance(keys, slice):
+        dst[keys] += src
     else:
-        dst.index_put_((index,), src, accumulate=True)
+        dst.index_add_(0, keys, src)
+
+
+def _expand_heads(x: torch.Tensor, H: int) -> torch.Tensor:
+    """GQA: key/value head j serves query heads j * (H / Hk) ... (j + 1) * (H / Hk) - 1."""
+    return x if x.shape[1] == H else x.repeat_interleave(H // x.shape[1], dim=1)
+
+
+def _prepared(x: torch.Tensor, dtype: torch.dtype, H: int | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, H, N, C] in dtype with a contiguous last dimension (the fused kernel's layout; a no-op
+    for contiguous inputs of that dtype), GQA heads expanded to H, and with ``extra`` (broadcastable
+    to [B, H, N]) one more channel holding it."""
+    x = x.to(dtype) if H is None else _expand_heads(x.to(dtype), H)
+    if extra is not None:
+        x = torch.cat((x, extra.to(dtype).expand(*x.shape[:3])[..., None]), -1)
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def sparse_attention(
@@ -293,33 +329,28 @@ def sparse_attention(
 
     q [B, H, N, D]; k, v [B, Hk, N, D] with H % Hk == 0; kv_log_size [B, N] or None.
 
-    Each query tile attends to the keys of its non-empty key tiles that any of its queries
-    attends to (``_tile_rows``, ``_TileMasks.chunk``): one attention problem per tile and head, the
-    token mask and the log sizes as its bias.
+    Groups of consecutive query tiles (``_TileMasks.groups``) each attend to one key set, the token
+    mask and the log sizes as the bias: one attention problem per group.
     """
     B, H, N, D = q.shape
-    acc = accumulation_dtype(q.dtype)
-    nQ, nK = tile_map.shape[1:]
-    out = torch.zeros(B * nQ, block_q * H * D, dtype=acc, device=q.device)
-    lse = torch.full((B * nQ, block_q * H), float("-inf"), dtype=acc, device=q.device)
+    dtype, acc = q.dtype, accumulation_dtype(q.dtype)
+    out = torch.zeros(B, H, N, D, dtype=acc, device=q.device)
+    lse = torch.full((B, H, N), float("-inf"), dtype=acc, device=q.device)
     if q.numel() and v.numel():
-        attend = _chunk_math(q.device)[0]
-        qt = _tiles(q, nQ, block_q, acc)
-        kt = _tiles(_expand_heads(k, H), nK * block_k, 1, acc)  # one row per key
-        vt = _tiles(_expand_heads(v, H), nK * block_k, 1, acc)
-        ls = None
-        if kv_log_size is not None:
-            ls = torch.nn.functional.pad(kv_log_size.to(acc), (0, nK * block_k - N)).view(B, nK, block_k)
-        for q_rows, _, kc, vc, bias, empty in _chunks(tile_map, bits, kt, vt, H, D, block_q, block_k, N, acc, ls):
-            R = q_rows.numel()
-            o, m = attend(_heads_view(qt.index_select(0, q_rows), R, H, D), kc, vc, bias, scale)
+        attend = _group_math(q.device)[0]
+        q, k, v = _prepared(q, acc), _prepared(k, acc, H), _prepared(v, acc, H)
+        ls = None if kv_log_size is None else kv_log_size.to(acc)
+        masks = _TileMasks(tile_map, bits, block_q, block_k, N, acc)
+        scratch = _Scratch(q.device)
+        for grp in masks.groups(H, D):
+            bias, empty = masks.bias(grp, scratch, None if ls is None else ls[grp.b, grp.keys])
+            o, m = attend(grp.query_rows(q), grp.key_rows(k, scratch, "k"), grp.key_rows(v, scratch, "v"), bias, scale)
             if empty is not None:  # rows with no allowed key: output 0, LSE -inf
-                o = o.masked_fill(empty[:, None, :, None], 0.0)
-                m = m.masked_fill(empty[:, None], float("-inf"))
-            out.index_copy_(0, q_rows, _token_major(o))
-            lse.index_copy_(0, q_rows, _token_major(m[..., None]))
-    out = out.view(B, nQ * block_q, H, D)[:, :N].transpose(1, 2).to(q.dtype).contiguous()
-    return out, lse.view(B, nQ * block_q, H)[:, :N].transpose(1, 2).contiguous()
+                o = o.masked_fill(empty[:, None], 0.0)
+                m = m.masked_fill(empty, float("-inf"))
+            out[grp.b, :, grp.r0 : grp.r1] = o[0]
+            lse[grp.b, :, grp.r0 : grp.r1] = m[0]
+    return out.to(dtype), lse
 
 
 def sparse_attention_backward(
@@ -341,59 +372,50 @@ def sparse_attention_backward(
 
     With P recomputed from the LSE: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O) + dLSE),
     dQ = scale dS K, dK = scale dS^T Q, d kv_log_size[key] = sum over heads and queries of dS. One
-    walk over query tiles: each chunk's dQ is final, its dK and dV are added into their key tiles.
-    The log sizes and dLSE ride in one extra head channel, so every chunk is a plain attention
-    backward: S = scale q' k'^T with q' = [q, 1/scale] and k' = [k, log size] (the last column of
-    dK' = scale dS^T q' is then the column sums of dS, d kv_log_size); v' = [v, 0] leaves P V and dP
-    as they are; out' = [out, -dLSE] with dO' = [dO, 1] turns rowsum(dO' * out') into
-    rowsum(dO * O) - dLSE. Without log sizes and dLSE there is no extra channel (it costs ~8 % in
-    the fused CPU backward). GQA gradients are summed over the query heads sharing a key/value head.
-    Returned in the inputs' dtypes (d kv_log_size in fp32/fp64).
+    walk over the forward's query groups: each group's dQ is final, its dK and dV are added into
+    its keys in group order. The log sizes and dLSE ride in one extra head
+    channel, so every group is a plain attention backward: S = scale q' k'^T with q' = [q, 1/scale]
+    and k' = [k, log size] (the last column of dK' = scale dS^T q' is then the column sums of dS,
+    d kv_log_size); v' = [v, 0] leaves P V and dP as they are; out' = [out, -dLSE] with
+    dO' = [dO, 1] turns rowsum(dO' * out') into rowsum(dO * O) - dLSE. Without log sizes and dLSE
+    there is no extra channel (it costs ~8 % in the fused CPU backward). GQA gradients are summed
+    over the query heads sharing a key/value head. Returned in the inputs' dtypes (d kv_log_size in
+    fp32/fp64).
     """
     B, H, N, D = q.shape
     Hk = k.shape[1]
     acc = accumulation_dtype(q.dtype)
-    nQ, nK = tile_map.shape[1:]
     extended = kv_log_size is not None or grad_lse is not None
     E = D + extended  # head channels, with the extra one
-    dq = torch.zeros(B * nQ, block_q * H * E, dtype=acc, device=q.device)
-    dk = torch.zeros(B * nK * block_k, H * E, dtype=acc, device=q.device)
-    dv = torch.zeros(B * nK * block_k, H * E, dtype=acc, device=q.device)
+    dq = torch.zeros(B, H, N, E, dtype=acc, device=q.device)
+    dk = torch.zeros(B, N, H, E, dtype=acc, device=q.device)  # token-major: a group adds whole keys
+    dv = torch.zeros(B, N, H, E, dtype=acc, device=q.device)
     if q.numel() and v.numel():
-        attend_backward = _chunk_math(q.device)[1]
+        attend_backward = _group_math(q.device)[1]
         zero, one = q.new_zeros((), dtype=acc), q.new_ones((), dtype=acc)
 
         def channel(x):  # the extra channel's values, or no channel
             return x if extended else None
 
         ls = zero if kv_log_size is None else kv_log_size[:, None, :]
-        qt = _tiles(q, nQ, block_q, acc, extra=channel(one / scale))
-        kt = _tiles(_expand_heads(k, H), nK * block_k, 1, acc, extra=channel(ls))  # one row per key
-        vt = _tiles(_expand_heads(v, H), nK * block_k, 1, acc, extra=channel(zero))
-        ot = _tiles(out, nQ, block_q, acc, extra=channel(zero if grad_lse is None else -grad_lse))
-        gt = _tiles(grad_out, nQ, block_q, acc, extra=channel(one))
+        qe, oe = _prepared(q, acc, extra=channel(one / scale)), _prepared(out, acc, extra=channel(zero if grad_lse is None else -grad_lse))
+        ke, ve = _prepared(k, acc, H, extra=channel(ls)), _prepared(v, acc, H, extra=channel(zero))
+        ge = _prepared(grad_out, acc, extra=channel(one))
         lse = lse.to(acc)
-        lt = _tiles(torch.where(torch.isinf(lse), 0.0, lse)[..., None], nQ, block_q, acc)  # no allowed key: P = 0 anyway
-        for q_rows, keys, kc, vc, bias, _ in _chunks(tile_map, bits, kt, vt, H, E, block_q, block_k, N, acc):
-            R = q_rows.numel()
-            dqc, dkc, dvc = attend_backward(
-                _heads_view(gt.index_select(0, q_rows), R, H, E),
-                _heads_view(qt.index_select(0, q_rows), R, H, E),
-                kc,
-                vc,
-                _heads_view(ot.index_select(0, q_rows), R, H, E),
-                _heads_view(lt.index_select(0, q_rows), R, H, 1)[..., 0],
-                bias,
-                scale,
+        lse = torch.where(torch.isinf(lse), 0.0, lse)  # no allowed key: P = 0 anyway
+        masks = _TileMasks(tile_map, bits, block_q, block_k, N, acc)
+        scratch = _Scratch(q.device)
+        for grp in masks.groups(H, E):
+            bias, _ = masks.bias(grp, scratch)
+            dqg, dkg, dvg = attend_backward(
+                grp.query_rows(ge), grp.query_rows(qe), grp.key_rows(ke, scratch, "k"), grp.key_rows(ve, scratch, "v"),
+                grp.query_rows(oe), lse[grp.b : grp.b + 1, :, grp.r0 : grp.r1], bias, scale,
             )
-            dq.index_copy_(0, q_rows, _token_major(dqc))
-            _add_rows(dk, keys, _token_major(dkc).view(keys.numel(), H * E))
-            _add_rows(dv, keys, _token_major(dvc).view(keys.numel(), H * E))
-    dq = dq.view(B, nQ * block_q, H, E)[:, :N, :, :D]
-    dk = dk.view(B, nK * block_k, H, E)[:, :N]
-    dv = dv.view(B, nK * block_k, H, E)[:, :N, :, :D]
+            dq[grp.b, :, grp.r0 : grp.r1] = dqg[0]
+            _add_rows(dk[grp.b], grp.keys, dkg[0].transpose(0, 1))
+            _add_rows(dv[grp.b], grp.keys, dvg[0].transpose(0, 1))
     dls = None if kv_log_size is None else dk[..., D].sum(-1)
-    dq, dk, dv = dq.transpose(1, 2), dk[..., :D].transpose(1, 2), dv.transpose(1, 2)
+    dq, dk, dv = dq[..., :D], dk[..., :D].transpose(1, 2), dv[..., :D].transpose(1, 2)
     if Hk != H:
         dk = dk.reshape(B, Hk, H // Hk, N, D).sum(2)
         dv = dv.reshape(B, Hk, H // Hk, N, D).sum(2)
