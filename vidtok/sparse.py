@@ -7,8 +7,8 @@
   only inside partial tiles, never on all N^2 pairs -- and stores the non-empty tiles in CSR form, with
   its transpose, and the token masks of the partial tiles as bits.
 - ``sparse_attention(q, k, v, plan)``: attention on the plan's tiles only -- Triton forward and
-  backward kernels, or the reference (the same tiles gathered into dense blocks, a chunk of tiles at
-  a time, forward and backward) -- with ToMe's proportional attention as ``kv_log_size``.
+  backward kernels, or the reference (consecutive query tiles in groups, each one attention problem
+  against one key set, forward and backward) -- with ToMe's proportional attention as ``kv_log_size``.
 
 Patterns: FlexAttention's BlockMask (full + partial block lists, mask_mod inside partial blocks),
 NATTEN's neighborhood windows, ToMe's proportional attention (see research/attention.md).
@@ -671,13 +671,14 @@ def sparse_attention(
     forward (online softmax in exp2, fp32 accumulation, full tiles unmasked, partial tiles masked by
     the plan's token bits), and a backward that recomputes P from the saved LSE in separate dQ
     programs (forward CSR) and dK/dV programs (transposed CSR). "reference" (vidtok's CPU path)
-    computes the same tiles in PyTorch, a chunk of query tiles at a time, each query tile against
-    the keys of its non-empty tiles that any of its queries attends to; on CPUs every chunk runs in
-    ATen's fused flash-attention kernels, the ones torch's own SDPA uses there, and the backward
-    is one walk over query tiles adding dK, dV into their keys in a fixed order
+    computes the same tiles in PyTorch, a group of consecutive query tiles at a time against one
+    key set (a range of key tiles, read as a view, or the runs of keys the group's queries attend
+    to, gathered), as a small cost model picks; on CPUs every group runs in ATen's fused
+    flash-attention kernels, the ones torch's own SDPA uses there, and the backward is one walk
+    over the groups adding dK, dV into their keys in a fixed order
     (``BACKWARD_BACKEND`` says which backward each backend runs). Deterministic (no float
-    atomics); no host sync in the Triton path (the reference reads the plan's row lengths and each
-    chunk's key count on the host).
+    atomics); no host sync in the Triton path (the reference reads the plan's tile map on the host
+    to pick its groups).
     """
     if not isinstance(plan, SparsePlan):
         raise TypeError(f"plan must be a vidtok.SparsePlan from vidtok.build_plan, got {type(plan).__name__}")

@@ -84,11 +84,11 @@ def _rows_speed(rows: int) -> float:
 @dataclass
 class _Group:
     """Query tiles [i0, i1) of sequence b (query tokens [r0, r1), cut at N) and the keys they attend
-    to: a range of key tiles (cols, keys: slices; keys cut at N), or the keys of those tiles in
-    runs of 8 (a byte of the bit words) of which some query of the group attends to one (cols: the
-    tiles, ascending; key_bytes: those bytes' positions among the tiles' BK / 8 * len(cols); keys:
-    their tokens, ascending, cut at N; index tensors). Runs of 8 keep the compacted bias one
-    look-up per byte."""
+    to, either a range of key tiles (cols, keys: slices; keys cut at N) or compacted: the runs of 8
+    keys (one byte of the bit words) in which some query of the group attends to some key (cols:
+    their tiles, ascending; key_bytes: the runs' positions among those tiles' BK / 8 * len(cols)
+    bytes; keys: their tokens, ascending, cut at N; index tensors). Compacting whole bytes keeps the
+    bias one table look-up per byte."""
 
     b: int
     i0: int
@@ -218,9 +218,9 @@ class _TileMasks:
     def bias(self, grp: _Group, scratch: "_Scratch", log_size: torch.Tensor | None = None):
         """(bias [1, 1, M, L] or None, empty rows [M] or None) of the group's M queries and L keys, in
         ``scratch``'s buffers (overwritten by the next group); ``log_size`` [L] (the group's keys') is
-        added to every allowed pair. No bias and no empty
-        row when every tile pair is full and there is no log size (checked on CPUs only, where
-        reading it costs no device sync): full tiles have no padding and no empty row."""
+        added to every allowed pair. No bias and no empty row when every tile pair is full and there
+        is no log size (checked on CPUs only, where reading it costs no device sync): full tiles
+        have no padding and no empty row."""
         state = self.tile_map[grp.b, grp.i0 : grp.i1][:, grp.cols]  # [g, T]
         M = grp.r1 - grp.r0
         if log_size is None and grp.key_bytes is None and state.device.type == "cpu" and bool((state == 1).all()):
