@@ -265,7 +265,7 @@ class SparsePlan:
         """bool [B, N, N]: True where query token i attends to key token j. Materialises N^2 (tests,
         small inputs)."""
         BQ, BK = self.block
-        return ref.sparse.dense_mask_rows(self.tile_map, self.bits, BQ, BK, 0, self.tile_map.shape[1], self.num_tokens)
+        return ref.sparse.dense_mask(self.tile_map, self.bits, BQ, BK, self.num_tokens)
 
     def to_sdpa_mask(self) -> torch.Tensor:
         """bool [B, 1, N, N] for ``F.scaled_dot_product_attention(attn_mask=...)`` (True = attend).
@@ -677,7 +677,8 @@ def sparse_attention(
     flash-attention kernels, the ones torch's own SDPA uses there, and the backward is one walk
     over the groups adding dK, dV into their keys in a fixed order
     (``BACKWARD_BACKEND`` says which backward each backend runs). Deterministic (no float
-    atomics); no host sync in the Triton path (the reference reads the plan's tile map on the host
+    atomics in the Triton kernels; the reference adds to each key once per group); no host sync in
+    the Triton path (the reference reads the plan's tile map on the host
     to pick its groups).
     """
     if not isinstance(plan, SparsePlan):

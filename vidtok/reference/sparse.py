@@ -11,15 +11,16 @@ The plan is read through two tensors (see vidtok.sparse.SparsePlan):
 Both passes walk query tiles and work on the plan's tiles only (time proportional to the non-empty
 tile pairs, not N^2). Consecutive query tiles whose key sets overlap are taken together
 (``_TileMasks.groups``): each group is one attention problem, its queries against one key set -- a
-range of keys (a view of k and v, no copy) or the union of the group's non-empty key tiles (one
-index_select) -- with the token mask as an additive bias (0 or -inf, from ``bits``;
-``_TileMasks``). A small cost model picks the groups: larger problems run faster in the kernel,
+range of key tiles (a view of k and v, no copy) or the runs of 8 keys in which some query of the
+group attends to some key (gathered) -- with the token mask as an additive bias (0 or -inf, from
+``bits``; ``_TileMasks``). A small cost model picks the groups: larger problems run faster in the kernel,
 pairs of the union a tile does not use are wasted work. On CPUs each group runs in ATen's fused
 flash-attention kernels (``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward:
 the blocked online softmax torch's own SDPA runs on CPUs); elsewhere as the explicit softmax(S) V of
 ``_attend_explicit``, which is what the CPU kernel computes (tests/test_sparse_attention.py checks
 one against the other). The backward adds each group's dK and dV into its keys in group order:
-deterministic, no float atomics.
+deterministic (a group's keys are distinct, so even index_add_'s atomics on GPUs add to each key
+once per group).
 
 All in fp32 (fp64 for fp64 inputs): S = scale * q k^T + kv_log_size[key], pairs outside the mask
 -> -inf, P = softmax(S) with rows that have no allowed key giving P = 0 (output 0, LSE -inf),
@@ -54,14 +55,11 @@ def _unpack_bits(bits: torch.Tensor, block_k: int) -> torch.Tensor:
     return (_key_bytes(bits)[..., None] >> shifts & 1).bool().flatten(-2)[..., :block_k]
 
 
-def dense_mask_rows(tile_map: torch.Tensor, bits: torch.Tensor, block_q: int, block_k: int, q_tile0: int, q_tile1: int, n: int) -> torch.Tensor:
-    """bool [B, rows, n]: the token mask of query tiles [q_tile0, q_tile1) (rows past n cut off)."""
-    B, _, nK = tile_map.shape
-    c = q_tile1 - q_tile0
-    mask = _unpack_bits(bits, block_k)[tile_map[:, q_tile0:q_tile1].long()]  # [B, c, nK, BQ, BK]
-    mask = mask.permute(0, 1, 3, 2, 4).reshape(B, c * block_q, nK * block_k)
-    rows = min(n - q_tile0 * block_q, c * block_q)
-    return mask[:, :rows, :n]
+def dense_mask(tile_map: torch.Tensor, bits: torch.Tensor, block_q: int, block_k: int, n: int) -> torch.Tensor:
+    """bool [B, n, n]: the plan's token mask (tokens past n cut off)."""
+    B, nQ, nK = tile_map.shape
+    mask = _unpack_bits(bits, block_k)[tile_map.long()]  # [B, nQ, nK, BQ, BK]
+    return mask.permute(0, 1, 3, 2, 4).reshape(B, nQ * block_q, nK * block_k)[:, :n, :n]
 
 
 # The cost model that picks the query groups (``_TileMasks.groups``), measured through the fused
@@ -76,8 +74,9 @@ _GROUP_SCORES = 1 << 24
 
 
 def _rows_speed(rows: int) -> float:
-    """The fused CPU kernel's throughput at ``rows`` query rows relative to 64: it splits the queries
-    in 32, 64 or 256 rows at fewer than 192, fewer than 768 and more (bench/NOTES.md)."""
+    """The fused CPU kernel's throughput at ``rows`` query rows relative to 64, as measured
+    (bench/NOTES.md); it splits the queries in blocks of 32, 64 or 256 rows at fewer than 192, fewer
+    than 768 and more (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp)."""
     return 1.0 if rows <= 64 else 1.1 if rows <= 128 else 1.2 if rows < 768 else 1.3
 
 
@@ -98,7 +97,6 @@ class _Group:
     cols: slice | torch.Tensor
     keys: slice | torch.Tensor
     key_bytes: torch.Tensor | None
-    last_col: int  # the last key tile
     num_keys: int
 
     def key_rows(self, x: torch.Tensor, scratch: "_Scratch", name: str) -> torch.Tensor:
@@ -138,21 +136,16 @@ class _TileMasks:
 
     def __init__(self, tile_map: torch.Tensor, bits: torch.Tensor, block_q: int, block_k: int, n: int, dtype: torch.dtype):
         self.tile_map, self.block_q, self.block_k, self.n = tile_map, block_q, block_k, n
-        self.last_tile = tile_map.shape[2] - 1
-        tail = n - self.last_tile * block_k  # keys of the last key tile that exist
+        tail = n - (tile_map.shape[2] - 1) * block_k  # keys of the last key tile that exist
         device = bits.device
         key_bytes = _key_bytes(bits)[..., : block_k // 8]  # [S, BQ, BK / 8] (BK >= 16, a power of two)
-        self.bytes = key_bytes.int()  # embedding indices
+        self.bytes = key_bytes.int()  # indices into byte_bias
         byte_bits = torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device) & 1
         self.byte_bias = byte_bits.to(dtype).reciprocal_().neg_().add_(1)  # 1 - 1/x: 0 for a set bit, -inf if not
         used = key_bytes
         while used.shape[1] > 1:  # OR over the (power-of-two many) query rows
             used = used[:, 0::2] | used[:, 1::2]
         self.key_used = used[:, 0]  # [S, BK / 8]: bit c % 8 of byte c // 8 says some query attends to key c
-        self.row_used = (bits != 0).any(-1)  # [S, BQ]: the query attends to some key
-        low_bits = [min(32, max(0, tail - 32 * w)) for w in range(bits.shape[-1])]
-        existing = torch.tensor([(1 << b) - 1 if b < 32 else -1 for b in low_bits], dtype=torch.int32, device=device)
-        self.row_used_last = (bits & existing != 0).any(-1)  # the same, seeing only the last tile's existing keys
         self.tail_bytes = np.array([(1 << min(8, max(0, tail - 8 * j))) - 1 for j in range(block_k // 8)], dtype=np.uint8)
 
     def groups(self, H: int, C: int) -> list[_Group]:
@@ -206,21 +199,22 @@ class _TileMasks:
         r0, r1 = i0 * BQ, min(i1 * BQ, n)
         if keys is None:
             key_range = slice(first * BK, min((last + 1) * BK, n))
-            return _Group(b, i0, i1, r0, r1, slice(first, last + 1), key_range, None, last, key_range.stop - key_range.start)
+            return _Group(b, i0, i1, r0, r1, slice(first, last + 1), key_range, None, key_range.stop - key_range.start)
         used_bytes = np.bitwise_or.reduce(keys, axis=0) != 0  # [nK, BK / 8]
         cols = used_bytes.any(-1).nonzero()[0]
         key_bytes = used_bytes[cols].reshape(-1).nonzero()[0]  # positions among the tiles' bytes
-        tokens = (cols.repeat(BK // 8) * BK + np.tile(np.arange(0, BK, 8), len(cols)))[key_bytes, None] + np.arange(8)
-        tokens = tokens.reshape(-1)[: len(key_bytes) * 8 - max(0, int(tokens[-1, -1]) + 1 - n)]  # cut at N (the last run only)
+        tokens = ((cols.repeat(BK // 8) * BK + np.tile(np.arange(0, BK, 8), len(cols)))[key_bytes, None] + np.arange(8)).reshape(-1)
+        tokens = tokens[tokens < n]  # ascending: only the last run can pass N, and its bias columns go last
         as_tensor = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
-        return _Group(b, i0, i1, r0, r1, as_tensor(cols), as_tensor(tokens), as_tensor(key_bytes), int(cols[-1]), len(tokens))
+        return _Group(b, i0, i1, r0, r1, as_tensor(cols), as_tensor(tokens), as_tensor(key_bytes), len(tokens))
 
     def bias(self, grp: _Group, scratch: "_Scratch", log_size: torch.Tensor | None = None):
         """(bias [1, 1, M, L] or None, empty rows [M] or None) of the group's M queries and L keys, in
         ``scratch``'s buffers (overwritten by the next group); ``log_size`` [L] (the group's keys') is
-        added to every allowed pair. No bias and no empty row when every tile pair is full and there
-        is no log size (checked on CPUs only, where reading it costs no device sync): full tiles
-        have no padding and no empty row."""
+        added to every allowed pair. Empty rows are those whose bias is all -inf (a log size of -inf
+        removes a key). No bias and no empty row when every tile pair is full and there is no log
+        size (checked on CPUs only, where reading it costs no device sync): full tiles have no
+        padding and no empty row."""
         state = self.tile_map[grp.b, grp.i0 : grp.i1][:, grp.cols]  # [g, T]
         M = grp.r1 - grp.r0
         if log_size is None and grp.key_bytes is None and state.device.type == "cpu" and bool((state == 1).all()):
@@ -232,13 +226,9 @@ class _TileMasks:
         words = words.flatten()  # each byte's 8 biases, in key order
         bias = torch.index_select(self.byte_bias, 0, words, out=scratch.get("bias", (words.numel(), 8), self.byte_bias.dtype))
         bias = bias.view(state.shape[0] * self.block_q, -1)[:M, : grp.num_keys]
-        if log_size is not None:  # a log size of -inf removes a key, so the bias itself says which rows are empty
+        if log_size is not None:
             bias += log_size
-            return bias[None, None], torch.isneginf(bias).all(-1)
-        row_used = self.row_used[state]  # [g, T, BQ]
-        if grp.last_col == self.last_tile:
-            row_used[:, -1] = self.row_used_last[state[:, -1]]
-        return bias[None, None], ~row_used.any(1).flatten()[:M]
+        return bias[None, None], bias.amax(-1) == float("-inf")  # amax: ~20x faster than isneginf().all()
 
 
 def _attend_explicit(q, k, v, bias, scale):
