@@ -232,6 +232,25 @@ def test_group_math_cpu_kernel_equals_explicit(dtype, seed):
     assert torch.isinf(outs[1][1][empty.expand(R, H, M_)]).all()
 
 
+def _check_float64_reference(layout, spec, plan, q, k, v, ls, use_lse=True):
+    """The reference's output, LSE and gradients against the float64 oracle, to 1e-9: with log
+    sizes ``ls`` (or None), gradients through out and, with ``use_lse``, the finite LSE rows
+    (without, the backward gets no dLSE)."""
+    leaves = (q, k, v) if ls is None else (q, k, v, ls)
+    out, lse = vidtok.sparse_attention(q, k, v, plan, kv_log_size=ls, return_lse=True, backend="reference")
+    e_out, e_lse = oracle(q, k, v, sparse_truth_mask(layout, spec), q.shape[-1] ** -0.5, ls)
+    torch.testing.assert_close(out, e_out, atol=1e-10, rtol=1e-10)
+    finite = torch.isfinite(e_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    g = torch.Generator().manual_seed(3)
+    g_out, g_lse = torch.randn(out.shape, generator=g, dtype=out.dtype), torch.randn(lse.shape, generator=g, dtype=lse.dtype)
+    got, expected = (out * g_out).sum(), (e_out * g_out).sum()
+    if use_lse:
+        got, expected = got + (lse[finite] * g_lse[finite]).sum(), expected + (e_lse[finite] * g_lse[finite]).sum()
+    for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(expected, leaves)):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
 def test_reference_explicit_group_math_matches_oracle(monkeypatch):
     """The whole reference with the explicit math (its path on GPUs) on a random layout:
     output, LSE and gradients (with GQA, log sizes and dLSE) against the float64 oracle."""
@@ -244,16 +263,7 @@ def test_reference_explicit_group_math_matches_oracle(monkeypatch):
     B, N = layout.batch, layout.num_tokens
     q, k, v = (x.requires_grad_() for x in _inputs(B, 4, 2, N, 8, torch.float64, 5))
     ls = torch.randn(B, N, dtype=torch.float64, requires_grad=True)
-    out, lse = vidtok.sparse_attention(q, k, v, plan, kv_log_size=ls, return_lse=True, backend="reference")
-    e_out, e_lse = oracle(q, k, v, sparse_truth_mask(layout, spec), 8**-0.5, ls)
-    torch.testing.assert_close(out, e_out, atol=1e-10, rtol=1e-10)
-    finite = torch.isfinite(e_lse)
-    assert torch.equal(torch.isfinite(lse), finite)
-    g_out, g_lse = torch.randn_like(out), torch.randn_like(lse)
-    got = torch.autograd.grad((out * g_out).sum() + (lse[finite] * g_lse[finite]).sum(), (q, k, v, ls))
-    expected = torch.autograd.grad((e_out * g_out).sum() + (e_lse[finite] * g_lse[finite]).sum(), (q, k, v, ls))
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    _check_float64_reference(layout, spec, plan, q, k, v, ls)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -287,24 +297,8 @@ def test_reference_query_groupings_match_oracle(monkeypatch, grouping, seed):
         assert not any(compacted) and max(sizes) > 1
     q, k, v = (x.requires_grad_() for x in _inputs(B, 4, 2, N, 8, torch.float64, seed))
     ls = (torch.rand(B, N, generator=g, dtype=torch.float64) * 2).log().requires_grad_()
-    out, lse = vidtok.sparse_attention(q, k, v, plan, kv_log_size=ls, return_lse=True, backend="reference")
-    e_out, e_lse = oracle(q, k, v, sparse_truth_mask(layout, spec), 8**-0.5, ls)
-    torch.testing.assert_close(out, e_out, atol=1e-10, rtol=1e-10)
-    finite = torch.isfinite(e_lse)
-    assert torch.equal(torch.isfinite(lse), finite)
-    g_out, g_lse = torch.randn_like(out), torch.randn_like(lse)
-    got = torch.autograd.grad((out * g_out).sum() + (lse[finite] * g_lse[finite]).sum(), (q, k, v, ls))
-    expected = torch.autograd.grad((e_out * g_out).sum() + (e_lse[finite] * g_lse[finite]).sum(), (q, k, v, ls))
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
-    # and without log sizes and dLSE (the backward without the extra head channel)
-    out = vidtok.sparse_attention(q, k, v, plan, backend="reference")
-    e_out, _ = oracle(q, k, v, sparse_truth_mask(layout, spec), 8**-0.5)
-    torch.testing.assert_close(out, e_out, atol=1e-10, rtol=1e-10)
-    got = torch.autograd.grad((out * g_out).sum(), (q, k, v))
-    expected = torch.autograd.grad((e_out * g_out).sum(), (q, k, v))
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    _check_float64_reference(layout, spec, plan, q, k, v, ls)
+    _check_float64_reference(layout, spec, plan, q, k, v, None, use_lse=False)  # the backward without the extra head channel
 
 
 def test_reference_gradcheck_float64():
