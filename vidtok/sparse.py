@@ -434,7 +434,7 @@ def build_plan(layout: VideoLayout, spec: _masks.MaskSpec, *, block: tuple[int, 
     BQ, BK = block
     spec.validate(layout.grid)
     grid = layout.grid
-    B, N = layout.batch, layout.num_tokens
+    B = layout.batch
     dev = layout.device
 
     qc, qkind = _padded_tile_coords(layout, BQ)
