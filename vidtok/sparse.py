@@ -675,11 +675,10 @@ def sparse_attention(
     key set (a range of key tiles, read as a view, or the runs of keys the group's queries attend
     to, gathered), as a small cost model picks; on CPUs every group runs in ATen's fused
     flash-attention kernels, the ones torch's own SDPA uses there, and the backward is one walk
-    over the groups adding dK, dV into their keys in a fixed order
-    (``BACKWARD_BACKEND`` says which backward each backend runs). Deterministic (no float
-    atomics in the Triton kernels; the reference adds to each key once per group); no host sync in
-    the Triton path (the reference reads the plan's tile map on the host
-    to pick its groups).
+    over the groups adding dK, dV into their keys in a fixed order (``BACKWARD_BACKEND`` says which
+    backward each backend runs). Deterministic (no float atomics in the Triton kernels; the
+    reference adds to each key once per group); no host sync in the Triton path (the reference
+    reads the plan's tile map on the host to pick its groups).
     """
     if not isinstance(plan, SparsePlan):
         raise TypeError(f"plan must be a vidtok.SparsePlan from vidtok.build_plan, got {type(plan).__name__}")

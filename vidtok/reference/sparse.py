@@ -13,8 +13,8 @@ tile pairs, not N^2). Consecutive query tiles whose key sets overlap are taken t
 (``_TileMasks.groups``): each group is one attention problem, its queries against one key set -- a
 range of key tiles (a view of k and v, no copy) or the runs of 8 keys in which some query of the
 group attends to some key (gathered) -- with the token mask as an additive bias (0 or -inf, from
-``bits``; ``_TileMasks``). A small cost model picks the groups: larger problems run faster in the kernel,
-pairs of the union a tile does not use are wasted work. On CPUs each group runs in ATen's fused
+``bits``; ``_TileMasks``). A small cost model picks the groups: larger problems run faster in the
+kernel, while pairs of the key set that a tile does not use are wasted work. On CPUs each group runs in ATen's fused
 flash-attention kernels (``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward:
 the blocked online softmax torch's own SDPA runs on CPUs); elsewhere as the explicit softmax(S) V of
 ``_attend_explicit``, which is what the CPU kernel computes (tests/test_sparse_attention.py checks
@@ -362,9 +362,9 @@ def sparse_attention_backward(
 
     With P recomputed from the LSE: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O) + dLSE),
     dQ = scale dS K, dK = scale dS^T Q, d kv_log_size[key] = sum over heads and queries of dS. One
-    walk over the forward's query groups: each group's dQ is final, its dK and dV are added into
-    its keys in group order. The log sizes and dLSE ride in one extra head
-    channel, so every group is a plain attention backward: S = scale q' k'^T with q' = [q, 1/scale]
+    walk over query groups (the forward's cost model, for this pass's head channels): each group's
+    dQ is final, its dK and dV are added into its keys in group order. The log sizes and dLSE ride
+    in one extra head channel, so every group is a plain attention backward: S = scale q' k'^T with q' = [q, 1/scale]
     and k' = [k, log size] (the last column of dK' = scale dS^T q' is then the column sums of dS,
     d kv_log_size); v' = [v, 0] leaves P V and dP as they are; out' = [out, -dLSE] with
     dO' = [dO, 1] turns rowsum(dO' * out') into rowsum(dO * O) - dLSE. Without log sizes and dLSE
