@@ -1,8 +1,11 @@
 """Render pytest-benchmark JSON files under bench/results/ into a Markdown table and a PNG chart.
 
     python bench/render.py [bench/results/<device>.json ...]
+    python bench/render.py --merge OUT.json IN.json [IN.json ...]
 
-For each JSON file: <name>.md (one table per benchmark group: median time, achieved GB/s, fraction
+``--merge`` first writes OUT.json: the benchmarks of every IN.json (runs of parts of bench/ on one
+device, e.g. bench/gpu_session.sh's stages) under the first one's machine and commit info, then
+renders OUT.json. For each JSON file: <name>.md (one table per benchmark group: median time, achieved GB/s, fraction
 of the device's measured copy bandwidth, speed-up over the eager baseline of the same group) and
 <name>.png (the same speed-ups as bars).
 """
@@ -82,7 +85,22 @@ def chart(path: Path, out: Path) -> None:
     plt.close(fig)
 
 
+def merge(out: Path, paths: list[Path]) -> None:
+    """Write ``out``: the first JSON of ``paths`` with the benchmarks of all of them."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    devices = {run["machine_info"].get("vidtok_device") for run in runs}
+    if len(devices) != 1:
+        raise SystemExit(f"--merge takes runs of one device, got {sorted(map(str, devices))}")
+    merged = dict(runs[0], benchmarks=[bench for run in runs for bench in run["benchmarks"]])
+    out.write_text(json.dumps(merged, indent=1))
+
+
 def main(paths: list[str]) -> None:
+    if paths[:1] == ["--merge"]:
+        if len(paths) < 3:
+            raise SystemExit("usage: render.py --merge OUT.json IN.json [IN.json ...]")
+        merge(Path(paths[1]), [Path(p) for p in paths[2:]])
+        paths = paths[1:2]
     files = [Path(p) for p in paths] or sorted(RESULTS.glob("*.json"))
     for path in files:
         md = path.with_suffix(".md")
