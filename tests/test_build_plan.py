@@ -21,6 +21,24 @@ def test_from_grid():
     assert layout.coords[2, -1].tolist() == [1, 2, 3]
 
 
+def test_to_and_expand():
+    layout = vidtok.VideoLayout.from_grid(2, 3, 4, num_global=1)
+    assert layout.to("cpu") is layout
+    three = layout.expand(3)
+    want = vidtok.VideoLayout.from_grid(2, 3, 4, num_global=1, batch=3)
+    for name in ("coords", "kind", "lengths"):
+        assert torch.equal(getattr(three, name), getattr(want, name))
+    assert three.kv_log_size is None and (three.grid, three.num_global) == (want.grid, want.num_global)
+    spec = M.neighborhood((1, 3, 3)) | M.global_tokens()
+    assert torch.equal(vidtok.build_plan(three, spec, block=(16, 16)).tile_map, vidtok.build_plan(want, spec, block=(16, 16)).tile_map)
+    sized = vidtok.VideoLayout(layout.coords, layout.kind, layout.lengths, layout.grid, 1, torch.rand(1, layout.num_tokens))
+    assert torch.equal(sized.expand(2).kv_log_size, sized.kv_log_size.expand(2, -1))
+    with pytest.raises(ValueError, match="only a layout of one sequence"):
+        three.expand(6)
+    with pytest.raises(ValueError, match="batch must be >= 1"):
+        layout.expand(0)
+
+
 def test_from_keep_packs_kept_tokens_in_order():
     keep = torch.rand(3, 3, 4, 5, generator=torch.Generator().manual_seed(0)) < 0.5
     keep[2] = False  # a video with no kept token: only its global token remains

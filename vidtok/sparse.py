@@ -16,6 +16,7 @@ NATTEN's neighborhood windows, ToMe's proportional attention (see research/atten
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -84,6 +85,24 @@ class VideoLayout:
     @property
     def device(self) -> torch.device:
         return self.coords.device
+
+    def to(self, device) -> VideoLayout:
+        """The same layout with its tensors on ``device`` (``self`` if they are there already)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        return self._map(lambda x: x.to(device))
+
+    def expand(self, batch: int) -> VideoLayout:
+        """A layout of one sequence repeated ``batch`` times (the same video in every row of a batch)."""
+        _check_pos_int("batch", batch)
+        if self.batch != 1:
+            raise ValueError(f"only a layout of one sequence can be expanded, this one holds {self.batch}")
+        return self._map(lambda x: x.expand(batch, *x.shape[1:]).contiguous())
+
+    def _map(self, fn) -> VideoLayout:
+        tensors = ("coords", "kind", "lengths", "kv_log_size")
+        return dataclasses.replace(self, **{name: None if getattr(self, name) is None else fn(getattr(self, name)) for name in tensors})
 
     def token_coords(self) -> _masks.Coords:
         """int64 Coords [B, N] (t, h, w, is_global) of every token."""

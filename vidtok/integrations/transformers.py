@@ -44,6 +44,11 @@ holds tokens plus new ``pixel_values_videos`` is refused); LLaVA-OneVision batch
 different token counts cannot use ``num_beams``/``num_return_sequences`` > 1 (transformers expands
 its pooled video features as one tensor per video). Call ``remove`` before ``copy.deepcopy`` of a
 patched model (the wrappers refer to the original instance).
+
+Sparse video attention: ``apply_sparse_attention(model, layout, spec)`` makes the attention layers of
+a transformers model that dispatch through ``AttentionInterface`` (``config._attn_implementation``:
+VideoMAE, ViT, ... and the vision towers of VLMs) run ``vidtok.sparse_attention`` with the plan of
+``spec`` on ``layout``; ``remove_sparse_attention(model)`` undoes it. See its docstring.
 """
 
 from __future__ import annotations
@@ -54,12 +59,23 @@ import math
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface
 from transformers.generation.utils import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from vidtok import masks as _masks
+from vidtok import sparse as _sparse
 from vidtok.integrations.policies import check_output
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "CompressedVideoOutput", "apply", "is_applied", "remove"]
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "CompressedVideoOutput",
+    "apply",
+    "apply_sparse_attention",
+    "is_applied",
+    "remove",
+    "remove_sparse_attention",
+]
 
 _QWEN = ("qwen2_vl", "qwen2_5_vl")
 _LLAVA = ("llava_onevision",)
@@ -412,3 +428,108 @@ def _compress(model, state: _Patch, arguments: dict, *, for_generate: bool) -> d
         del new["pixel_values"]
     new["mm_encoder_outputs"] = mm_encoder_outputs
     return new
+
+
+# ---------------------------------------------------------------------------------------------------
+# sparse video attention
+
+_SPARSE_STATE = "_vidtok_sparse_attention"
+
+
+@dataclass
+class _SparseAttention:
+    name: str  # its key in transformers' AttentionInterface
+    layout: _sparse.VideoLayout
+    spec: _masks.MaskSpec
+    block: tuple
+    saved: str | None  # the config's attention implementation before
+    plans: dict  # (device, batch) -> SparsePlan, built on first use
+
+    def plan(self, device: torch.device, batch: int) -> _sparse.SparsePlan:
+        key = (device, batch)
+        if key not in self.plans:
+            layout = self.layout
+            if layout.batch not in (1, batch):
+                raise ValueError(
+                    f"apply_sparse_attention's layout holds {layout.batch} sequences, but an attention layer got a "
+                    f"batch of {batch} (a layout of one sequence serves any batch)"
+                )
+            layout = layout.to(device)
+            if layout.batch != batch:
+                layout = layout.expand(batch)
+            self.plans[key] = _sparse.build_plan(layout, self.spec, block=self.block)
+        return self.plans[key]
+
+    def attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        """The AttentionInterface function: query [B, H, N, D], key/value [B, H_kv, N, D] ->
+        ([B, N, H, D], None)."""
+        if attention_mask is not None:
+            raise ValueError(
+                f"{type(module).__name__} passed an attention_mask; vidtok sparse attention takes its mask from the "
+                "plan only (remove_sparse_attention to run this model with masks)"
+            )
+        if dropout:
+            raise ValueError(f"vidtok sparse attention has no attention dropout, got dropout={dropout} (call model.eval() or set it to 0)")
+        unsupported = sorted(name for name, v in kwargs.items() if isinstance(v, torch.Tensor) or v)
+        if unsupported:
+            raise ValueError(f"vidtok sparse attention does not support these arguments of {type(module).__name__}: {unsupported}")
+        plan = self.plan(query.device, query.shape[0])
+        log_size = plan.layout.kv_log_size
+        out = _sparse.sparse_attention(query, key, value, plan, scale=scaling, kv_log_size=log_size)
+        return out.transpose(1, 2), None
+
+
+def apply_sparse_attention(model, layout, spec, *, block: tuple[int, int] = (64, 64)):
+    """Run the attention layers of ``model`` as ``vidtok.sparse_attention`` with the plan of ``spec``
+    on ``layout``; returns ``model`` (changed in place).
+
+    Args:
+        model: a transformers model (or sub-model, such as a VLM's vision tower) whose attention layers
+            dispatch through ``AttentionInterface``, i.e. read ``config._attn_implementation``. Exactly the
+            layers that read ``model.config`` change: for a VLM, pass its vision tower, whose config is
+            the vision sub-config, and the language model keeps its attention.
+        layout: the ``vidtok.VideoLayout`` of the layers' token sequence (N tokens in the model's
+            order, e.g. ``VideoLayout.from_grid(T, H, W, num_global=1)`` for a [CLS] token followed by
+            the video's patches in (t, h, w) order). One sequence serves any batch; B sequences serve
+            batches of B. Its ``kv_log_size`` (``from_merge``), if any, is added to the keys' logits.
+        spec: a ``vidtok.masks`` spec, e.g. ``masks.neighborhood((3, 7, 7)) | masks.global_tokens()``.
+        block: the plan's (BQ, BK) tiles.
+
+    Plans are built on the first call per (device, batch size) and cached (host syncs; the first plan is
+    built here, so a bad layout or spec fails now). Run one eager call per device and batch size before
+    ``torch.compile``; after it the layers compile with ``fullgraph=True``. Layers given an ``attention_mask``, attention dropout
+    (training with a dropout probability > 0) or other options the op lacks (sliding windows,
+    soft-capping, varlen ``cu_seq_lens``) raise a ValueError naming them instead of being approximated.
+    Applying again replaces the layout and spec.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        raise TypeError(f"model must be a transformers model with a config, got {type(model).__name__}")
+    if not isinstance(layout, _sparse.VideoLayout):
+        raise TypeError(f"layout must be a vidtok.VideoLayout, got {type(layout).__name__}")
+    first = _sparse.build_plan(layout, spec, block=block)  # validates spec and block
+    remove_sparse_attention(model)
+    state = _SparseAttention(
+        name=f"vidtok_sparse_{id(model):x}",
+        layout=layout,
+        spec=spec,
+        block=tuple(block),
+        saved=config._attn_implementation,
+        plans={(layout.device, layout.batch): first},
+    )
+    AttentionInterface.register(state.name, state.attention)
+    config._attn_implementation = state.name
+    object.__setattr__(model, _SPARSE_STATE, state)
+    return model
+
+
+def remove_sparse_attention(model):
+    """Undo ``apply_sparse_attention``: the config's attention implementation is the one it had before
+    and the attention function is unregistered; returns ``model``. Unchanged if it was not applied."""
+    state = model.__dict__.get(_SPARSE_STATE)
+    if state is None:
+        return model
+    model.config._attn_implementation = state.saved
+    AttentionInterface._global_mapping.pop(state.name, None)
+    del model.__dict__[_SPARSE_STATE]
+    return model
