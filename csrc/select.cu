@@ -515,10 +515,11 @@ template <typename Args>
 void launch_persistent(void (*shared_kernel)(Args), void (*global_kernel)(Args), const Args& args, int64_t problems,
                        int64_t T, size_t state_bytes, bool force_global, cudaStream_t stream, const char* what) {
   if (problems > 0x7fffffff) throw std::invalid_argument(std::string(what) + ": more than 2^31 - 1 problems (B * Q)");
-  const bool shared = !force_global && T <= kTile &&
-                      state_bytes + static_smem(shared_kernel) <= static_cast<size_t>(optin_smem());
+  const size_t smem = state_bytes + static_smem(shared_kernel);
+  const bool shared = !force_global && T <= kTile && smem <= static_cast<size_t>(optin_smem());
   if (shared) {
-    if (state_bytes > 48 * 1024 &&
+    // past the default 48 KiB per block (static + dynamic shared memory together) the kernel must opt in
+    if (smem > 48 * 1024 &&
         cudaFuncSetAttribute(shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(state_bytes)) != cudaSuccess)
       check_launch(what);
     shared_kernel<<<static_cast<unsigned>(problems), kThreads, state_bytes, stream>>>(args);

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -25,3 +26,19 @@ class AotCase:
     constexprs: dict = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
+
+
+def on_tensor_device(launcher):
+    """Run a launcher under the CUDA device of its first tensor argument: Triton launches on the
+    current device and its current stream, not on the tensors' device (tensors on cuda:1 with cuda:0
+    current would be read from the wrong device). CPU tensors (the interpreter) need no guard."""
+
+    @functools.wraps(launcher)
+    def launch(*args, **kwargs):
+        first = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        if not first.is_cuda:
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(first.device):
+            return launcher(*args, **kwargs)
+
+    return launch

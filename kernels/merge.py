@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import TRITON_DTYPES, AotCase
+from .common import TRITON_DTYPES, AotCase, on_tensor_device
 
 EPS = tl.constexpr(1e-8)  # F.cosine_similarity's default eps
 # One configuration each. BLOCK_C = 128 elements is 256 contiguous bytes per token row in 16-bit.
@@ -125,6 +125,7 @@ def _paired_similarity_bwd_kernel(
         tl.store(out_row + offs_c[None, :], g.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
+@on_tensor_device
 def paired_similarity_fwd(x: torch.Tensor, lag: int) -> torch.Tensor:
     """fp32 [B, T - lag, N] cosine similarities; x [B, T, N, C] may be any strided view."""
     B, T, N, C = x.shape
@@ -140,6 +141,7 @@ def paired_similarity_fwd(x: torch.Tensor, lag: int) -> torch.Tensor:
     return out
 
 
+@on_tensor_device
 def paired_similarity_bwd(grad_out: torch.Tensor, x: torch.Tensor, lag: int) -> torch.Tensor:
     """Contiguous grad_x [B, T, N, C] in x's dtype from grad_out [B, T - lag, N]."""
     B, T, N, C = x.shape
@@ -267,6 +269,7 @@ def _match_kernel(
     tl.store(idx_ptr + out, best_idx, mask=mask_m)
 
 
+@on_tensor_device
 def match(a: torch.Tensor, b: torch.Tensor, a_group: torch.Tensor | None, b_group: torch.Tensor | None):
     """(score fp32 [B, M], idx int32 [B, M]); a [B, M, D], b [B, K, D] of one dtype, any strides;
     a_group/b_group int32 [B, M]/[B, K] or both None."""
@@ -340,8 +343,10 @@ def _merge_tokens_kernel(
     s_xb, s_xn, s_xc, s_sb, s_sn,
     MODE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    # slot blocks on grid axis 0 (up to 2^31 - 1; axes 1 and 2 stop at 65,535): long videos keep
+    # millions of slots
+    offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    b = tl.program_id(1)
     mask_s = offs_s < L
     offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
@@ -377,6 +382,7 @@ def _merge_tokens_kernel(
         tl.store(size_out_ptr + b.to(tl.int64) * L + offs_s, total, mask=mask_s)
 
 
+@on_tensor_device
 def merge_tokens(x: torch.Tensor, size: torch.Tensor, index: torch.Tensor, origin: torch.Tensor, mode: str):
     """(out [B, L, C] in x's dtype, size_out fp32 [B, L]) from x [B, N, C] (any strides), size [B, N],
     index int32 [B, N] (slot of each token) and origin int32 [B, L]."""
@@ -391,7 +397,7 @@ def merge_tokens(x: torch.Tensor, size: torch.Tensor, index: torch.Tensor, origi
     slots = torch.arange(L + 1, device=x.device, dtype=index.dtype).expand(B, L + 1).contiguous()
     starts = torch.searchsorted(order.values.contiguous(), slots).to(torch.int32).contiguous()
     cfg = MERGE_CONFIG
-    grid = (B, triton.cdiv(L, cfg["BLOCK_S"]), max(triton.cdiv(C, cfg["BLOCK_C"]), 1))
+    grid = (triton.cdiv(L, cfg["BLOCK_S"]), B, max(triton.cdiv(C, cfg["BLOCK_C"]), 1))
     _merge_tokens_kernel[grid](
         x, size, perm, starts, origin.contiguous(), out, size_out, N, L, C, *x.stride(), *size.stride(),
         MODE=MERGE_MODE_CODES[mode], BLOCK_S=cfg["BLOCK_S"], BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"],
@@ -484,6 +490,7 @@ def _window_links_kernel(
     tl.store(idx_ptr + out, best_idx, mask=mask_n)
 
 
+@on_tensor_device
 def window_links(x: torch.Tensor, lag: int, radius: int, grid: tuple[int, int]):
     """(score fp32 [B, T - lag, N], idx int32 [B, T - lag, N]) for x [B, T, N, C], any strides."""
     B, T, N, C = x.shape

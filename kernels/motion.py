@@ -27,7 +27,7 @@ import triton.language as tl
 
 from vidtok.motion import TRITON_MAX_ELEMENTS
 
-from .common import TRITON_DTYPES, AotCase
+from .common import TRITON_DTYPES, AotCase, on_tensor_device
 
 INF = tl.constexpr(float("inf"))
 # A patch (ts * C * ph * pw elements, or C * ph * pw for RLT's rule) lives in one register tile of
@@ -222,6 +222,7 @@ def _gate_launch(video: torch.Tensor, ph: int, pw: int, ts: int, reduce: str):
     return Tq, h, w, rlt, (1 if rlt else ts) * C * ph * pw, outputs
 
 
+@on_tensor_device
 def motion_gate_compensated(
     video: torch.Tensor, ph: int, pw: int, threshold: float, reference: str, ts: int, reduce: str,
     refresh_every: int, max_run: int, radius: int,
@@ -244,6 +245,7 @@ def motion_gate_compensated(
     return keep.view(torch.bool), delta, run, carry, motion
 
 
+@on_tensor_device
 def motion_gate(
     video: torch.Tensor, ph: int, pw: int, threshold: float, reference: str, ts: int, reduce: str,
     refresh_every: int, max_run: int,
@@ -320,6 +322,7 @@ def _block_match_kernel(
     tl.store(motion_ptr + 2 * pid + 1, tl.where(nan00, 0, best_dx).to(tl.int16))
 
 
+@on_tensor_device
 def block_match(cur: torch.Tensor, ref: torch.Tensor, block: int, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
     """motion int16 ``[B, h, w, 2]`` and cost fp32 ``[B, h, w]``; cur, ref ``[B, H, W]``, any strides.
     Semantics: vidtok.reference.motion.block_match."""

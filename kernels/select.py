@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import TRITON_DTYPES, AotCase
+from .common import TRITON_DTYPES, AotCase, on_tensor_device
 
 EPS = tl.constexpr(1e-8)  # F.cosine_similarity's default eps
 # BLOCK_Q = 16 is tl.dot's smallest N; wasted MMA columns cost nothing in this memory-bound scan.
@@ -96,6 +96,7 @@ def _frame_scores_kernel(
         tl.store(rel_ptrs, rel, mask=in_t[:, None] & in_q[None, :])
 
 
+@on_tensor_device
 def frame_scores(x: torch.Tensor, query: torch.Tensor | None, scale: float, bias: float, lengths: torch.Tensor | None):
     """(relevance fp32 [B, Q, T], adjacent fp32 [B, T - 1], norms fp32 [B, T]); any strides."""
     B, T, C = x.shape

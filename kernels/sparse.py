@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import TRITON_DTYPES, AotCase
+from .common import TRITON_DTYPES, AotCase, on_tensor_device
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -294,6 +294,7 @@ def _head_block(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
+@on_tensor_device
 def sparse_attention_fwd(q, k, v, kv_log_size, row_ptr, col_idx, entry_bits, bits, block_q: int, block_k: int, scale: float):
     """out [B, H, N, D] (contiguous, q's dtype) and fp32 natural-log LSE [B, H, N].
 
@@ -323,6 +324,7 @@ def sparse_attention_fwd(q, k, v, kv_log_size, row_ptr, col_idx, entry_bits, bit
     return out, lse
 
 
+@on_tensor_device
 def sparse_attention_bwd(grad_out, grad_lse, q, k, v, kv_log_size, out, lse,
                          row_ptr, col_idx, entry_bits, col_ptr, row_idx, entry_bits_t, bits,
                          block_q: int, block_k: int, scale: float):

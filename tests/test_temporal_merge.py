@@ -282,6 +282,19 @@ def test_gpu_video_llm_workload(radius):
     assert (got.index == expected.index).float().mean() > 0.99
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="realistic sizes run on a GPU only")
+def test_gpu_long_video_keeps_more_slots_than_one_grid_axis_holds():
+    """1,000 frames x 576 tokens with r = 1 keep 575,999 slots: 72,000 merge programs of 8 slots, past
+    the 65,535 a CUDA grid's axes 1 and 2 allow (merge_tokens puts them on axis 0)."""
+    x = _video(1, 1000, 576, 16, seed=4, device="cuda")
+    got = vidtok.temporal_merge(x, r=1, backend="triton")
+    expected = vidtok.temporal_merge(x, r=1, backend="reference")
+    assert got.x.shape[1] == 1000 * 576 - 1
+    assert torch.equal(got.index, expected.index)
+    torch.testing.assert_close(got.x, expected.x)
+
+
 def test_compiles_fullgraph_with_threshold():
     """The data-dependent output length becomes an unbacked size under torch.compile."""
     torch._dynamo.reset()
