@@ -6,7 +6,7 @@
 - ``vidtok.integrations.transformers``: ``apply(model, policy)`` / ``remove(model)`` for Hugging Face
   Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision; ``apply_sparse_attention(model, layout, spec)`` /
   ``remove_sparse_attention(model)``: ``vidtok.sparse_attention`` in the attention layers of any model
-  that dispatches through transformers' AttentionInterface (VideoMAE, ViT, vision towers).
+  that dispatches through transformers' AttentionInterface (VideoMAE, ViViT, V-JEPA 2, ViT, ...).
 - ``vidtok.integrations.timm``: ``apply_tome(model, r)`` / ``remove(model)``, ToMe token merging
   inside a timm VisionTransformer (Bolya et al., ICLR 2023) on ``vidtok.bipartite_merge``.
 

@@ -47,7 +47,7 @@ patched model (the wrappers refer to the original instance).
 
 Sparse video attention: ``apply_sparse_attention(model, layout, spec)`` makes the attention layers of
 a transformers model that dispatch through ``AttentionInterface`` (``config._attn_implementation``:
-VideoMAE, ViT, ... and the vision towers of VLMs) run ``vidtok.sparse_attention`` with the plan of
+VideoMAE, ViViT, V-JEPA 2, ViT, SigLIP, ...) run ``vidtok.sparse_attention`` with the plan of
 ``spec`` on ``layout``; ``remove_sparse_attention(model)`` undoes it. See its docstring.
 """
 
@@ -484,10 +484,12 @@ def apply_sparse_attention(model, layout, spec, *, block: tuple[int, int] = (64,
     on ``layout``; returns ``model`` (changed in place).
 
     Args:
-        model: a transformers model (or sub-model, such as a VLM's vision tower) whose attention layers
-            dispatch through ``AttentionInterface``, i.e. read ``config._attn_implementation``. Exactly the
-            layers that read ``model.config`` change: for a VLM, pass its vision tower, whose config is
-            the vision sub-config, and the language model keeps its attention.
+        model: a transformers model (or sub-model) whose attention layers dispatch through
+            ``AttentionInterface``, i.e. read ``config._attn_implementation`` (VideoMAE, ViViT, V-JEPA 2,
+            ViT, SigLIP, ...). Exactly the layers that read ``model.config`` change: a sub-model with
+            its own sub-config (a VLM's vision tower) changes alone. Its layers must see the layout's
+            tokens in the layout's order (a token count that differs is refused; an order that differs,
+            e.g. Qwen2-VL's vision blocks, which order tokens by 2x2 merge windows, cannot be seen).
         layout: the ``vidtok.VideoLayout`` of the layers' token sequence (N tokens in the model's
             order, e.g. ``VideoLayout.from_grid(T, H, W, num_global=1)`` for a [CLS] token followed by
             the video's patches in (t, h, w) order). One sequence serves any batch; B sequences serve
