@@ -1,4 +1,5 @@
-"""vidtok.integrations.transformers.apply_sparse_attention on a tiny random-weight VideoMAE (offline).
+"""vidtok.integrations.transformers.apply_sparse_attention on tiny random-weight VideoMAE and ViViT
+models (offline).
 
 VideoMAE's attention layers dispatch through transformers' AttentionInterface, and its tokens are a
 video's tubelets in (t, h, w) order, so ``VideoLayout.from_grid`` describes them. The oracle is dense
@@ -91,6 +92,21 @@ def test_sparse_spec_equals_masked_sdpa_output_and_gradients():
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
     dense = _model()(video.detach()).last_hidden_state
     assert (got - dense).abs().max() > 1e-2  # the mask matters
+
+
+def test_a_cls_token_is_a_global_token():
+    """ViViT: [CLS] then the tubelets in (t, h, w) order, i.e. from_grid(..., num_global=1)."""
+    torch.manual_seed(0)
+    config = transformers.VivitConfig(
+        image_size=SIZE, num_frames=FRAMES, tubelet_size=[TUBELET, PATCH, PATCH], hidden_size=32,
+        num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+    )
+    model, video = transformers.VivitModel(config).eval(), _video()
+    layout = vidtok.VideoLayout.from_grid(*GRID, num_global=1)
+    spec = masks.frame_local() & masks.spatial_window(3, 3) | masks.global_tokens()
+    want = _run_with_oracle(model, vidtok.build_plan(layout, spec, block=BLOCK), video)
+    vt.apply_sparse_attention(model, layout, spec, block=BLOCK)
+    torch.testing.assert_close(model(video).last_hidden_state, want, atol=2e-5, rtol=1e-5)
 
 
 def test_key_log_sizes_are_added_to_the_logits():
