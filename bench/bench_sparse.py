@@ -5,7 +5,7 @@ Groups (each one shape, one mask, every implementation):
 - ``sparse_attention fwd|bwd``: vidtok.sparse_attention (the Triton kernels on a GPU, the reference
   -- vidtok's CPU path -- on a CPU); FlexAttention compiled (``torch.compile(flex_attention)``) on the
   same BlockMask (``plan.to_flex_block_mask()``: the plan's full and partial tiles, a mask_mod that
-  reads the plan's token bits); dense SDPA with the plan's boolean mask (``plan.to_sdpa_mask()``, built
+  reads the plan's token bits; on GPUs the same mask at 128 x 128 tiles, FLEX_BLOCK_GPU); dense SDPA with the plan's boolean mask (``plan.to_sdpa_mask()``, built
   outside the timed region; padding rows of the gated layouts have no allowed key and give NaN in
   SDPA, which does not change its cost), named "eager ..." so bench/render.py uses it as the baseline. The
   backward is timed alone: one forward with inputs that require grad, then
@@ -56,6 +56,11 @@ from vidtok import masks as M
 ON_GPU = torch.cuda.is_available()
 QUICK = os.environ.get("VIDTOK_BENCH_QUICK") == "1"
 BLOCK = (64, 64)
+# Compiled FlexAttention on H100-class GPUs needs BlockMask blocks that are multiples of its own
+# kernel tile (128 x 128 in Inductor's default bf16 configs; 64-token blocks raise "Q and KV block
+# size must be divisible by BLOCK_M and BLOCK_N", pytorch/pytorch#133562), so there it gets the same
+# token mask as a 128 x 128 plan; its FLOP counts are that plan's tiles.
+FLEX_BLOCK_GPU = (128, 128)
 TAU = 6.0  # motion gate threshold in grey levels (as bench_motion.py)
 
 # mask name -> spec. Spatial window 7x7 like the neighborhood's 7x7.
@@ -225,6 +230,13 @@ def _attention_impls(device: torch.device, backward: bool) -> dict:
     return impls
 
 
+def _own_plan(impl: str, plan: vidtok.SparsePlan) -> vidtok.SparsePlan:
+    """The plan an implementation runs: vidtok's, or on GPUs FlexAttention's 128 x 128 tiles of it."""
+    if impl.startswith("FlexAttention") and plan.tile_map.is_cuda:
+        return vidtok.build_plan(plan.layout, plan.spec, block=FLEX_BLOCK_GPU)
+    return plan
+
+
 def _aux(impl: str, plan: vidtok.SparsePlan):
     """The SDPA boolean mask [B, 1, N, N], FlexAttention's BlockMask, or nothing (vidtok reads the plan)."""
     if impl.startswith("eager SDPA"):
@@ -278,6 +290,7 @@ def _run_attention(case: Case, impl: str, device, measure, benchmark, backward: 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(case.B, case.H, N, case.D, generator=g).to(device, dtype) for _ in range(3))
     fn = _attention_impls(device, backward)[impl][0]
+    plan = _own_plan(impl, plan)
     aux = _aux(impl, plan)
     work = _attention_work(plan, case, dtype, backward)
     executed = work["dense_flops"] if impl.startswith("eager SDPA") else work["plan_flops"]
@@ -299,6 +312,7 @@ def _run_attention(case: Case, impl: str, device, measure, benchmark, backward: 
     peak = gemm_peak(device, dtype)
     info = benchmark.extra_info
     info.update(work)
+    info["block"] = list(plan.block)
     info["executed_flops"] = executed
     info["useful_TFLOPps"] = work["useful_flops"] / seconds / 1e12
     info["gemm_peak_TFLOPps"] = peak / 1e12

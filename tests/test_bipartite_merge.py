@@ -218,8 +218,9 @@ def test_merge_kernel_against_reference_with_large_groups(mode, device, dtype, b
     assert torch.bincount(merged.index[0].long()).max() == 16
     assert_close(merged.x, expected.x, dtype=dtype, reduce_dim=16)
     assert_close(merged.size, expected.size, dtype=torch.float32, reduce_dim=16)
-    again = vidtok.bipartite_merge(x, 15, metric=metric, size=size, mode=mode, backend=backend)
-    assert torch.equal(again.x, merged.x) and torch.equal(again.size, merged.size)
+    if not (device == "cuda" and backend == "reference"):  # the reference's index_add_ uses float atomics on CUDA
+        again = vidtok.bipartite_merge(x, 15, metric=metric, size=size, mode=mode, backend=backend)
+        assert torch.equal(again.x, merged.x) and torch.equal(again.size, merged.size)
 
 
 @pytest.mark.parametrize("device,dtype,backend", FP32_CASES)
@@ -227,8 +228,9 @@ def test_deterministic_and_metric_default(device, dtype, backend):
     x = _tokens(2, 33, 8, device=device, seed=13)
     a = vidtok.bipartite_merge(x, 10, backend=backend)
     b = vidtok.bipartite_merge(x, 10, metric=x.clone(), backend=backend)
+    atomics = device == "cuda" and backend == "reference"  # the reference's index_add_ on CUDA: float atomics
     for u, v in zip(a[:4], b[:4]):
-        assert torch.equal(u, v)
+        assert torch.equal(u, v) or (atomics and u.is_floating_point() and torch.allclose(u, v, rtol=1e-6, atol=1e-6))
     assert a.lengths is None
 
 

@@ -9,7 +9,7 @@ import torch
 
 import vidtok
 from vidtok.reference.motion import patchify, reduce_diff
-from vidtok.testing import real_clip, runnable_backends
+from vidtok.testing import devices, real_clip, runnable_backends
 
 BACKENDS = runnable_backends("cpu", torch.float32)  # uint8 video runs wherever float32 does
 
@@ -49,15 +49,18 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_uint8_bit_identical_across_backends(config):
+@pytest.mark.parametrize("device", devices())
+def test_uint8_bit_identical_across_backends(device, config):
+    """Every backend on ``device`` gives the CPU reference's gate, bit for bit."""
     video = _video(2, 8, 3, 8, 12, seed=zlib.crc32(str(config).encode()))
     threshold = {"l2": 400.0, "max_abs": 60.0}.get(config.get("reduce"), 20.0)
-    gates = [_gate(video, 4, threshold, b, **config) for b in BACKENDS]
-    keep = gates[0].keep
+    expected = _gate(video, 4, threshold, "reference", **config)
+    keep = expected.keep
     assert keep.dtype == torch.bool and keep.shape == (2, 8 // config.get("tubelet", 1), 2, 3)
     assert 0 < keep[:, 1:].float().mean() < 1, "the threshold should split the patches"
-    for g in gates[1:]:
-        _assert_same(g, gates[0])
+    for backend in [b for b in runnable_backends(device, torch.float32) if b != "cuda"]:  # no CUDA C++ gate
+        gate = _gate(video.to(device), 4, threshold, backend, **config)
+        _assert_same(type(gate)(*(x.cpu() if isinstance(x, torch.Tensor) else x for x in gate)), expected)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import vidtok
-from vidtok.testing import real_clip, runnable_backends
+from vidtok.testing import devices, real_clip, runnable_backends
 
 # uint8 video runs wherever float32 does (the kernels take both)
 BACKENDS = runnable_backends("cpu", torch.float32)
+CASES = [pytest.param(d, b, id=f"{d}-{b}") for d in devices() for b in runnable_backends(d, torch.float32) if b != "cuda"]
 REDUCES = ["mean_abs", "l2", "max_abs", "rlt"]
 
 
@@ -60,14 +61,14 @@ SHAPES = [
 @pytest.mark.parametrize("reduce", REDUCES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_float64_oracle(backend, dtype, shape, reduce):
+@pytest.mark.parametrize("device,backend", CASES)
+def test_matches_float64_oracle(device, backend, dtype, shape, reduce):
     B, T, C, H, W, patch, ts = shape
     video = _video(B, T, C, H, W, dtype=dtype, seed=zlib.crc32(str((shape, reduce)).encode()))
     if dtype != torch.uint8:
         video = video / 255  # non-integer values: float sums round
     ph, pw = (patch, patch) if isinstance(patch, int) else patch
-    out = vidtok.patch_delta(video, patch, tubelet=ts, reduce=reduce, backend=backend)
+    out = vidtok.patch_delta(video.to(device), patch, tubelet=ts, reduce=reduce, backend=backend).cpu()
     assert out.dtype == torch.float32 and out.shape == (B, T // ts, H // ph, W // pw)
     expected = _oracle(video, ph, pw, ts, reduce)
     assert torch.isinf(out[:, 0]).all()
@@ -77,11 +78,12 @@ def test_matches_float64_oracle(backend, dtype, shape, reduce):
 
 
 @pytest.mark.parametrize("reduce", REDUCES)
-def test_uint8_bit_identical_across_backends(reduce):
+@pytest.mark.parametrize("device", devices())
+def test_uint8_bit_identical_across_backends(device, reduce):
     video = _video(2, 6, 3, 8, 8, seed=3)
-    outs = [vidtok.patch_delta(video, 4, tubelet=2, reduce=reduce, backend=b) for b in BACKENDS]
-    for out in outs[1:]:
-        assert torch.equal(out, outs[0])
+    expected = vidtok.patch_delta(video, 4, tubelet=2, reduce=reduce, backend="reference")
+    for backend in [b for b in runnable_backends(device, torch.float32) if b != "cuda"]:  # no CUDA C++ gate
+        assert torch.equal(vidtok.patch_delta(video.to(device), 4, tubelet=2, reduce=reduce, backend=backend).cpu(), expected)
 
 
 def test_rlt_rule_from_the_paper():

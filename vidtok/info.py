@@ -41,6 +41,9 @@ def report() -> str:
             f"vidtok._C: {module.__file__} (sm {module.cuda_archs}, CUDA runtime "
             f"{runtime // 1000}.{runtime % 1000 // 10}, static; sees {module.device_count()} device(s))"
         )
+    from vidtok import sparse
+
+    dtype_limits = {"sparse_attention": sparse.dtype_reasons}
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -56,8 +59,12 @@ def report() -> str:
                 why = _backend.reasons(name, device, dtype)
                 lines.append(f"  {name:<10} {'can run' if not why else 'cannot run: ' + '; '.join(why)}")
             for op in OPS:
+                # the dtype limits an op adds to the generic checks (argument limits, such as head
+                # dimensions or patch sizes, are in each op's docstring and its error messages)
+                limits = dtype_limits.get(op)
+                op_reasons = (lambda name, limits=limits: limits(name, device, dtype)) if limits else None
                 try:
-                    chosen = _backend.select(op, device, dtype)
+                    chosen = _backend.select(op, device, dtype, None, op_reasons)
                 except _backend.BackendUnavailableError as exc:
                     chosen = f"none ({exc})"
                 lines.append(f"  auto -> {op}: {chosen}")

@@ -539,6 +539,16 @@ TRITON_MAX_HEAD_DIM = 128
 BACKWARD_BACKEND = {"reference": "reference", "triton": "triton"}
 
 
+def dtype_reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Why sparse_attention's ``backend`` cannot take ``dtype`` on ``device`` (beyond the generic checks;
+    also read by ``python -m vidtok info``)."""
+    if backend == "triton" and device.type == "cuda" and dtype == torch.float32:
+        # float32 tiles (IEEE dot products) spill kilobytes of stack and overflow shared memory at
+        # 128-token tiles on sm_80/sm_90 (python -m vidtok aot)
+        return ["on GPUs the Triton kernel takes float16 or bfloat16; float32 runs on the reference backend"]
+    return []
+
+
 def _sparse_attention_triton(q, k, v, kv_log_size, plan_tensors, block_q, block_k, scale):
     from vidtok.kernels import sparse as kernels
 
@@ -737,11 +747,7 @@ def sparse_attention(
         out = []
         if name == "triton" and D > TRITON_MAX_HEAD_DIM:
             out.append(f"the Triton kernel takes head dimensions D <= {TRITON_MAX_HEAD_DIM} (16, 32, 64, 128 or smaller, zero-padded), got D = {D}")
-        if name == "triton" and q.device.type == "cuda" and q.dtype == torch.float32:
-            # float32 tiles (IEEE dot products) spill kilobytes of stack and overflow shared memory at
-            # 128-token tiles on sm_80/sm_90 (python -m vidtok aot)
-            out.append("on GPUs the Triton kernel takes float16 or bfloat16; float32 runs on the reference backend")
-        return out
+        return out + dtype_reasons(name, q.device, q.dtype)
 
     chosen = _backend.select("sparse_attention", q.device, q.dtype, backend, op_reasons)
     BQ, BK = plan.block
