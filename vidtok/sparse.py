@@ -101,8 +101,9 @@ class VideoLayout:
         return self._map(lambda x: x.expand(batch, *x.shape[1:]).contiguous())
 
     def _map(self, fn) -> VideoLayout:
-        tensors = ("coords", "kind", "lengths", "kv_log_size")
-        return dataclasses.replace(self, **{name: None if getattr(self, name) is None else fn(getattr(self, name)) for name in tensors})
+        """The layout with ``fn`` applied to each of its tensors."""
+        tensors = {name: getattr(self, name) for name in ("coords", "kind", "lengths", "kv_log_size")}
+        return dataclasses.replace(self, **{name: None if t is None else fn(t) for name, t in tensors.items()})
 
     def token_coords(self) -> _masks.Coords:
         """int64 Coords [B, N] (t, h, w, is_global) of every token."""

@@ -497,14 +497,14 @@ def apply_sparse_attention(model, layout, spec, *, block: tuple[int, int] = (64,
         spec: a ``vidtok.masks`` spec, e.g. ``masks.neighborhood((3, 7, 7)) | masks.global_tokens()``.
         block: the plan's (BQ, BK) tiles.
 
-    Plans are built on the first call per (device, batch size) and cached (host syncs; the first plan is
-    built here, so a bad layout or spec fails now). Run one eager call per device and batch size before
-    ``torch.compile``; after it the layers compile with ``fullgraph=True``. Layers given an ``attention_mask``, attention dropout
-    (training with a dropout probability > 0) or other options the op lacks (sliding windows,
-    soft-capping, varlen ``cu_seq_lens``) raise a ValueError naming them instead of being approximated.
-    Applying again replaces the layout and spec. On GPUs run the model in bfloat16 or float16: there
-    sparse_attention's Triton kernels take 16-bit inputs, and float32 runs on its reference path, which
-    reads the plan on the host in every layer.
+    Plans are built on the first call per (device, batch size) and cached (host syncs; the first plan
+    is built here, so a bad layout or spec fails now). Run one eager call per device and batch size
+    before ``torch.compile``; after it the layers compile with ``fullgraph=True``. Layers given an
+    ``attention_mask``, attention dropout (training with a dropout probability > 0) or other options
+    the op lacks (sliding windows, soft-capping, varlen ``cu_seq_lens``) raise a ValueError naming
+    them instead of being approximated. Applying again replaces the layout and spec. On GPUs run the
+    model in bfloat16 or float16: there sparse_attention's Triton kernels take 16-bit inputs, and
+    float32 runs on its reference path, which reads the plan on the host in every layer.
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "_attn_implementation"):
