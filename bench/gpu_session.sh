@@ -131,7 +131,7 @@ for s in $STAGES; do
         bench/bench_sparse.py -k "forward and 16x24x24 and B1 and D64" ;;
     bench-bwd) stage bench-bwd 100 "${PYTEST[@]}" -q --benchmark-json="$WORK/bench-bwd.json" \
         bench/bench_sparse.py -k "backward and 16x24x24 and B1 and D64" ;;
-    *) echo "unknown stage $s (build tests sanitizer bench-ops bench-plan bench-fwd bench-bwd tests-rest)" | tee -a "$SUMMARY" ;;
+    *) echo "unknown stage $s (build tests bench-fwd bench-bwd bench-plan bench-ops sanitizer tests-rest)" | tee -a "$SUMMARY" ;;
     esac
 done
 

@@ -7,10 +7,10 @@ import torch
 
 import vidtok
 from vidtok.reference.motion import patchify, rebuild, reduce_diff
-from vidtok.testing import devices, runnable_backends
+from vidtok.testing import runnable_backends, to_cpu, video_cases
 
 BACKENDS = runnable_backends("cpu", torch.float32)  # uint8 video runs wherever float32 does
-CASES = [pytest.param(d, b, id=f"{d}-{b}") for d in devices() for b in runnable_backends(d, torch.float32) if b != "cuda"]
+CASES = video_cases()
 
 
 def _pan(T, H, W, step, *, C=3, seed=0):
@@ -33,7 +33,7 @@ def test_panning_texture_is_followed(device, backend):
     video = _pan(4, 24, 32, (1, -2)).to(device)
     plain = vidtok.motion_gate(video, 8, 1.0, reference="prev", backend=backend)
     mc = vidtok.motion_gate(video, 8, 1.0, reference="prev", search_radius=2, backend=backend)
-    plain, mc = (type(g)(*(x.cpu() if isinstance(x, torch.Tensor) else x for x in g)) for g in (plain, mc))
+    plain, mc = to_cpu(plain), to_cpu(mc)
     assert plain.motion is None and mc.motion.dtype == torch.int16 and mc.motion.shape == (1, 4, 3, 4, 2)
     assert plain.keep.all()  # every patch changes when the camera pans
     # patches whose displaced block stays inside the frame: exact match, motion (1, -2), dropped

@@ -9,7 +9,7 @@ import torch
 
 import vidtok
 from vidtok.reference.motion import patchify, reduce_diff
-from vidtok.testing import devices, real_clip, runnable_backends
+from vidtok.testing import devices, real_clip, runnable_backends, to_cpu, video_backends
 
 BACKENDS = runnable_backends("cpu", torch.float32)  # uint8 video runs wherever float32 does
 
@@ -58,9 +58,8 @@ def test_uint8_bit_identical_across_backends(device, config):
     keep = expected.keep
     assert keep.dtype == torch.bool and keep.shape == (2, 8 // config.get("tubelet", 1), 2, 3)
     assert 0 < keep[:, 1:].float().mean() < 1, "the threshold should split the patches"
-    for backend in [b for b in runnable_backends(device, torch.float32) if b != "cuda"]:  # no CUDA C++ gate
-        gate = _gate(video.to(device), 4, threshold, backend, **config)
-        _assert_same(type(gate)(*(x.cpu() if isinstance(x, torch.Tensor) else x for x in gate)), expected)
+    for backend in video_backends(device):
+        _assert_same(to_cpu(_gate(video.to(device), 4, threshold, backend, **config)), expected)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

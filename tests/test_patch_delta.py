@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import vidtok
-from vidtok.testing import devices, real_clip, runnable_backends
+from vidtok.testing import devices, real_clip, runnable_backends, video_backends, video_cases
 
 # uint8 video runs wherever float32 does (the kernels take both)
 BACKENDS = runnable_backends("cpu", torch.float32)
-CASES = [pytest.param(d, b, id=f"{d}-{b}") for d in devices() for b in runnable_backends(d, torch.float32) if b != "cuda"]
+CASES = video_cases()
 REDUCES = ["mean_abs", "l2", "max_abs", "rlt"]
 
 
@@ -82,7 +82,7 @@ def test_matches_float64_oracle(device, backend, dtype, shape, reduce):
 def test_uint8_bit_identical_across_backends(device, reduce):
     video = _video(2, 6, 3, 8, 8, seed=3)
     expected = vidtok.patch_delta(video, 4, tubelet=2, reduce=reduce, backend="reference")
-    for backend in [b for b in runnable_backends(device, torch.float32) if b != "cuda"]:  # no CUDA C++ gate
+    for backend in video_backends(device):
         assert torch.equal(vidtok.patch_delta(video.to(device), 4, tubelet=2, reduce=reduce, backend=backend).cpu(), expected)
 
 

@@ -63,6 +63,24 @@ def backend_cases(*, skip: tuple[str, ...] = ()) -> list:
     ]
 
 
+def video_backends(device: str | torch.device, *, skip: tuple[str, ...] = ("cuda",)) -> list[str]:
+    """Backends of the motion ops that run on ``device`` for uint8 video (wherever float32 runs), minus
+    ``skip`` (default: "cuda", which only block_match has)."""
+    return [name for name in runnable_backends(device, torch.float32) if name not in skip]
+
+
+def video_cases(*, skip: tuple[str, ...] = ("cuda",)) -> list:
+    """``pytest.param(device, backend)`` of ``video_backends`` on every device; ids like "cuda-triton"."""
+    import pytest
+
+    return [pytest.param(d, b, id=f"{d}-{b}") for d in devices() for b in video_backends(d, skip=skip)]
+
+
+def to_cpu(result):
+    """A NamedTuple of results (motion_gate's Gate, ...) with its tensors moved to the CPU."""
+    return type(result)(*(x.cpu() if isinstance(x, torch.Tensor) else x for x in result))
+
+
 def make_strided(t: torch.Tensor, layout: str) -> torch.Tensor:
     """The same values as ``t`` laid out as ``layout``: "contiguous", "channels_strided" (every other
     element of a wider buffer, so the last stride is 2) or "permuted" (memory order differs from the
