@@ -16,8 +16,7 @@ import pytest
 import torch
 
 import vidtok
-from vidtok import _backend
-from vidtok.testing import video_tokens
+from vidtok.testing import runnable_backends, video_tokens
 
 ON_GPU = torch.cuda.is_available()
 QUICK = os.environ.get("VIDTOK_BENCH_QUICK") == "1"
@@ -57,19 +56,17 @@ def eager_tome(x: torch.Tensor, metric: torch.Tensor, r: int, size: torch.Tensor
 
 def _bipartite_impls(device, dtype):
     impls = {"eager ToMe": lambda x, m, r, s: eager_tome(x, m, r, s[..., None])}
-    for backend in _backend.BACKENDS:
-        if backend != "cuda" and not _backend.reasons(backend, device, dtype):
-            impls[f"vidtok {backend}"] = lambda x, m, r, s, b=backend: vidtok.bipartite_merge(
-                x, r, metric=m, size=s, order="tome", backend=b
-            )
+    for backend in runnable_backends("bipartite_merge", device, dtype):
+        impls[f"vidtok {backend}"] = lambda x, m, r, s, b=backend: vidtok.bipartite_merge(
+            x, r, metric=m, size=s, order="tome", backend=b
+        )
     return impls
 
 
 def _temporal_impls(device, dtype):
     return {
         f"vidtok {backend}": (lambda x, radius, b=backend: vidtok.temporal_merge(x, r=x.shape[1] * x.shape[2] // 2, radius=radius, backend=b))
-        for backend in _backend.BACKENDS
-        if backend != "cuda" and not _backend.reasons(backend, device, dtype)
+        for backend in runnable_backends("temporal_merge", device, dtype)
     }
 
 

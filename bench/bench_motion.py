@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import vidtok
-from vidtok import _backend
+from vidtok.testing import runnable_backends
 
 QUICK = os.environ.get("VIDTOK_BENCH_QUICK") == "1"
 # (B, T, H, W, patch, tubelet): action-recognition clips and a long 720p video (the issue's workloads)
@@ -36,12 +36,11 @@ def _rlt_eager(video, patch, ts, tau):
 
 def _gate_impls(device):
     impls = {"eager RLT-style gate": lambda v, p, ts: _rlt_eager(v, p, ts, TAU)}
-    for backend in _backend.BACKENDS:
-        if not _backend.reasons(backend, device, torch.float32) and backend != "cuda":
-            impls[f"vidtok {backend} rlt/prev"] = lambda v, p, ts, b=backend: vidtok.motion_gate(
-                v, p, TAU, reference="prev", reduce="rlt", tubelet=ts, backend=b)
-            impls[f"vidtok {backend} last_kept"] = lambda v, p, ts, b=backend: vidtok.motion_gate(
-                v, p, TAU, tubelet=ts, backend=b)
+    for backend in runnable_backends("motion_gate", device, torch.uint8):
+        impls[f"vidtok {backend} rlt/prev"] = lambda v, p, ts, b=backend: vidtok.motion_gate(
+            v, p, TAU, compare_to="prev", reduce="rlt", tubelet=ts, backend=b)
+        impls[f"vidtok {backend} last_kept"] = lambda v, p, ts, b=backend: vidtok.motion_gate(
+            v, p, TAU, tubelet=ts, backend=b)
     return impls
 
 
@@ -77,9 +76,8 @@ def bench_motion_gate(shape, impl, device, measure, benchmark):
 
 def _match_impls(device):
     impls = {"eager unfold block matcher": _eager_block_match}
-    for backend in _backend.BACKENDS:  # cuda included: csrc/motion.cu (issue 4)
-        if not _backend.reasons(backend, device, torch.float32):
-            impls[f"vidtok {backend}"] = lambda c, r, bl, rad, b=backend: vidtok.block_match(c, r, block=bl, radius=rad, backend=b)
+    for backend in runnable_backends("block_match", device, torch.uint8):
+        impls[f"vidtok {backend}"] = lambda c, r, bl, rad, b=backend: vidtok.block_match(c, r, block=bl, radius=rad, backend=b)
     return impls
 
 

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import vidtok
-from vidtok import _backend
-from vidtok.testing import video_tokens
+from vidtok.testing import runnable_backends, video_tokens
 
 # (B, T, N, C): a video LLM's SigLIP tokens over 64 frames, and a video ViT batch (issue 2);
 # VIDTOK_BENCH_QUICK=1 (python -m vidtok bench --quick) runs one small shape as a smoke test.
@@ -24,9 +23,8 @@ LAG = 1
 
 def _implementations(device: torch.device, dtype: torch.dtype):
     impls = {"eager F.cosine_similarity": lambda x: F.cosine_similarity(x[:, LAG:], x[:, :-LAG], dim=-1)}
-    for backend in _backend.BACKENDS:
-        if not _backend.reasons(backend, device, dtype):
-            impls[f"vidtok {backend}"] = lambda x, b=backend: vidtok.paired_similarity(x, LAG, backend=b)
+    for backend in runnable_backends("paired_similarity", device, dtype):
+        impls[f"vidtok {backend}"] = lambda x, b=backend: vidtok.paired_similarity(x, LAG, backend=b)
     return impls
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import vidtok
-from vidtok import _backend
+from vidtok.testing import runnable_backends
 
 QUICK = os.environ.get("VIDTOK_BENCH_QUICK") == "1"
 # (B, T, C, Q): the issue's workloads (T = 10,000 frames of SigLIP so400m embeddings, Q = 1 and 16)
@@ -35,9 +35,8 @@ def _scan_impls(device, dtype):
         return qn @ xn.transpose(1, 2), (xn[:, 1:] * xn[:, :-1]).sum(-1), x.float().norm(dim=-1)
 
     impls = {"eager normalize+matmul": eager}
-    for backend in ("reference", "triton"):
-        if not _backend.reasons(backend, device, dtype):
-            impls[f"vidtok {backend}"] = lambda x, q, b=backend: vidtok.frame_scores(x, q, backend=b)
+    for backend in runnable_backends("frame_scores", device, dtype):
+        impls[f"vidtok {backend}"] = lambda x, q, b=backend: vidtok.frame_scores(x, q, backend=b)
     return impls
 
 
@@ -100,7 +99,7 @@ def eager_dpp(x, quality, k):
 
 def _select_impls(device):
     """The eager loop and every vidtok backend that runs here (the persistent CUDA kernel on a GPU)."""
-    return ["eager loop"] + [f"vidtok {b}" for b in ("reference", "cuda") if not _backend.reasons(b, device, torch.float32)]
+    return ["eager loop"] + [f"vidtok {b}" for b in runnable_backends("greedy_select", device, torch.float32)]
 
 
 def _select_cases():

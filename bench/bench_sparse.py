@@ -212,7 +212,7 @@ def _attention_impls(device: torch.device, backward: bool) -> dict:
     """name -> (fn(q, k, v, plan, aux) -> out, reason to skip or None). ``aux`` is what the
     implementation needs beside the plan, built outside the timed region (``_aux``)."""
     impls = {}
-    vidtok_backend = "triton" if device.type == "cuda" else "reference"
+    vidtok_backend = "triton" if device.type == "cuda" else "cpu"
     impls[f"vidtok {vidtok_backend}"] = (
         lambda q, k, v, plan, aux: vidtok.sparse_attention(q, k, v, plan, backend=vidtok_backend),
         None,

@@ -66,7 +66,7 @@ def main() -> None:
         video = _clip(name)
         for tau in TAUS:
             gates = {
-                "prev": vidtok.motion_gate(video, PATCH, tau, reference="prev"),
+                "prev": vidtok.motion_gate(video, PATCH, tau, compare_to="prev"),
                 "last_kept": vidtok.motion_gate(video, PATCH, tau),
                 f"mc_r{RADIUS}": vidtok.motion_gate(video, PATCH, tau, search_radius=RADIUS),
             }

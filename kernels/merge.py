@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vidtok.reference import merge as reference
+
 from .common import TRITON_DTYPES, AotCase, on_tensor_device
 
 EPS = tl.constexpr(1e-8)  # F.cosine_similarity's default eps
@@ -126,7 +128,7 @@ def _paired_similarity_bwd_kernel(
 
 
 @on_tensor_device
-def paired_similarity_fwd(x: torch.Tensor, lag: int) -> torch.Tensor:
+def paired_similarity(x: torch.Tensor, lag: int) -> torch.Tensor:
     """fp32 [B, T - lag, N] cosine similarities; x [B, T, N, C] may be any strided view."""
     B, T, N, C = x.shape
     out = torch.empty((B, T - lag, N), device=x.device, dtype=torch.float32)
@@ -142,7 +144,7 @@ def paired_similarity_fwd(x: torch.Tensor, lag: int) -> torch.Tensor:
 
 
 @on_tensor_device
-def paired_similarity_bwd(grad_out: torch.Tensor, x: torch.Tensor, lag: int) -> torch.Tensor:
+def paired_similarity_backward(grad_out: torch.Tensor, x: torch.Tensor, lag: int) -> torch.Tensor:
     """Contiguous grad_x [B, T, N, C] in x's dtype from grad_out [B, T - lag, N]."""
     B, T, N, C = x.shape
     grad_out = grad_out.to(torch.float32).contiguous()
@@ -388,6 +390,7 @@ def merge_tokens(x: torch.Tensor, size: torch.Tensor, index: torch.Tensor, origi
     index int32 [B, N] (slot of each token) and origin int32 [B, L]."""
     B, N, C = x.shape
     L = origin.shape[1]
+    size = size.to(torch.float32)
     out = torch.empty((B, L, C), device=x.device, dtype=x.dtype)
     size_out = torch.zeros((B, L), device=x.device, dtype=torch.float32)
     if B * L == 0:
@@ -524,3 +527,25 @@ def _window_links_aot_cases() -> list[AotCase]:
 
 
 AOT_CASES = AOT_CASES + _window_links_aot_cases()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The merges' assignment steps: the reference's ranking and forest resolution (a stable sort and
+# pointer jumping, already device-wide tensor ops) around the kernels above.
+
+
+def _match_all(a: torch.Tensor, b: torch.Tensor):
+    return match(a, b, None, None)
+
+
+def bipartite_assignment(metric: torch.Tensor, r: int, protect: int, order: str):
+    """vidtok.reference.merge.bipartite_assignment with the match kernel."""
+    return reference.bipartite_assignment(metric, r, protect, order, match_fn=_match_all)
+
+
+def temporal_assignment(metric: torch.Tensor, threshold, r, lag: int, radius, grid: tuple[int, int]):
+    """vidtok.reference.merge.temporal_assignment with the kernels: links by paired_similarity
+    (radius 0), window_links (radius > 0) or match (radius None)."""
+    return reference.temporal_assignment(
+        metric, threshold, r, lag, radius, grid, match_fn=_match_all, paired_fn=paired_similarity, window_fn=window_links
+    )

@@ -25,8 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from vidtok.motion import TRITON_MAX_ELEMENTS
-
 from .common import TRITON_DTYPES, AotCase, on_tensor_device
 
 INF = tl.constexpr(float("inf"))
@@ -34,8 +32,33 @@ INF = tl.constexpr(float("inf"))
 # BLOCK_E elements, BLOCK_E the next power of two >= max(256, E). 16x16 RGB patches use 1024
 # (2048 with tubelet 2), 32x32 RGB 4096. Warps grow with the tile so that each thread holds <= 8
 # elements of each of the two tiles (cur, ref).
-BLOCK_SIZES = (256, 512, 1024, 2048, TRITON_MAX_ELEMENTS)
+BLOCK_SIZES = (256, 512, 1024, 2048, 4096)
 MAX_ELEMENTS = BLOCK_SIZES[-1]
+# reduce name -> the kernels' reduce_mode ("rlt" is a mean |d| over other frames)
+REDUCE_CODES = {"mean_abs": 0, "l2": 1, "max_abs": 2, "rlt": 0}
+
+
+def _tile_reasons(elements: int, what: str) -> list[str]:
+    if elements > MAX_ELEMENTS:
+        return [f"the Triton kernel holds a {what} in registers: at most {MAX_ELEMENTS} elements, got {elements}"]
+    return []
+
+
+def _patch_elements_of(video: torch.Tensor, ph: int, pw: int, ts: int, reduce: str) -> int:
+    """Elements of one patch delta: ts x C x ph x pw (C x ph x pw for RLT's rule)."""
+    return (1 if reduce == "rlt" else ts) * video.shape[2] * ph * pw
+
+
+def patch_delta_reasons(video, ph, pw, ts, reduce) -> list[str]:
+    return _tile_reasons(_patch_elements_of(video, ph, pw, ts, reduce), "patch")
+
+
+def motion_gate_reasons(video, ph, pw, threshold, compare_to, ts, reduce, refresh_every, max_run) -> list[str]:
+    return _tile_reasons(_patch_elements_of(video, ph, pw, ts, reduce), "patch")
+
+
+def block_match_reasons(cur, ref, block, radius) -> list[str]:
+    return _tile_reasons(block * block, "block")
 
 
 def _num_warps(block: int) -> int:
@@ -216,21 +239,18 @@ def _gate_launch(video: torch.Tensor, ph: int, pw: int, ts: int, reduce: str):
     keep int8, delta fp32, run int32, carry int32, each [B, T', h, w])."""
     B, T, C, H, W = video.shape
     Tq, h, w = T // ts, H // ph, W // pw
-    rlt = reduce == "rlt"
     shape = (B, Tq, h, w)
     outputs = tuple(torch.empty(shape, device=video.device, dtype=d) for d in (torch.int8, torch.float32, torch.int32, torch.int32))
-    return Tq, h, w, rlt, (1 if rlt else ts) * C * ph * pw, outputs
+    return Tq, h, w, reduce == "rlt", _patch_elements_of(video, ph, pw, ts, reduce), outputs
 
 
 @on_tensor_device
 def motion_gate_compensated(
-    video: torch.Tensor, ph: int, pw: int, threshold: float, reference: str, ts: int, reduce: str,
+    video: torch.Tensor, ph: int, pw: int, threshold: float, compare_to: str, ts: int, reduce: str,
     refresh_every: int, max_run: int, radius: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``motion_gate`` plus motion int16 ``[B, T', h, w, 2]``; semantics:
     vidtok.reference.motion.motion_gate_compensated."""
-    from vidtok.reference.motion import REDUCE_CODES
-
     B, T, C, H, W = video.shape
     Tq, h, w, rlt, E, (keep, delta, run, carry) = _gate_launch(video, ph, pw, ts, reduce)
     motion = torch.empty((B, Tq, h, w, 2), device=video.device, dtype=torch.int16)
@@ -239,7 +259,7 @@ def motion_gate_compensated(
         _motion_gate_mc_kernel[(B * h * w,)](
             video, keep, delta, run, carry, motion,
             Tq, h, w, ts, C, ph, pw, E, H, W, *video.stride(),
-            float(threshold), refresh_every, max_run, int(reference == "last_kept"), int(rlt), REDUCE_CODES[reduce], radius,
+            float(threshold), refresh_every, max_run, int(compare_to == "last_kept"), int(rlt), REDUCE_CODES[reduce], radius,
             IS_INT=video.dtype == torch.uint8, BLOCK_E=block, num_warps=_num_warps(block),
         )
     return keep.view(torch.bool), delta, run, carry, motion
@@ -247,13 +267,11 @@ def motion_gate_compensated(
 
 @on_tensor_device
 def motion_gate(
-    video: torch.Tensor, ph: int, pw: int, threshold: float, reference: str, ts: int, reduce: str,
+    video: torch.Tensor, ph: int, pw: int, threshold: float, compare_to: str, ts: int, reduce: str,
     refresh_every: int, max_run: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(keep bool, delta fp32, run_length int32, carry int32) ``[B, T', h, w]``; video
     ``[B, T, C, H, W]`` uint8/fp32/fp16/bf16, any strides. Semantics: vidtok.reference.motion."""
-    from vidtok.reference.motion import REDUCE_CODES
-
     B, T, C, H, W = video.shape
     Tq, h, w, rlt, E, (keep, delta, run, carry) = _gate_launch(video, ph, pw, ts, reduce)
     if keep.numel() > 0:
@@ -261,7 +279,7 @@ def motion_gate(
         _motion_gate_kernel[(B * h * w,)](
             video, keep, delta, run, carry,
             Tq, h, w, ts, C, ph, pw, E, *video.stride(),
-            float(threshold), refresh_every, max_run, int(reference == "last_kept"), int(rlt), REDUCE_CODES[reduce],
+            float(threshold), refresh_every, max_run, int(compare_to == "last_kept"), int(rlt), REDUCE_CODES[reduce],
             IS_INT=video.dtype == torch.uint8, BLOCK_E=block, num_warps=_num_warps(block),
         )
     return keep.view(torch.bool), delta, run, carry
@@ -320,6 +338,13 @@ def _block_match_kernel(
     tl.store(cost_ptr + pid, tl.where(nan00, c00, best))
     tl.store(motion_ptr + 2 * pid, tl.where(nan00, 0, best_dy).to(tl.int16))
     tl.store(motion_ptr + 2 * pid + 1, tl.where(nan00, 0, best_dx).to(tl.int16))
+
+
+def patch_delta(video: torch.Tensor, ph: int, pw: int, ts: int, reduce: str) -> torch.Tensor:
+    """delta fp32 ``[B, T', h, w]``. The gate kernel in "prev" mode computes exactly these deltas; its
+    other outputs (13 bytes per patch, against >= 256 bytes of video read per patch) are dropped
+    rather than a second kernel kept."""
+    return motion_gate(video, ph, pw, float("inf"), "prev", ts, reduce, 0, 0)[1]
 
 
 @on_tensor_device

@@ -294,12 +294,28 @@ def _head_block(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
+# Head dimensions the kernels take (zero-padded in registers to the next power of two >= 16).
+MAX_HEAD_DIM = 128
+
+
+def sparse_attention_reasons(q, k, v, kv_log_size, tiles, block_q: int, block_k: int, scale: float) -> list[str]:
+    out = []
+    if q.shape[-1] > MAX_HEAD_DIM:
+        out.append(f"the Triton kernel takes head dimensions D <= {MAX_HEAD_DIM} (16, 32, 64, 128 or smaller, "
+                   f"zero-padded), got D = {q.shape[-1]}")
+    if q.device.type == "cuda" and q.dtype == torch.float32:
+        # float32 tiles (IEEE dot products) spill kilobytes of stack and overflow shared memory at
+        # 128-token tiles on sm_80/sm_90 (python -m vidtok aot)
+        out.append("on GPUs the Triton kernel takes float16 or bfloat16; float32 runs on the reference backend")
+    return out
+
+
 @on_tensor_device
-def sparse_attention_fwd(q, k, v, kv_log_size, row_ptr, col_idx, entry_bits, bits, block_q: int, block_k: int, scale: float):
+def sparse_attention(q, k, v, kv_log_size, tiles, block_q: int, block_k: int, scale: float):
     """out [B, H, N, D] (contiguous, q's dtype) and fp32 natural-log LSE [B, H, N].
 
-    q [B, H, N, D], k/v [B, Hk, N, D] any strides; kv_log_size fp32 [B, N] or None; plan CSR tensors
-    as in vidtok.sparse.SparsePlan. D <= 128.
+    q [B, H, N, D], k/v [B, Hk, N, D] any strides; kv_log_size fp32 [B, N] or None; ``tiles`` the
+    plan's PlanTensors (the forward walks its CSR by query tile). D <= MAX_HEAD_DIM.
     """
     B, H, N, D = q.shape
     out = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
@@ -313,25 +329,24 @@ def sparse_attention_fwd(q, k, v, kv_log_size, row_ptr, col_idx, entry_bits, bit
     ls_strides = kv_log_size.stride() if has_ls else (0, 0)
     grid = (n_q, B * H)
     _sparse_attention_fwd_kernel[grid](
-        q, k, v, ls, out, lse, row_ptr, col_idx, entry_bits, bits,
+        q, k, v, ls, out, lse, tiles.row_ptr, tiles.col_idx, tiles.entry_bits, tiles.bits,
         N, H, H // k.shape[1], n_q, scale * 1.4426950408889634,
         *q.stride(), *k.stride(), *v.stride(), *ls_strides,
         D,
         HAS_LS=has_ls, IEEE=q.dtype == torch.float32,
-        BQ=block_q, BK=block_k, SK=_key_block(block_k), BD=_head_block(D), W=bits.shape[-1],
+        BQ=block_q, BK=block_k, SK=_key_block(block_k), BD=_head_block(D), W=tiles.bits.shape[-1],
         num_warps=_num_warps(block_q, _key_block(block_k), _head_block(D)),
     )
     return out, lse
 
 
 @on_tensor_device
-def sparse_attention_bwd(grad_out, grad_lse, q, k, v, kv_log_size, out, lse,
-                         row_ptr, col_idx, entry_bits, col_ptr, row_idx, entry_bits_t, bits,
-                         block_q: int, block_k: int, scale: float):
+def sparse_attention_backward(grad_out, grad_lse, q, k, v, kv_log_size, out, lse, tiles, block_q: int, block_k: int, scale: float):
     """(dq, dk, dv, d kv_log_size): dq [B, H, N, D], dk/dv [B, Hk, N, D] in the inputs' dtype,
-    d kv_log_size fp32 [B, N] (empty [0] without kv_log_size). Deterministic: dQ programs walk the
+    d kv_log_size fp32 [B, N] (None without kv_log_size). Deterministic: dQ programs walk the
     forward CSR, dK/dV programs the transposed one; the per-head partial sums of d kv_log_size are
     added by a torch reduction, not atomics."""
+    bits = tiles.bits
     B, H, N, D = q.shape
     Hk = k.shape[1]
     go = grad_out.contiguous()
@@ -348,7 +363,7 @@ def sparse_attention_bwd(grad_out, grad_lse, q, k, v, kv_log_size, out, lse,
     dls = torch.empty((B, Hk, N) if has_ls else (0,), device=q.device, dtype=torch.float32)
     if dq.numel() == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
-        return dq, dk, dv, dls.sum(1) if has_ls else dls
+        return dq, dk, dv, dls.sum(1) if has_ls else None
     ls = kv_log_size if has_ls else lse
     ls_strides = kv_log_size.stride() if has_ls else (0, 0)
     n_q, n_k = -(-N // block_q), -(-N // block_k)
@@ -357,17 +372,17 @@ def sparse_attention_bwd(grad_out, grad_lse, q, k, v, kv_log_size, out, lse,
     strides = (*q.stride(), *k.stride(), *v.stride(), *ls_strides)
     sq = _dq_rows(block_q)
     _sparse_attention_bwd_dq_kernel[(n_q * (block_q // sq), B * H)](
-        q, k, v, ls, go, lse, delta, dq, row_ptr, col_idx, entry_bits, bits,
+        q, k, v, ls, go, lse, delta, dq, tiles.row_ptr, tiles.col_idx, tiles.entry_bits, bits,
         N, H, H // Hk, n_q, scale * 1.4426950408889634, scale, *strides, D,
         SQ=sq, num_warps=_num_warps(sq, SK, BD), **common,
     )
     sq = _dkdv_rows(block_q)
     _sparse_attention_bwd_dkdv_kernel[(n_k * (block_k // SK), B * Hk)](
-        q, k, v, ls, go, lse, delta, dk, dv, dls, col_ptr, row_idx, entry_bits_t, bits,
+        q, k, v, ls, go, lse, delta, dk, dv, dls, tiles.col_ptr, tiles.row_idx, tiles.entry_bits_t, bits,
         N, H, Hk, H // Hk, n_k, scale * 1.4426950408889634, scale, *strides, D,
         SQ=sq, num_warps=_num_warps(SK, sq, BD), **common,
     )
-    return dq, dk, dv, dls.sum(1) if has_ls else dls
+    return dq, dk, dv, dls.sum(1) if has_ls else None
 
 
 def _signature(kernel, ty: str) -> dict:

@@ -74,7 +74,7 @@ def tome_loop(x, metric, size, r, protect, mode, order):
 
 
 def _cases():
-    return backend_cases(skip=("cuda",))
+    return backend_cases("bipartite_merge")
 
 
 CASES = list(_cases())
@@ -261,7 +261,7 @@ def test_merged_is_a_named_tuple():
         ((torch.randn(1, 6, 2), 1), {"protect": 7}, ValueError, r"protect must be in \[0, 6\]"),
         ((torch.randn(1, 6, 2), 1), {"mode": "max"}, ValueError, "mode must be one of"),
         ((torch.randn(1, 6, 2), 1), {"order": "sorted"}, ValueError, "order must be one of"),
-        ((torch.randn(1, 6, 2), 1), {"backend": "cuda"}, vidtok.BackendUnavailableError, "no bipartite_merge kernel"),
+        ((torch.randn(1, 6, 2), 1), {"backend": "cuda"}, vidtok.BackendUnavailableError, "bipartite_merge has no cuda kernel"),
     ],
 )
 def test_bad_input(args, kwargs, error, match):
@@ -275,11 +275,11 @@ def test_unmerge_bad_input():
         vidtok.unmerge(torch.randn(1, 5, 2), merged)
 
 
-@pytest.mark.parametrize("backend", [b for b in runnable_backends("cpu", torch.float32) if b != "cuda"])
+@pytest.mark.parametrize("backend", runnable_backends("bipartite_merge", "cpu", torch.float32))
 def test_opcheck(backend):
     x = _tokens(2, 9, 4, seed=3).requires_grad_()
-    torch.library.opcheck(torch.ops.vidtok.bipartite_plan.default, (x.detach(), 3, 1, "tome", backend))
-    index, origin = torch.ops.vidtok.bipartite_plan.default(x.detach(), 3, 1, "keep", backend)
+    torch.library.opcheck(torch.ops.vidtok.bipartite_assignment.default, (x.detach(), 3, 1, "tome", backend))
+    index, origin = torch.ops.vidtok.bipartite_assignment.default(x.detach(), 3, 1, "keep", backend)
     size = torch.rand(2, 9) + 0.5
     for mode in ref.MERGE_MODES:
         torch.library.opcheck(torch.ops.vidtok.merge_tokens.default, (x, size, index, origin, mode, backend))

@@ -7,7 +7,8 @@ import torch
 
 import vidtok
 from vidtok import _backend
-from vidtok import motion as vm
+from vidtok.csrc import DTYPE_CODES
+from vidtok.csrc import motion as cuda_motion
 from vidtok.reference import motion as ref_motion
 from vidtok.testing import devices, real_clip, runnable_backends
 
@@ -16,7 +17,7 @@ def _cases():
     """(device, backend) pairs that run here; uint8 frames run wherever float32 does. The CUDA C++
     kernel needs a GPU: without one its case is listed and skipped."""
     for device in devices():
-        for backend in runnable_backends(device, torch.float32):
+        for backend in runnable_backends("block_match", device, torch.float32):
             yield pytest.param(device, backend, id=f"{device}-{backend}")
     if not torch.cuda.is_available():
         yield pytest.param("cuda", "cuda", id="cuda-cuda", marks=pytest.mark.skip(reason="the CUDA C++ kernel needs a GPU"))
@@ -26,7 +27,7 @@ CASES = list(_cases())
 
 
 def _skip_unless_runs(device, backend, dtype):
-    why = _backend.reasons(backend, torch.device(device), torch.float32 if dtype == torch.uint8 else dtype)
+    why = _backend.reasons("block_match", backend, torch.device(device), dtype)
     if why:
         pytest.skip("; ".join(why))
 
@@ -189,14 +190,14 @@ def test_compile():
 
 def test_cuda_window_limit_matches_the_docstring():
     """The largest radius per block that fits the kernel's shared memory, as block_match documents."""
-    fits = lambda dtype, block, radius: vm.cuda_block_match_shared_bytes(dtype, block, radius) <= vm.CUDA_BLOCK_MATCH_SHARED_LIMIT
+    fits = lambda dtype, block, radius: cuda_motion.shared_bytes(dtype, block, radius) <= cuda_motion.SHARED_LIMIT
     for dtype, block, radius in [(torch.float32, 16, 45), (torch.uint8, 16, 100), (torch.float32, 8, 49),
                                  (torch.uint8, 8, 104), (torch.float32, 64, 11), (torch.uint8, 64, 71)]:
         assert fits(dtype, block, radius) and not fits(dtype, block, radius + 1), (dtype, block, radius)
         for r in range(radius):  # no hole below the limit
             assert fits(dtype, block, r)
     for dtype in (torch.float16, torch.bfloat16):  # staged as fp32
-        assert vm.cuda_block_match_shared_bytes(dtype, 16, 8) == vm.cuda_block_match_shared_bytes(torch.float32, 16, 8)
+        assert cuda_motion.shared_bytes(dtype, 16, 8) == cuda_motion.shared_bytes(torch.float32, 16, 8)
     assert not fits(torch.float32, 128, 0) and not fits(torch.uint8, 256, 0)
 
 
@@ -204,11 +205,11 @@ def test_cuda_shared_bytes_mirror_the_kernel():
     module = pytest.importorskip("vidtok._C", reason="vidtok._C is not built (no nvcc at install time)")
     if not hasattr(module, "block_match_shared_bytes"):
         pytest.skip("vidtok._C was built before csrc/motion.cu existed; rebuild it")
-    assert module.block_match_shared_limit == vm.CUDA_BLOCK_MATCH_SHARED_LIMIT
-    for dtype, code in _backend.CUDA_DTYPE_CODES.items():
+    assert module.block_match_shared_limit == cuda_motion.SHARED_LIMIT
+    for dtype, code in DTYPE_CODES.items():
         for block in (1, 3, 4, 5, 8, 12, 16, 31, 32, 64, 256):
             for radius in (0, 1, 2, 7, 8, 16, 45, 46, 100, 101):
-                assert module.block_match_shared_bytes(code, block, radius) == vm.cuda_block_match_shared_bytes(dtype, block, radius)
+                assert module.block_match_shared_bytes(code, block, radius) == cuda_motion.shared_bytes(dtype, block, radius)
 
 
 @pytest.mark.gpu
@@ -271,7 +272,7 @@ def test_gpu_realistic_1080p_radius_8(dtype):
     ref = _texture(1, 1088, 1920, seed=11).cuda()
     cur = _noisy_shift(ref.cpu(), seed=12, shift=(3, -5)).cuda()
     expected_motion, expected_cost = ref_motion.block_match(cur, ref, 16, 8)
-    for backend in runnable_backends("cuda", torch.float32 if dtype == torch.uint8 else dtype):
+    for backend in runnable_backends("block_match", "cuda", dtype):
         motion, cost = vidtok.block_match(cur.to(dtype), ref.to(dtype), block=16, radius=8, backend=backend)
         assert torch.equal(motion, expected_motion), backend
         assert torch.equal(cost, expected_cost), backend

@@ -220,7 +220,7 @@ def test_bad_input(args, kwargs, error, match):
 @pytest.mark.parametrize("make,error,match", [
     (lambda: vidtok.VideoLayout.from_grid(0, 2, 2), ValueError, "T must be >= 1, got 0"),
     (lambda: vidtok.VideoLayout.from_grid(2, 2, 2, num_global=-1), ValueError, "num_global must be >= 0"),
-    (lambda: vidtok.VideoLayout.from_keep(torch.ones(2, 3, 4)), ValueError, r"keep must be \[B, T, H, W\]"),
+    (lambda: vidtok.VideoLayout.from_keep(torch.ones(2, 3, 4)), ValueError, r"keep must be \[B, T, h, w\]"),
     (lambda: vidtok.VideoLayout.from_keep(torch.ones(1, 2, 3, 4)), TypeError, "keep must be one of bool, got float32"),
 ])
 def test_bad_layouts(make, error, match):

@@ -287,7 +287,7 @@ def test_cuda_equals_cpu_at_realistic_sizes():
 # The cuda backend (csrc/select.cu). Parametrised over the GPU backends that can run here: without a
 # GPU the parameter list is empty and pytest skips these tests.
 
-GPU_BACKENDS = [b for b in runnable_backends("cuda", torch.float32) if b == "cuda"] if torch.cuda.is_available() else []
+GPU_BACKENDS = [b for b in runnable_backends("greedy_select", "cuda", torch.float32) if b == "cuda"] if torch.cuda.is_available() else []
 
 
 def certify_greedy(got, rel, k, x=None, lam=0.0, min_gap=0.0, sim_thresh=None, pool="all", timestamps=None, tol=None):
@@ -343,7 +343,7 @@ def certify_greedy(got, rel, k, x=None, lam=0.0, min_gap=0.0, sim_thresh=None, p
         near += (active & (chosen < best)).long()
         taken = taken | (active[..., None] & torch.zeros_like(taken).scatter_(-1, c, True))
         if need_x:
-            sims = ref_select._sims_to(xn, c)
+            sims = ref_select.sims_to(xn, c)
             ms = torch.where(active[..., None], sims if step == 0 else torch.maximum(ms, sims), ms)
             if sim_thresh is not None:
                 sure_out = sure_out | (active[..., None] & (sims > sim_thresh + tol))
@@ -493,7 +493,7 @@ def test_cuda_backend_explains_what_it_cannot_run():
         vidtok.greedy_select(rel, 2, x=torch.randn(1, 5, 3, dtype=torch.float64), lam=0.5, backend="cuda")
     with pytest.raises(vidtok.BackendUnavailableError, match="needs lam finite in float32, got 1e\\+39"):
         vidtok.greedy_select(rel, 2, x=torch.randn(1, 5, 3), lam=1e39, backend="cuda")
-    with pytest.raises(vidtok.BackendUnavailableError, match="cuda kernels take float32, float16 or bfloat16"):
+    with pytest.raises(vidtok.BackendUnavailableError, match="cuda backend of vidtok.greedy_select takes float32, float16, bfloat16, got float64"):
         vidtok.greedy_select(rel.double(), 2, backend="cuda")
 
 

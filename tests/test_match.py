@@ -39,7 +39,7 @@ def _oracle(a, b, a_group=None, b_group=None):
 
 
 def _cases():
-    return backend_cases(skip=("cuda",))  # no CUDA C++ match kernel
+    return backend_cases("match")
 
 
 CASES = list(_cases())
@@ -177,7 +177,7 @@ def test_float64_runs_on_the_reference():
         ((torch.randn(1, 3, 4), torch.randn(1, 3, 4)), {"a_group": torch.zeros(1, 3, dtype=torch.int32)}, ValueError, "both a_group and b_group"),
         ((torch.randn(1, 3, 4), torch.randn(1, 5, 4)), {"a_group": torch.zeros(1, 3, dtype=torch.int32), "b_group": torch.zeros(1, 3, dtype=torch.int32)}, ValueError, r"b_group must be \[B, K\] = \(1, 5\), got \(1, 3\)"),
         ((torch.randn(1, 3, 4), torch.randn(1, 3, 4)), {"a_group": torch.zeros(1, 3), "b_group": torch.zeros(1, 3)}, TypeError, "a_group must be one of int32"),
-        ((torch.randn(1, 3, 4), torch.randn(1, 3, 4)), {"backend": "cuda"}, vidtok.BackendUnavailableError, "no match kernel"),
+        ((torch.randn(1, 3, 4), torch.randn(1, 3, 4)), {"backend": "cuda"}, vidtok.BackendUnavailableError, "match has no cuda kernel"),
     ],
 )
 def test_bad_input(args, kwargs, error, match):
@@ -185,7 +185,7 @@ def test_bad_input(args, kwargs, error, match):
         vidtok.match(*args, **kwargs)
 
 
-@pytest.mark.parametrize("backend", [b for b in runnable_backends("cpu", torch.float32) if b != "cuda"])
+@pytest.mark.parametrize("backend", runnable_backends("match", "cpu", torch.float32))
 def test_opcheck(backend):
     a, b = _inputs(2, 5, 7, 8, torch.float32, "cpu", seed=0)
     torch.library.opcheck(torch.ops.vidtok.match.default, (a, b, None, None, backend))

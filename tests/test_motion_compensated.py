@@ -9,8 +9,8 @@ import vidtok
 from vidtok.reference.motion import patchify, rebuild, reduce_diff
 from vidtok.testing import runnable_backends, to_cpu, video_cases
 
-BACKENDS = runnable_backends("cpu", torch.float32)  # uint8 video runs wherever float32 does
-CASES = video_cases()
+BACKENDS = runnable_backends("motion_gate", "cpu", torch.uint8)
+CASES = video_cases("motion_gate")
 
 
 def _pan(T, H, W, step, *, C=3, seed=0):
@@ -31,8 +31,8 @@ def _pan(T, H, W, step, *, C=3, seed=0):
 @pytest.mark.parametrize("device,backend", CASES)
 def test_panning_texture_is_followed(device, backend):
     video = _pan(4, 24, 32, (1, -2)).to(device)
-    plain = vidtok.motion_gate(video, 8, 1.0, reference="prev", backend=backend)
-    mc = vidtok.motion_gate(video, 8, 1.0, reference="prev", search_radius=2, backend=backend)
+    plain = vidtok.motion_gate(video, 8, 1.0, compare_to="prev", backend=backend)
+    mc = vidtok.motion_gate(video, 8, 1.0, compare_to="prev", search_radius=2, backend=backend)
     plain, mc = to_cpu(plain), to_cpu(mc)
     assert plain.motion is None and mc.motion.dtype == torch.int16 and mc.motion.shape == (1, 4, 3, 4, 2)
     assert plain.keep.all()  # every patch changes when the camera pans
@@ -51,7 +51,7 @@ def test_motion_agrees_with_block_match(radius):
     g = torch.Generator().manual_seed(radius)
     video = _pan(5, 16, 24, (1, 1), C=1)
     video = (video.int() + torch.randint(-9, 10, video.shape, generator=g)).clamp(0, 255).to(torch.uint8)
-    gate = vidtok.motion_gate(video, 8, 4.0, reference="prev", search_radius=radius)
+    gate = vidtok.motion_gate(video, 8, 4.0, compare_to="prev", search_radius=radius)
     for k in range(1, 5):
         motion, cost = vidtok.block_match(video[:, k, 0], video[:, k - 1, 0], block=8, radius=radius)
         assert torch.equal(gate.motion[:, k], motion)
@@ -63,7 +63,7 @@ def test_compensation_never_increases_the_change(reduce):
     video = _pan(4, 16, 16, (2, 0), seed=3)
     video[:, 2, :, 4:12, 4:12] = 0  # an occluding object
     plain = vidtok.patch_delta(video, 8, reduce=reduce)
-    mc = vidtok.motion_gate(video, 8, -1.0, reference="prev", reduce=reduce, search_radius=2)
+    mc = vidtok.motion_gate(video, 8, -1.0, compare_to="prev", reduce=reduce, search_radius=2)
     assert mc.keep.all()
     assert (mc.delta[:, 1:] <= plain[:, 1:]).all() and (mc.delta[:, 1:] < plain[:, 1:]).any()
 
@@ -89,17 +89,17 @@ def test_bad_input_and_backend_reasons():
         vidtok.motion_gate(video, 4, 1.0, search_radius=-1)
     with pytest.raises(TypeError, match="search_radius must be an int"):
         vidtok.motion_gate(video, 4, 1.0, search_radius=1.5)
-    with pytest.raises(vidtok.BackendUnavailableError, match="no CUDA C\\+\\+ kernel"):
+    with pytest.raises(vidtok.BackendUnavailableError, match="motion_gate has no cuda kernel"):
         vidtok.motion_gate(video, 4, 1.0, search_radius=1, backend="cuda")
 
 
 @pytest.mark.parametrize(
     "config",
     [
-        dict(reference="last_kept", reduce="mean_abs"),
-        dict(reference="prev", reduce="l2", max_run=2),
-        dict(reference="last_kept", reduce="rlt", tubelet=2),
-        dict(reference="last_kept", reduce="max_abs", tubelet=2, refresh_every=2),
+        dict(compare_to="last_kept", reduce="mean_abs"),
+        dict(compare_to="prev", reduce="l2", max_run=2),
+        dict(compare_to="last_kept", reduce="rlt", tubelet=2),
+        dict(compare_to="last_kept", reduce="max_abs", tubelet=2, refresh_every=2),
     ],
     ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()),
 )

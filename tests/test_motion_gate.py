@@ -9,9 +9,9 @@ import torch
 
 import vidtok
 from vidtok.reference.motion import patchify, reduce_diff
-from vidtok.testing import devices, real_clip, runnable_backends, to_cpu, video_backends
+from vidtok.testing import devices, real_clip, runnable_backends, to_cpu
 
-BACKENDS = runnable_backends("cpu", torch.float32)  # uint8 video runs wherever float32 does
+BACKENDS = runnable_backends("motion_gate", "cpu", torch.uint8)
 
 
 def _video(B, T, C, H, W, *, seed=0, static=0.5, step=24):
@@ -38,13 +38,13 @@ def _assert_same(a, b):
 
 
 CONFIGS = [
-    dict(reference="last_kept"),
-    dict(reference="prev"),
-    dict(reference="last_kept", reduce="l2", refresh_every=3),
-    dict(reference="prev", reduce="max_abs", max_run=2),
-    dict(reference="last_kept", reduce="rlt", tubelet=2, max_run=2),
-    dict(reference="prev", reduce="rlt", tubelet=2),
-    dict(reference="last_kept", tubelet=2, refresh_every=2, max_run=3),
+    dict(compare_to="last_kept"),
+    dict(compare_to="prev"),
+    dict(compare_to="last_kept", reduce="l2", refresh_every=3),
+    dict(compare_to="prev", reduce="max_abs", max_run=2),
+    dict(compare_to="last_kept", reduce="rlt", tubelet=2, max_run=2),
+    dict(compare_to="prev", reduce="rlt", tubelet=2),
+    dict(compare_to="last_kept", tubelet=2, refresh_every=2, max_run=3),
 ]
 
 
@@ -58,7 +58,7 @@ def test_uint8_bit_identical_across_backends(device, config):
     keep = expected.keep
     assert keep.dtype == torch.bool and keep.shape == (2, 8 // config.get("tubelet", 1), 2, 3)
     assert 0 < keep[:, 1:].float().mean() < 1, "the threshold should split the patches"
-    for backend in video_backends(device):
+    for backend in runnable_backends("motion_gate", device, torch.uint8):
         _assert_same(to_cpu(_gate(video.to(device), 4, threshold, backend, **config)), expected)
 
 
@@ -77,7 +77,7 @@ def test_rlt_gate_from_the_paper(backend):
     patch's pixels and channels, exceeds tau (strictly). Written here with explicit loops."""
     ts, p, tau = 2, 4, 20.0
     video = _video(1, 8, 3, 8, 8, seed=2)
-    gate = _gate(video, p, tau, backend, reference="prev", reduce="rlt", tubelet=ts)
+    gate = _gate(video, p, tau, backend, compare_to="prev", reduce="rlt", tubelet=ts)
     x = video[0].long()
     for k in range(4):
         for i in range(2):
@@ -92,23 +92,23 @@ def test_rlt_gate_from_the_paper(backend):
     assert 0 < gate.keep[:, 1:].float().mean() < 1
 
 
-@pytest.mark.parametrize("reference", ["prev", "last_kept"])
+@pytest.mark.parametrize("compare_to", ["prev", "last_kept"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_negative_threshold_keeps_all_and_inf_keeps_first_and_forced(backend, reference):
+def test_negative_threshold_keeps_all_and_inf_keeps_first_and_forced(backend, compare_to):
     video = _video(1, 9, 3, 8, 8, seed=3)
-    every = _gate(video, 4, -1.0, backend, reference=reference)
+    every = _gate(video, 4, -1.0, backend, compare_to=compare_to)
     assert every.keep.all() and (every.run_length == 1).all()
     flat = torch.arange(9 * 4, dtype=torch.int32).view(1, 9, 2, 2)
     assert torch.equal(every.carry, flat)
 
-    first = _gate(video, 4, float("inf"), backend, reference=reference)
+    first = _gate(video, 4, float("inf"), backend, compare_to=compare_to)
     assert first.keep[:, 0].all() and not first.keep[:, 1:].any()
     assert (first.run_length[:, 0] == 9).all() and torch.equal(first.carry, flat[:, :1].expand(1, 9, 2, 2))
     assert torch.isinf(first.delta[:, 0]).all() and torch.isfinite(first.delta[:, 1:]).all()
 
-    refreshed = _gate(video, 4, float("inf"), backend, reference=reference, refresh_every=4)
+    refreshed = _gate(video, 4, float("inf"), backend, compare_to=compare_to, refresh_every=4)
     assert torch.equal(refreshed.keep[0, :, 0, 0], torch.tensor([k % 4 == 0 for k in range(9)]))
-    capped = _gate(video, 4, float("inf"), backend, reference=reference, max_run=2)
+    capped = _gate(video, 4, float("inf"), backend, compare_to=compare_to, max_run=2)
     assert torch.equal(capped.keep[0, :, 1, 1], torch.tensor([k % 2 == 0 for k in range(9)]))
     assert capped.run_length.max() == 2
 
@@ -149,8 +149,8 @@ def test_slow_fade_caught_by_last_kept_missed_by_prev(backend):
     video = _video(1, 1, 3, 8, 8, seed=5).repeat(1, T, 1, 1, 1).clone()
     fade = (torch.arange(T) // 2).view(T, 1, 1, 1).to(torch.uint8)
     video[0, :, :, :4, 4:] = (video[0, :, :, :4, 4:].clamp(0, 200) + fade)
-    prev = _gate(video, 4, tau, backend, reference="prev")
-    kept = _gate(video, 4, tau, backend, reference="last_kept")
+    prev = _gate(video, 4, tau, backend, compare_to="prev")
+    kept = _gate(video, 4, tau, backend, compare_to="last_kept")
     assert prev.keep[0, 1:].sum() == 0  # drift: the fade is never sent
     assert torch.equal(kept.keep[0, 1:, 0, 1], torch.tensor([t % 8 == 0 for t in range(1, T)]))
     assert kept.keep[0, 1:].sum() == kept.keep[0, 1:, 0, 1].sum()  # and nothing else
@@ -169,13 +169,13 @@ def test_dropped_patches_are_within_threshold_of_their_carry_on_real_video(backe
     video = frames.unsqueeze(0)
     cur = patchify(video, 16, 16, 1).view(1, -1, 3 * 16 * 16)
     tau = 6.0
-    for reference in ("last_kept", "prev"):
-        g = _gate(video, 16, tau, backend, reference=reference)
-        assert torch.equal(g.keep, _gate(video, 16, tau, "reference", reference=reference).keep)
+    for compare_to in ("last_kept", "prev"):
+        g = _gate(video, 16, tau, backend, compare_to=compare_to)
+        assert torch.equal(g.keep, _gate(video, 16, tau, "reference", compare_to=compare_to).keep)
         dropped = ~g.keep.view(1, -1)
         carried = cur.gather(1, g.carry.view(1, -1, 1).long().expand_as(cur))
         to_carry = reduce_diff(cur - carried, "mean_abs")
-        if reference == "last_kept":
+        if compare_to == "last_kept":
             assert (to_carry[dropped] <= tau).all()
             assert torch.equal(g.delta.view(1, -1)[dropped], to_carry[dropped])
         else:
@@ -186,8 +186,8 @@ def test_dropped_patches_are_within_threshold_of_their_carry_on_real_video(backe
 @pytest.mark.parametrize(
     "args,kwargs,error,match",
     [
-        ((torch.zeros(1, 2, 3, 8, 8), 4, 1.0), {"reference": "first"}, ValueError, "reference must be one of"),
-        ((torch.zeros(1, 2, 3, 8, 8), 4, float("nan")), {}, TypeError, "threshold must be a real number"),
+        ((torch.zeros(1, 2, 3, 8, 8), 4, 1.0), {"compare_to": "first"}, ValueError, "compare_to must be one of"),
+        ((torch.zeros(1, 2, 3, 8, 8), 4, float("nan")), {}, ValueError, "threshold must not be NaN"),
         ((torch.zeros(1, 2, 3, 8, 8), 4, True), {}, TypeError, "threshold must be a real number"),
         ((torch.zeros(1, 2, 3, 8, 8), 4, 1.0), {"refresh_every": 0}, ValueError, r"refresh_every must be in \[1,"),
         ((torch.zeros(1, 2, 3, 8, 8), 4, 1.0), {"max_run": 1.5}, TypeError, "max_run must be an int"),

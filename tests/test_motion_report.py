@@ -37,7 +37,7 @@ def test_keep_all_is_lossless_and_refresh_bounds_staleness():
 
 def test_last_kept_rebuilds_better_than_prev_on_real_video():
     video = real_clip("bigbuckbunny.mp4", max_frames=12)[:, :, 64:128, 96:192].unsqueeze(0)
-    reports = {ref: vidtok.motion_report(video, vidtok.motion_gate(video, 16, 4.0, reference=ref)) for ref in ("prev", "last_kept")}
+    reports = {ref: vidtok.motion_report(video, vidtok.motion_gate(video, 16, 4.0, compare_to=ref)) for ref in ("prev", "last_kept")}
     assert 0 < reports["prev"]["keep_fraction"] < 1
     # the previous-frame rule lets changes accumulate unsent: a worse worst frame
     assert reports["last_kept"]["psnr_min"] > reports["prev"]["psnr_min"]

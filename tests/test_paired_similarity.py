@@ -28,7 +28,7 @@ def _oracle(x: torch.Tensor, lag: int) -> torch.Tensor:
 
 
 def _cases():
-    return backend_cases()
+    return backend_cases("paired_similarity")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -118,7 +118,7 @@ def test_frames_of_a_real_clip():
     patches = frames[:, :, : H // p * p, : W // p * p].float().unfold(2, p, p).unfold(3, p, p)  # T 3 h w p p
     tokens = patches.permute(0, 2, 3, 1, 4, 5).reshape(1, T, -1, 3 * p * p)
     tokens = torch.cat([tokens, tokens[:, -1:]], dim=1)  # a repeated last frame
-    for backend in runnable_backends("cpu", torch.float32):
+    for backend in runnable_backends("paired_similarity", "cpu", torch.float32):
         out = vidtok.paired_similarity(tokens, 1, backend=backend)
         assert_close(out, _oracle(tokens, 1), dtype=torch.float32, reduce_dim=3 * p * p)
         torch.testing.assert_close(out[0, -1], torch.ones(out.shape[-1]), atol=1e-6, rtol=0)
@@ -145,7 +145,7 @@ def test_bad_input(args, kwargs, error, match):
         vidtok.paired_similarity(*args, **kwargs)
 
 
-@pytest.mark.parametrize("backend", runnable_backends("cpu", torch.float32))
+@pytest.mark.parametrize("backend", runnable_backends("paired_similarity", "cpu", torch.float32))
 def test_opcheck(backend):
     x = torch.randn(2, 4, 3, 8, requires_grad=True)
     torch.library.opcheck(torch.ops.vidtok.paired_similarity.default, (x, 1, backend))
@@ -190,7 +190,7 @@ def test_gpu_backends_at_realistic_sizes(shape, dtype):
     grad = torch.randn(shape[0], shape[1] - 1, shape[2], device="cuda")
     expected = ref.paired_similarity(x.detach(), 1)
     expected_grad = ref.paired_similarity_backward(grad, x.detach(), 1)
-    for backend in runnable_backends("cuda", dtype):
+    for backend in runnable_backends("paired_similarity", "cuda", dtype):
         out = vidtok.paired_similarity(x, 1, backend=backend)
         assert_close(out, expected, dtype=torch.float32, reduce_dim=shape[-1], msg=backend)
         (gx,) = torch.autograd.grad(out, x, grad)

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import vidtok
-from vidtok.testing import devices, real_clip, runnable_backends, video_backends, video_cases
+from vidtok.testing import devices, real_clip, runnable_backends, video_cases
 
 # uint8 video runs wherever float32 does (the kernels take both)
-BACKENDS = runnable_backends("cpu", torch.float32)
-CASES = video_cases()
+BACKENDS = runnable_backends("patch_delta", "cpu", torch.uint8)
+CASES = video_cases("patch_delta")
 REDUCES = ["mean_abs", "l2", "max_abs", "rlt"]
 
 
@@ -82,7 +82,7 @@ def test_matches_float64_oracle(device, backend, dtype, shape, reduce):
 def test_uint8_bit_identical_across_backends(device, reduce):
     video = _video(2, 6, 3, 8, 8, seed=3)
     expected = vidtok.patch_delta(video, 4, tubelet=2, reduce=reduce, backend="reference")
-    for backend in video_backends(device):
+    for backend in runnable_backends("patch_delta", device, torch.uint8):
         assert torch.equal(vidtok.patch_delta(video.to(device), 4, tubelet=2, reduce=reduce, backend=backend).cpu(), expected)
 
 
@@ -152,7 +152,7 @@ def test_real_clip_agrees_across_backends():
         ((torch.zeros(1, 2, 3, 8, 8), 0), {}, ValueError, r"patch height must be in \[1, 8\]"),
         ((torch.zeros(1, 2, 3, 8, 8), 4.0), {}, TypeError, "patch must be an int or a pair"),
         ((torch.zeros(1, 2, 3, 8, 8), 4), {"reduce": "sad"}, ValueError, "reduce must be one of"),
-        ((torch.zeros(1, 2, 3, 8, 8), 4), {"backend": "cuda"}, vidtok.BackendUnavailableError, "no CUDA C\\+\\+ kernel"),
+        ((torch.zeros(1, 2, 3, 8, 8), 4), {"backend": "cuda"}, vidtok.BackendUnavailableError, "patch_delta has no cuda kernel"),
     ],
 )
 def test_bad_input(args, kwargs, error, match):

@@ -66,7 +66,7 @@ def temporal_loop(x, metric, size, threshold, r, lag, radius, h, w, mode):
 
 
 def _cases():
-    return backend_cases(skip=("cuda",))
+    return backend_cases("temporal_merge")
 
 
 CASES = list(_cases())
@@ -239,7 +239,7 @@ def test_single_frame_and_nan_tokens():
         (dict(x=torch.randn(1, 2, 4, 3), r=1, metric=torch.randn(1, 2, 5, 3)), ValueError, r"metric \[B, T, N, D\] must match x"),
         (dict(x=torch.randn(1, 2, 4, 3), r=1, size=torch.ones(1, 8)), ValueError, r"size must be \[B, T, N\]"),
         (dict(x=torch.randn(1, 2, 4, 3), r=1, mode="max"), ValueError, "mode must be one of"),
-        (dict(x=torch.randn(1, 2, 4, 3), r=1, backend="cuda"), vidtok.BackendUnavailableError, "no temporal_merge kernel"),
+        (dict(x=torch.randn(1, 2, 4, 3), r=1, backend="cuda"), vidtok.BackendUnavailableError, "temporal_merge has no cuda kernel"),
     ],
 )
 def test_bad_input(kwargs, error, match):
@@ -248,11 +248,11 @@ def test_bad_input(kwargs, error, match):
         vidtok.temporal_merge(x, **kwargs)
 
 
-@pytest.mark.parametrize("backend", [b for b in runnable_backends("cpu", torch.float32) if b != "cuda"])
+@pytest.mark.parametrize("backend", runnable_backends("temporal_merge", "cpu", torch.float32))
 def test_opcheck(backend):
     x = _video(2, 3, 4, 5, seed=1)
-    torch.library.opcheck(torch.ops.vidtok.temporal_plan.default, (x, None, 3, 1, 1, 2, 2, backend))
-    torch.library.opcheck(torch.ops.vidtok.temporal_plan.default, (x, None, 2, 1, None, 2, 2, backend))
+    torch.library.opcheck(torch.ops.vidtok.temporal_assignment.default, (x, None, 3, 1, 1, 2, 2, backend))
+    torch.library.opcheck(torch.ops.vidtok.temporal_assignment.default, (x, None, 2, 1, None, 2, 2, backend))
 
 
 def test_compiles_fullgraph_with_r():

@@ -1,10 +1,11 @@
 """vidtok: fused GPU kernels that cut the visual token count of video transformers and video LLMs.
 
-One import gives every op as a torch op (``torch.ops.vidtok.*``) with a pure-PyTorch reference, a
-Triton kernel and a CUDA C++ kernel; see ``python -m vidtok info`` for which can run here.
+One import gives every op as a torch op (``torch.ops.vidtok.*``) with a pure-PyTorch reference beside
+its kernels (Triton, CUDA C++ or CPU-tuned, as its record in ``vidtok._backend`` declares); see
+``python -m vidtok info`` for which can run here.
 """
 
-from vidtok._backend import BACKENDS, BackendUnavailableError, use_backend
+from vidtok._backend import BACKENDS, BackendUnavailableError, load_backends, use_backend
 from vidtok.merge import Merged, bipartite_merge, match, paired_similarity, temporal_merge, unmerge
 from vidtok.select import Scores, dpp_select, frame_scores, greedy_select, scene_boundaries, segment_topk, uniform_indices
 from vidtok import masks, nn
@@ -12,5 +13,7 @@ from vidtok.sparse import SparsePlan, VideoLayout, build_plan, sparse_attention
 from vidtok.motion import Gate, Packed, block_match, motion_gate, motion_report, pack, patch_delta, unpack
 
 __version__ = "0.1.0"
+
+load_backends()
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "paired_similarity", "Merged", "bipartite_merge", "match", "temporal_merge", "unmerge", "use_backend", "masks", "nn", "SparsePlan", "VideoLayout", "build_plan", "sparse_attention", "Scores", "dpp_select", "frame_scores", "greedy_select", "scene_boundaries", "segment_topk", "uniform_indices", "Gate", "Packed", "block_match", "motion_gate", "motion_report", "pack", "patch_delta", "unpack", "__version__"]

@@ -21,7 +21,7 @@ def _example() -> str:
     x = video_tokens(1, 16, 196, 768, static_fraction=0.6, device=device, seed=0)
     lines = [f"paired_similarity on {device}: x [B=1, T=16, N=196, C=768] float32, 60% static positions"]
     baseline = F.cosine_similarity(x[:, 1:], x[:, :-1], dim=-1)
-    for backend in runnable_backends(device, x.dtype):
+    for backend in runnable_backends("paired_similarity", device, x.dtype):
         vidtok.paired_similarity(x, 1, backend=backend)  # warm-up: first-call setup and JIT compiles
         start = time.perf_counter()
         sim = vidtok.paired_similarity(x, 1, backend=backend)

@@ -1,14 +1,15 @@
-"""Input checks shared by the ops: clear TypeError/ValueError naming the argument, expected and actual."""
+"""Argument checks every op shares: a clear TypeError/ValueError naming the argument, what was
+expected and what was given. Sits beside ``_numerics`` at the bottom of vidtok's layers."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from vidtok._backend import FLOAT_DTYPES
+from vidtok._numerics import FLOAT_DTYPES, dtype_name
 
-
-def _dtype_names(dtypes) -> str:
-    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+INT32_MAX = 2**31 - 1
 
 
 def check_tensor(name: str, t, *, rank: int, layout: str, dtypes=FLOAT_DTYPES) -> None:
@@ -18,18 +19,42 @@ def check_tensor(name: str, t, *, rank: int, layout: str, dtypes=FLOAT_DTYPES) -
     if t.dim() != rank:
         raise ValueError(f"{name} must be {layout} (rank {rank}), got shape {tuple(t.shape)}")
     if t.dtype not in dtypes:
-        raise TypeError(f"{name} must be one of {_dtype_names(dtypes)}, got {str(t.dtype).replace('torch.', '')}")
+        raise TypeError(f"{name} must be one of {', '.join(map(dtype_name, dtypes))}, got {dtype_name(t.dtype)}")
 
 
-def check_int(name: str, value, *, low: int, high: int, why: str = "") -> None:
-    """value must be an int in [low, high]."""
+def check_int(name: str, value, *, low: int, high: int = 2**62, why: str = "") -> int:
+    """value must be an int (not a bool) in [low, high]; returns it."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}]{why}, got {value}")
+        bound = f">= {low}" if high >= 2**62 else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bound}{why}, got {value}")
+    return value
 
 
-def check_same_device(**tensors: torch.Tensor) -> None:
+def check_optional_count(name: str, value) -> int:
+    """None (returned as 0: "never") or an int >= 1."""
+    if value is None:
+        return 0
+    return check_int(name, value, low=1, high=INT32_MAX)
+
+
+def check_float(name: str, value, *, low: float | None = None, finite: bool = False) -> float:
+    """value must be a real number (int or float, not a bool), not NaN, >= low when given, finite when
+    asked; returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if value != value:  # NaN (math.isnan breaks dynamo on some versions)
+        raise ValueError(f"{name} must not be NaN")
+    if finite and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
     """Every tensor argument must live on the same device."""
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:

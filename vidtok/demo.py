@@ -7,7 +7,7 @@ bad: nothing is tuned per clip.
 
 What each stage does with the tokens (one token per patch and frame, (t, h, w) order):
 
-- motion gate: ``motion_gate(reference="last_kept")`` keeps the patches whose mean |change| since
+- motion gate: ``motion_gate(compare_to="last_kept")`` keeps the patches whose mean |change| since
   their last kept copy exceeds ``threshold`` grey levels; the rest are copied forward. Measured by
   the copy-forward PSNR of the rebuilt clip (``motion_report``).
 - patch tokens: a fixed, seeded random projection of every patch's pixels (a stand-in for an
@@ -282,20 +282,20 @@ class _Progress:
 @contextlib.contextmanager
 def _record_backends(log: list):
     """Append (op, backend) for every op dispatched inside: the table reports the backend each stage
-    actually ran on. Wraps vidtok._backend.select, through which every op resolves its backend; not
+    actually ran on. Wraps vidtok._backend.choose, through which every op resolves its backend; not
     thread-safe (the demo is one thread)."""
-    original = _backend.select
+    original = _backend.choose
 
-    def select(op, *args, **kwargs):
+    def choose(op, *args, **kwargs):
         chosen = original(op, *args, **kwargs)
         log.append((op, chosen))
         return chosen
 
-    _backend.select = select
+    _backend.choose = choose
     try:
         yield
     finally:
-        _backend.select = original
+        _backend.choose = original
 
 
 def _sync(device: torch.device) -> None:

@@ -1,4 +1,5 @@
-"""``python -m vidtok info``: versions, devices, and which backends can run here and why the others cannot."""
+"""``python -m vidtok info``: versions, devices, and which backends can run here and why the others
+cannot, read from the op records in ``vidtok._backend``."""
 
 from __future__ import annotations
 
@@ -9,10 +10,6 @@ import torch
 
 from vidtok import _backend
 
-# Every public op and the dtype its availability is reported for.
-OPS = ("paired_similarity", "match", "bipartite_merge", "temporal_merge", "sparse_attention", "frame_scores", "greedy_select", "dpp_select", "scene_boundaries", "patch_delta", "motion_gate", "block_match",)
-
-
 def _version(module: str) -> str:
     try:
         from importlib.metadata import version
@@ -20,6 +17,15 @@ def _version(module: str) -> str:
         return version(module)
     except Exception:
         return "not installed"
+
+
+def ops_table() -> str:
+    """A Markdown table of every op and the backends it has (what the README shows)."""
+    names = _backend.BACKENDS
+    lines = ["| op | " + " | ".join(_backend.TITLES[b] for b in names) + " |", "|---|" + "---|" * len(names)]
+    for op, record in _backend.OPS.items():
+        lines.append(f"| `{op}` | " + " | ".join("yes" if b in record.backends else "–" for b in names) + " |")
+    return "\n".join(lines)
 
 
 def report() -> str:
@@ -32,18 +38,17 @@ def report() -> str:
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, "
         f"VIDTOK_BACKEND={os.environ.get('VIDTOK_BACKEND', 'auto')}",
     ]
-    module, error = _backend._load_cuda_module()
-    if module is None:
+    error = _backend.cuda_module_error()
+    if error is not None:
         lines.append(f"vidtok._C: {error}")
     else:
-        runtime = module.cuda_runtime_version
-        lines.append(
-            f"vidtok._C: {module.__file__} (sm {module.cuda_archs}, CUDA runtime "
-            f"{runtime // 1000}.{runtime % 1000 // 10}, static; sees {module.device_count()} device(s))"
-        )
-    from vidtok import sparse
+        from vidtok import _C
 
-    dtype_limits = {"sparse_attention": sparse.dtype_reasons}
+        runtime = _C.cuda_runtime_version
+        lines.append(
+            f"vidtok._C: {_C.__file__} (sm {_C.cuda_archs}, CUDA runtime "
+            f"{runtime // 1000}.{runtime % 1000 // 10}, static; sees {_C.device_count()} device(s))"
+        )
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -52,19 +57,18 @@ def report() -> str:
             devices.append(torch.device("cuda", i))
     else:
         lines.append("cuda: no device visible to torch")
+    lines.append("ops and their backends:")
+    lines += ["  " + line for line in ops_table().splitlines()]
     for device in devices:
         for dtype in (torch.float32, torch.bfloat16):
             lines.append(f"backends on {device} {str(dtype).replace('torch.', '')}:")
             for name in _backend.BACKENDS:
-                why = _backend.reasons(name, device, dtype)
+                why = _backend.backend_reasons(name, device, dtype)
                 lines.append(f"  {name:<10} {'can run' if not why else 'cannot run: ' + '; '.join(why)}")
-            for op in OPS:
-                # the dtype limits an op adds to the generic checks (argument limits, such as head
-                # dimensions or patch sizes, are in each op's docstring and its error messages)
-                limits = dtype_limits.get(op)
-                op_reasons = (lambda name, limits=limits: limits(name, device, dtype)) if limits else None
+            for op in _backend.OPS:
+                # argument limits (head dimensions, patch sizes) are in each op's docstring and errors
                 try:
-                    chosen = _backend.select(op, device, dtype, None, op_reasons)
+                    chosen = _backend.choose(op, device, dtype, None)
                 except _backend.BackendUnavailableError as exc:
                     chosen = f"none ({exc})"
                 lines.append(f"  auto -> {op}: {chosen}")

@@ -1,9 +1,8 @@
-"""Temporal token merging: similarity of tokens across time and (in later issues) merging them.
+"""Temporal token merging: similarity of tokens across time, matching, and merging them.
 
 Each op is a ``torch.library.custom_op`` in the ``vidtok`` namespace whose arguments include the
-resolved backend name, so the choice made in Python is recorded in a traced graph and replayed as is.
-The op bodies dispatch to ``vidtok.reference`` (any device), ``vidtok.kernels`` (Triton) or
-``vidtok._C`` (CUDA C++).
+backend chosen in Python, so the choice is recorded in a traced graph and replayed as is. Which
+backends each op has, and in which order "auto" tries them, is declared once in ``vidtok._backend``.
 """
 
 from __future__ import annotations
@@ -13,10 +12,9 @@ from typing import NamedTuple
 import torch
 
 from vidtok import _backend
-from vidtok import reference as ref
-from vidtok._backend import FLOAT_DTYPES
+from vidtok._numerics import REFERENCE_DTYPES, accumulation_dtype
 from vidtok._validation import check_int, check_same_device, check_tensor
-from vidtok.reference.merge import accumulation_dtype
+from vidtok.reference import merge as reference
 
 __all__ = ["Merged", "bipartite_merge", "match", "paired_similarity", "temporal_merge", "unmerge"]
 
@@ -25,56 +23,9 @@ __all__ = ["Merged", "bipartite_merge", "match", "paired_similarity", "temporal_
 # paired_similarity
 
 
-def _paired_similarity_triton(x: torch.Tensor, lag: int) -> torch.Tensor:
-    from vidtok.kernels import merge as kernels
-
-    return kernels.paired_similarity_fwd(x, lag)
-
-
-def _paired_similarity_backward_triton(grad: torch.Tensor, x: torch.Tensor, lag: int) -> torch.Tensor:
-    from vidtok.kernels import merge as kernels
-
-    return kernels.paired_similarity_bwd(grad, x, lag)
-
-
-def _paired_similarity_cuda(x: torch.Tensor, lag: int) -> torch.Tensor:
-    B, T, N, C = x.shape
-    out = torch.empty((B, T - lag, N), device=x.device, dtype=torch.float32)
-    with torch.cuda.device(x.device):
-        _backend.cuda_module().paired_similarity_fwd(
-            _backend.CUDA_DTYPE_CODES[x.dtype], x.data_ptr(), out.data_ptr(), B, T, N, C, lag, *x.stride(),
-            _backend.cuda_stream(x),
-        )
-    return out
-
-
-def _paired_similarity_backward_cuda(grad: torch.Tensor, x: torch.Tensor, lag: int) -> torch.Tensor:
-    B, T, N, C = x.shape
-    grad = grad.to(torch.float32).contiguous()
-    grad_x = torch.empty((B, T, N, C), device=x.device, dtype=x.dtype)
-    with torch.cuda.device(x.device):
-        _backend.cuda_module().paired_similarity_bwd(
-            _backend.CUDA_DTYPE_CODES[x.dtype], x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), B, T, N, C, lag,
-            *x.stride(), _backend.cuda_stream(x),
-        )
-    return grad_x
-
-
-_PAIRED_SIMILARITY = {
-    "reference": ref.paired_similarity,
-    "triton": _paired_similarity_triton,
-    "cuda": _paired_similarity_cuda,
-}
-_PAIRED_SIMILARITY_BACKWARD = {
-    "reference": ref.paired_similarity_backward,
-    "triton": _paired_similarity_backward_triton,
-    "cuda": _paired_similarity_backward_cuda,
-}
-
-
 @torch.library.custom_op("vidtok::paired_similarity", mutates_args=())
 def _paired_similarity_op(x: torch.Tensor, lag: int, backend: str) -> torch.Tensor:
-    return _PAIRED_SIMILARITY[backend](x, lag)
+    return _backend.implementation("paired_similarity", backend)(x, lag)
 
 
 @_paired_similarity_op.register_fake
@@ -85,7 +36,7 @@ def _(x, lag, backend):
 
 @torch.library.custom_op("vidtok::paired_similarity_backward", mutates_args=())
 def _paired_similarity_backward_op(grad: torch.Tensor, x: torch.Tensor, lag: int, backend: str) -> torch.Tensor:
-    return _PAIRED_SIMILARITY_BACKWARD[backend](grad, x, lag)
+    return _backend.implementation("paired_similarity", backend, "paired_similarity_backward")(grad, x, lag)
 
 
 @_paired_similarity_backward_op.register_fake
@@ -126,12 +77,12 @@ def paired_similarity(x: torch.Tensor, lag: int = 1, *, backend: str | None = No
     This is the signal FrameFusion (Fu et al. 2024), DyCoke (Tao et al. 2025), PruneVid and vLLM's
     EVS threshold to find tokens that did not change between frames. One read of x; no host sync.
     """
-    check_tensor("x", x, rank=4, layout="[B, T, N, C]", dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_tensor("x", x, rank=4, layout="[B, T, N, C]", dtypes=REFERENCE_DTYPES)
     T = x.shape[1]
     if T < 2:
         raise ValueError(f"x must have at least 2 frames to compare (x.shape[1] = T), got shape {tuple(x.shape)}")
     check_int("lag", lag, low=1, high=T - 1, why=f" for x with T = {T} frames")
-    chosen = _backend.select("paired_similarity", x.device, x.dtype, backend)
+    chosen = _backend.choose("paired_similarity", x.device, x.dtype, backend, (x, lag))
     return _paired_similarity_op(x, lag, chosen)
 
 
@@ -141,33 +92,17 @@ def paired_similarity(x: torch.Tensor, lag: int = 1, *, backend: str | None = No
 GROUP_DTYPES = (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
 
 
-def _match_triton(a, b, a_group, b_group):
-    from vidtok.kernels import merge as kernels
-
-    return kernels.match(a, b, a_group, b_group)
-
-
-_MATCH = {"reference": ref.match, "triton": _match_triton}
-
-
 @torch.library.custom_op("vidtok::match", mutates_args=())
 def _match_op(
     a: torch.Tensor, b: torch.Tensor, a_group: torch.Tensor | None, b_group: torch.Tensor | None, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _MATCH[backend](a, b, a_group, b_group)
+    return _backend.implementation("match", backend)(a, b, a_group, b_group)
 
 
 @_match_op.register_fake
 def _(a, b, a_group, b_group, backend):
     B, M, _ = a.shape
     return a.new_empty((B, M), dtype=accumulation_dtype(a.dtype)), a.new_empty((B, M), dtype=torch.int32)
-
-
-def _no_cuda_kernel(name: str):
-    def reasons(backend: str) -> list[str]:
-        return [f"vidtok._C has no {name} kernel yet; use triton or reference"] if backend == "cuda" else []
-
-    return reasons
 
 
 def match(
@@ -185,7 +120,7 @@ def match(
             (float64 runs on the reference backend).
         a_group, b_group: optional integer group ids ``[B, M]`` and ``[B, K]`` (both or neither): only
             rows of equal group are compared (per-frame or windowed matching).
-        backend: "reference", "triton" or "auto" (no CUDA C++ kernel yet).
+        backend: "reference", "triton" or "auto".
 
     Returns:
         ``(score, idx)``: score float32 (float64 for float64 inputs) ``[B, M]``, the best cosine
@@ -198,8 +133,8 @@ def match(
     tiles whose groups cannot meet are skipped); the reference builds it 1024 rows of a at a time.
     Group tiles are skipped only when group ids are sorted enough for a tile's range to exclude them.
     """
-    check_tensor("a", a, rank=3, layout="[B, M, D]", dtypes=FLOAT_DTYPES + (torch.float64,))
-    check_tensor("b", b, rank=3, layout="[B, K, D]", dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_tensor("a", a, rank=3, layout="[B, M, D]", dtypes=REFERENCE_DTYPES)
+    check_tensor("b", b, rank=3, layout="[B, K, D]", dtypes=REFERENCE_DTYPES)
     if a.dtype != b.dtype:
         raise TypeError(f"a and b must have one dtype, got {a.dtype} and {b.dtype}")
     if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
@@ -215,7 +150,7 @@ def match(
             raise ValueError(f"b_group must be [B, K] = {tuple(b.shape[:2])}, got {tuple(b_group.shape)}")
         a_group, b_group = a_group.to(torch.int32), b_group.to(torch.int32)
     check_same_device(a=a, b=b, a_group=a_group, b_group=b_group)
-    chosen = _backend.select("match", a.device, a.dtype, backend, _no_cuda_kernel("match"))
+    chosen = _backend.choose("match", a.device, a.dtype, backend, (a, b, a_group, b_group))
     return _match_op(a, b, a_group, b_group, chosen)
 
 
@@ -250,46 +185,25 @@ class Merged(NamedTuple):
         return torch.log(self.size)
 
 
-def _bipartite_plan_triton(metric, r, protect, order):
-    from vidtok.kernels import merge as kernels
-
-    return ref.bipartite_plan(metric, r, protect, order, match_fn=lambda a, b: kernels.match(a, b, None, None))
-
-
-_BIPARTITE_PLAN = {
-    "reference": lambda metric, r, protect, order: ref.bipartite_plan(metric, r, protect, order),
-    "triton": _bipartite_plan_triton,
-}
-
-
-@torch.library.custom_op("vidtok::bipartite_plan", mutates_args=())
-def _bipartite_plan_op(
+@torch.library.custom_op("vidtok::bipartite_assignment", mutates_args=())
+def _bipartite_assignment_op(
     metric: torch.Tensor, r: int, protect: int, order: str, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _BIPARTITE_PLAN[backend](metric, r, protect, order)
+    return _backend.implementation("bipartite_merge", backend, "bipartite_assignment")(metric, r, protect, order)
 
 
-@_bipartite_plan_op.register_fake
+@_bipartite_assignment_op.register_fake
 def _(metric, r, protect, order, backend):
     B, N, _ = metric.shape
     return metric.new_empty((B, N), dtype=torch.int32), metric.new_empty((B, N - r), dtype=torch.int32)
-
-
-def _merge_tokens_triton(x, size, index, origin, mode):
-    from vidtok.kernels import merge as kernels
-
-    out, size_out = kernels.merge_tokens(x, size.to(torch.float32), index, origin, mode)
-    return out, size_out
-
-
-_MERGE_TOKENS = {"reference": ref.merge_tokens, "triton": _merge_tokens_triton}
 
 
 @torch.library.custom_op("vidtok::merge_tokens", mutates_args=())
 def _merge_tokens_op(
     x: torch.Tensor, size: torch.Tensor, index: torch.Tensor, origin: torch.Tensor, mode: str, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _MERGE_TOKENS[backend](x, size, index, origin, mode)
+    # both merges end with this step; their records list the same backends for it
+    return _backend.implementation("bipartite_merge", backend, "merge_tokens")(x, size, index, origin, mode)
 
 
 @_merge_tokens_op.register_fake
@@ -305,7 +219,7 @@ def _(x, size, index, origin, mode, backend):
 def _merge_tokens_backward_op(
     grad: torch.Tensor, size: torch.Tensor, size_out: torch.Tensor, index: torch.Tensor, origin: torch.Tensor, mode: str
 ) -> torch.Tensor:
-    return ref.merge_tokens_backward(grad, size, size_out, index, origin, mode)
+    return reference.merge_tokens_backward(grad, size, size_out, index, origin, mode)
 
 
 @_merge_tokens_backward_op.register_fake
@@ -332,7 +246,7 @@ _merge_tokens_op.register_autograd(_merge_tokens_grad, setup_context=_merge_toke
 def _check_companion(name: str, t: torch.Tensor | None, x: torch.Tensor, rank: int, layout: str, dims: int):
     if t is None:
         return
-    check_tensor(name, t, rank=rank, layout=layout, dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_tensor(name, t, rank=rank, layout=layout, dtypes=REFERENCE_DTYPES)
     if tuple(t.shape[:dims]) != tuple(x.shape[:dims]):
         raise ValueError(f"{name} {layout} must match x [B, N, C] on B and N = {tuple(x.shape[:dims])}, got shape {tuple(t.shape)}")
 
@@ -378,25 +292,25 @@ def bipartite_merge(
         exceeds the number of A tokens with a partner (it then goes to the first unprotected B token).
         No host sync; output shapes are static.
     """
-    check_tensor("x", x, rank=3, layout="[B, N, C]", dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_tensor("x", x, rank=3, layout="[B, N, C]", dtypes=REFERENCE_DTYPES)
     B, N, C = x.shape
     metric = x if metric is None else metric
     _check_companion("metric", metric, x, 3, "[B, N, D]", 2)
     _check_companion("size", size, x, 2, "[B, N]", 2)
     check_int("protect", protect, low=0, high=N, why=f" for x with N = {N} tokens")
-    cap = ref.max_merge(N, protect)
+    cap = reference.max_merge(N, protect)
     check_int("r", r, low=0, high=cap, why=f" (the unprotected even tokens of N = {N} with protect = {protect})")
-    if mode not in ref.MERGE_MODES:
-        raise ValueError(f"mode must be one of {ref.MERGE_MODES}, got {mode!r}")
-    if order not in ref.MERGE_ORDERS:
-        raise ValueError(f"order must be one of {ref.MERGE_ORDERS}, got {order!r}")
+    if mode not in reference.MERGE_MODES:
+        raise ValueError(f"mode must be one of {reference.MERGE_MODES}, got {mode!r}")
+    if order not in reference.MERGE_ORDERS:
+        raise ValueError(f"order must be one of {reference.MERGE_ORDERS}, got {order!r}")
     check_same_device(x=x, metric=metric, size=size)
-    chosen = _backend.select("bipartite_merge", x.device, x.dtype, backend, _no_cuda_kernel("bipartite_merge"))
+    chosen = _backend.choose("bipartite_merge", x.device, x.dtype, backend)
     if metric.dtype != x.dtype and chosen != "reference":  # the backend was chosen for x's dtype
         metric = metric.to(x.dtype)
     if size is None:
         size = torch.ones(B, N, device=x.device, dtype=accumulation_dtype(x.dtype))
-    index, origin = _bipartite_plan_op(metric.detach(), r, protect, order, chosen)
+    index, origin = _bipartite_assignment_op(metric.detach(), r, protect, order, chosen)
     out, size_out = _merge_tokens_op(x, size.detach(), index, origin, mode, chosen)
     return Merged(out, size_out, index, origin)
 
@@ -405,7 +319,7 @@ def unmerge(y: torch.Tensor, merged: Merged, *, frames: int | None = None) -> to
     """Undo a merge: ``[B, L, C]`` -> ``[B, N, C]`` where every input position receives its group's
     value, ``y[b, merged.index[b, n]]`` (ToMe's unmerge; tomesd unmerges after every block). For a
     temporal_merge pass ``frames=T`` to get ``[B, T, N, C]``. A gather, differentiable in y."""
-    check_tensor("y", y, rank=3, layout="[B, L, C]", dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_tensor("y", y, rank=3, layout="[B, L, C]", dtypes=REFERENCE_DTYPES)
     B, L, C = y.shape
     index = merged.index
     if index.dim() != 2 or index.shape[0] != B or tuple(merged.origin.shape) != (B, L):
@@ -423,30 +337,15 @@ def unmerge(y: torch.Tensor, merged: Merged, *, frames: int | None = None) -> to
 # temporal_merge
 
 
-def _temporal_plan_triton(metric, threshold, r, lag, radius, h, w):
-    from vidtok.kernels import merge as kernels
-
-    return ref.temporal_plan(
-        metric, threshold, r, lag, radius, (h, w),
-        match_fn=lambda a, b: kernels.match(a, b, None, None), paired_fn=kernels.paired_similarity_fwd,
-        window_fn=kernels.window_links,
-    )
-
-
-_TEMPORAL_PLAN = {
-    "reference": lambda metric, threshold, r, lag, radius, h, w: ref.temporal_plan(metric, threshold, r, lag, radius, (h, w)),
-    "triton": _temporal_plan_triton,
-}
-
-
-@torch.library.custom_op("vidtok::temporal_plan", mutates_args=())
-def _temporal_plan_op(
+@torch.library.custom_op("vidtok::temporal_assignment", mutates_args=())
+def _temporal_assignment_op(
     metric: torch.Tensor, threshold: float | None, r: int | None, lag: int, radius: int | None, h: int, w: int, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _TEMPORAL_PLAN[backend](metric, threshold, r, lag, radius, h, w)
+    assign = _backend.implementation("temporal_merge", backend, "temporal_assignment")
+    return assign(metric, threshold, r, lag, radius, (h, w))
 
 
-@_temporal_plan_op.register_fake
+@_temporal_assignment_op.register_fake
 def _(metric, threshold, r, lag, radius, h, w, backend):
     B, T, N, _ = metric.shape
     L = T * N - r if r is not None else torch.library.get_ctx().new_dynamic_size()
@@ -519,15 +418,15 @@ def temporal_merge(
         origin = -1. Differentiable in x. A NaN token never passes a threshold; with r its links rank
         last.
     """
-    check_tensor("x", x, rank=4, layout="[B, T, N, C]", dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_tensor("x", x, rank=4, layout="[B, T, N, C]", dtypes=REFERENCE_DTYPES)
     B, T, N, C = x.shape
     h, w = _frame_grid(N, grid)
     metric = x if metric is None else metric
-    check_tensor("metric", metric, rank=4, layout="[B, T, N, D]", dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_tensor("metric", metric, rank=4, layout="[B, T, N, D]", dtypes=REFERENCE_DTYPES)
     if tuple(metric.shape[:3]) != (B, T, N):
         raise ValueError(f"metric [B, T, N, D] must match x on B, T, N = {(B, T, N)}, got shape {tuple(metric.shape)}")
     if size is not None:
-        check_tensor("size", size, rank=3, layout="[B, T, N]", dtypes=FLOAT_DTYPES + (torch.float64,))
+        check_tensor("size", size, rank=3, layout="[B, T, N]", dtypes=REFERENCE_DTYPES)
         if tuple(size.shape) != (B, T, N):
             raise ValueError(f"size [B, T, N] must match x on B, T, N = {(B, T, N)}, got shape {tuple(size.shape)}")
     if (threshold is None) == (r is None):
@@ -543,14 +442,14 @@ def temporal_merge(
         threshold = float(threshold)
     if radius is not None:
         check_int("radius", radius, low=0, high=2**31 - 1)
-    if mode not in ref.MERGE_MODES:
-        raise ValueError(f"mode must be one of {ref.MERGE_MODES}, got {mode!r}")
+    if mode not in reference.MERGE_MODES:
+        raise ValueError(f"mode must be one of {reference.MERGE_MODES}, got {mode!r}")
     check_same_device(x=x, metric=metric, size=size)
-    chosen = _backend.select("temporal_merge", x.device, x.dtype, backend, _no_cuda_kernel("temporal_merge"))
+    chosen = _backend.choose("temporal_merge", x.device, x.dtype, backend)
     if metric.dtype != x.dtype and chosen != "reference":  # the backend was chosen for x's dtype
         metric = metric.to(x.dtype)
     flat_size = (torch.ones(B, T * N, device=x.device, dtype=accumulation_dtype(x.dtype)) if size is None
                  else size.reshape(B, T * N))
-    index, origin, lengths = _temporal_plan_op(metric.detach(), threshold, r, lag, radius, h, w, chosen)
+    index, origin, lengths = _temporal_assignment_op(metric.detach(), threshold, r, lag, radius, h, w, chosen)
     out, size_out = _merge_tokens_op(x.reshape(B, T * N, C), flat_size.detach(), index, origin, mode, chosen)
     return Merged(out, size_out, index, origin, lengths, (T, h, w))

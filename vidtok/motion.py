@@ -1,15 +1,15 @@
 """Gated residual motion skipping: score how much each patch changed, keep the ones that did, pack
 the survivors for varlen attention and scatter them back.
 
-Layout: video ``[B, T, C, H, W]`` (C = 1 luma or 3 RGB; uint8, float32, float16 or bfloat16), patch
-(ph, pw), tubelet ts, grid (T' = T / ts, h = H / ph, w = W / pw), N = T' h w tokens per clip in
-(t, h, w) row-major order: flat position ``n = t * h * w + i * w + j``.
+Layout: video ``[B, T, C, H, W]`` (C = 1 luma or 3 RGB; uint8, float32, float16 or bfloat16) in
+pixels; patch (ph, pw) and tubelet ts give the token grid (T', h, w) = (T / ts, H / ph, W / pw), with
+N = T' h w tokens per clip in (t, h, w) row-major order: flat position ``n = t * h * w + i * w + j``.
+(T' counts tubelet slices; it is the token grid's T, named apart from the video's T frames.)
 
-Each op is a ``torch.library.custom_op`` in the ``vidtok`` namespace whose last argument is the
-resolved backend name; the op bodies dispatch to ``vidtok.reference.motion`` (any device) or
-``vidtok.kernels.motion`` (Triton); block_match also has a CUDA C++ kernel (csrc/motion.cu, backend
-"cuda"), the other ops' GPU path is Triton. pack/unpack are plain PyTorch (a prefix sum, gathers and
-scatters) around one custom op for the data-dependent row count; motion_report is a host-side report.
+patch_delta, motion_gate and block_match are ``torch.library.custom_op``s in the ``vidtok`` namespace
+whose last argument is the backend chosen in Python (``vidtok._backend``, which also says which
+backends each op has). pack/unpack are plain PyTorch (a prefix sum, gathers and scatters) around one
+custom op for the data-dependent row count; motion_report is a host-side report.
 """
 
 from __future__ import annotations
@@ -20,24 +20,22 @@ from typing import NamedTuple
 import torch
 
 from vidtok import _backend
-from vidtok._backend import FLOAT_DTYPES
-from vidtok._validation import check_int, check_tensor
-from vidtok.reference import motion as _ref
+from vidtok._backend import VIDEO_DTYPES
+from vidtok._numerics import kept_rank
+from vidtok._validation import check_float, check_int, check_optional_count, check_tensor
+from vidtok.reference import motion as reference
 
 __all__ = ["Gate", "Packed", "block_match", "motion_gate", "motion_report", "pack", "patch_delta", "unpack"]
 
-VIDEO_DTYPES = (torch.uint8,) + FLOAT_DTYPES
 REDUCES = ("mean_abs", "l2", "max_abs", "rlt")
-REFERENCES = ("prev", "last_kept")
-# The Triton gate holds a patch in one register tile (kernels/motion.py BLOCK_SIZES).
-TRITON_MAX_ELEMENTS = 4096
+COMPARE_TO = ("prev", "last_kept")
 
 
 class Gate(NamedTuple):
     """What ``motion_gate`` decided, every field ``[B, T', h, w]``.
 
-    keep: bool, the patches to encode. delta: fp32, each patch's change from the reference it was
-    compared with (+inf on slice 0). run_length: int32, for a kept patch the number of slices it stands
+    keep: bool, the patches to encode. delta: fp32, each patch's change from the copy it was compared
+    with (+inf on slice 0). run_length: int32, for a kept patch the number of slices it stands
     for (itself and the dropped slices after it at its location), 0 for dropped slots; the run lengths
     of every location sum to T'. carry: int32, for every slot the flat position ``t * h * w + i * w + j``
     (within its clip) of the kept patch that stands for it (a kept slot carries itself). motion: int16
@@ -60,6 +58,10 @@ class Packed(NamedTuple):
     each row's flat position within its clip, -1 on padding rows. max_seqlen: a static upper bound on
     the longest clip, ``min(N, rows)`` (flash-attn only uses it to size its grid, so a bound is valid and
     needs no host sync). shape: the leading shape of the tokens (``(B, N)`` or ``(B, T', h, w)``).
+
+    Row ``cu_seqlens[b] + r`` holds the kept token of rank r in clip b (``vidtok._numerics.kept_rank``,
+    the rule ``VideoLayout.from_keep`` orders tokens by), so ``padded()`` lines up with
+    ``VideoLayout.from_packed(packed)`` token for token.
     """
 
     values: torch.Tensor
@@ -67,6 +69,46 @@ class Packed(NamedTuple):
     index: torch.Tensor
     max_seqlen: int
     shape: tuple
+
+    def counts(self) -> torch.Tensor:
+        """int64 ``[B]``: kept tokens per clip."""
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+
+    def _rows(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row of values for every (clip, slot) of a [B, length] padding, valid [B, length])."""
+        r = torch.arange(length, device=self.values.device)
+        valid = r < self.counts()[:, None]
+        return torch.where(valid, self.cu_seqlens[:-1, None].long() + r, 0), valid
+
+    def padded(self, length: int | None = None) -> torch.Tensor:
+        """``[B, L, D]``: each clip's kept tokens first, in (t, h, w) order, then zeros; L = ``length``
+        or the largest kept count (read on the host: one sync). The tensor attention takes beside
+        ``VideoLayout.from_packed(self)``; ``unpad`` brings a result back. Differentiable in values."""
+        if length is None:
+            length = int(self.counts().max()) if self.shape[0] else 0
+        check_int("length", length, low=0)
+        if self.shape[0] and length < int(self.counts().max()):
+            raise ValueError(f"length = {length} is smaller than the largest kept count {int(self.counts().max())}")
+        rows, valid = self._rows(length)
+        out = self.values[rows]
+        return torch.where(valid[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+    def unpad(self, y: torch.Tensor) -> Packed:
+        """This packing with its values replaced by ``y`` ``[B, L, D']`` laid out as ``padded()``
+        (e.g. attention's output): slots past a clip's kept count are ignored. Differentiable in y."""
+        if not isinstance(y, torch.Tensor) or y.dim() != 3:
+            raise TypeError(f"y must be a torch.Tensor [B, L, D] laid out as Packed.padded(), got {getattr(y, 'shape', type(y).__name__)}")
+        B, L, _ = y.shape
+        if B != self.shape[0] or (B and L < int(self.counts().max())):
+            raise ValueError(f"y [B, L, D] = {tuple(y.shape)} must hold B = {self.shape[0]} clips of at least their kept counts")
+        if L == 0:  # no clip kept a token: only padding rows
+            return self._replace(values=y.new_zeros(self.values.shape[0], y.shape[-1]))
+        row = torch.arange(self.values.shape[0], device=y.device)
+        clip = torch.searchsorted(self.cu_seqlens[1:].long(), row, right=True).clamp_max(B - 1)
+        slot = row - self.cu_seqlens[clip].long()
+        valid = (self.index >= 0) & (slot < L)
+        values = y[clip, slot.clamp(0, L - 1)]
+        return self._replace(values=torch.where(valid[:, None], values, torch.zeros((), dtype=y.dtype, device=y.device)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -98,48 +140,17 @@ def _check_reduce(reduce):
         raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
 
 
-def _elements(video, ph, pw, ts, reduce) -> int:
-    return (1 if reduce == "rlt" else ts) * video.shape[2] * ph * pw
-
-
-def _select(op: str, video: torch.Tensor, backend, elements: int, cuda_reasons: list[str] | None = None) -> str:
-    """The backend for a motion op; ``elements`` is what one Triton program holds in registers
-    (tubelet x C x ph x pw for the gates, block^2 for block_match); ``cuda_reasons``: why the op's CUDA
-    C++ kernel cannot take these arguments (None: the op has no CUDA C++ kernel)."""
-    def op_reasons(name: str) -> list[str]:
-        if name == "cuda":
-            if cuda_reasons is None:
-                return [f"{op} has no CUDA C++ kernel (the Triton kernel is its GPU path)"]
-            return cuda_reasons
-        if name == "triton" and elements > TRITON_MAX_ELEMENTS:
-            return [f"the Triton kernel holds a patch (block) in registers: at most {TRITON_MAX_ELEMENTS} "
-                    f"elements, got {elements}"]
-        return []
-
-    # The generic check (_backend.reasons) knows only float kernels; these also take uint8 video,
-    # so uint8 is checked as float32 (the interpreter computes both exactly).
-    dtype = torch.float32 if video.dtype == torch.uint8 else video.dtype
-    return _backend.select(op, video.device, dtype, backend, op_reasons)
+def _choose(op: str, video: torch.Tensor, backend, args: tuple) -> str:
+    return _backend.choose(op, video.device, video.dtype, backend, args)
 
 
 # ---------------------------------------------------------------------------------------------------
 # patch_delta
 
 
-def _patch_delta_triton(video, ph, pw, ts, reduce):
-    from vidtok.kernels import motion as kernels
-
-    # the gate kernel in "prev" mode computes exactly these deltas; its other outputs (13 bytes per
-    # patch, against >= 256 bytes of video read per patch) are dropped rather than a second kernel kept
-    return kernels.motion_gate(video, ph, pw, math.inf, "prev", ts, reduce, 0, 0)[1]
-
-
-_PATCH_DELTA = {"reference": _ref.patch_delta, "triton": _patch_delta_triton}
-
-
 @torch.library.custom_op("vidtok::patch_delta", mutates_args=())
 def _patch_delta_op(video: torch.Tensor, ph: int, pw: int, ts: int, reduce: str, backend: str) -> torch.Tensor:
-    return _PATCH_DELTA[backend](video, ph, pw, ts, reduce)
+    return _backend.implementation("patch_delta", backend)(video, ph, pw, ts, reduce)
 
 
 @_patch_delta_op.register_fake
@@ -171,7 +182,7 @@ def patch_delta(video: torch.Tensor, patch, *, tubelet: int = 1, reduce: str = "
     """
     ph, pw, ts = _check_video(video, patch, tubelet)
     _check_reduce(reduce)
-    chosen = _select("patch_delta", video, backend, _elements(video, ph, pw, ts, reduce))
+    chosen = _choose("patch_delta", video, backend, (video, ph, pw, ts, reduce))
     return _patch_delta_op(video, ph, pw, ts, reduce, chosen)
 
 
@@ -179,21 +190,12 @@ def patch_delta(video: torch.Tensor, patch, *, tubelet: int = 1, reduce: str = "
 # motion_gate
 
 
-def _motion_gate_triton(video, ph, pw, threshold, reference, ts, reduce, refresh_every, max_run):
-    from vidtok.kernels import motion as kernels
-
-    return kernels.motion_gate(video, ph, pw, threshold, reference, ts, reduce, refresh_every, max_run)
-
-
-_MOTION_GATE = {"reference": _ref.motion_gate, "triton": _motion_gate_triton}
-
-
 @torch.library.custom_op("vidtok::motion_gate", mutates_args=())
 def _motion_gate_op(
-    video: torch.Tensor, ph: int, pw: int, threshold: float, reference: str, ts: int, reduce: str,
+    video: torch.Tensor, ph: int, pw: int, threshold: float, compare_to: str, ts: int, reduce: str,
     refresh_every: int, max_run: int, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _MOTION_GATE[backend](video, ph, pw, threshold, reference, ts, reduce, refresh_every, max_run)
+    return _backend.implementation("motion_gate", backend)(video, ph, pw, threshold, compare_to, ts, reduce, refresh_every, max_run)
 
 
 def _gate_fakes(video: torch.Tensor, ph: int, pw: int, ts: int) -> tuple[torch.Tensor, ...]:
@@ -204,38 +206,23 @@ def _gate_fakes(video: torch.Tensor, ph: int, pw: int, ts: int) -> tuple[torch.T
 
 
 @_motion_gate_op.register_fake
-def _(video, ph, pw, threshold, reference, ts, reduce, refresh_every, max_run, backend):
+def _(video, ph, pw, threshold, compare_to, ts, reduce, refresh_every, max_run, backend):
     return _gate_fakes(video, ph, pw, ts)
-
-
-def _motion_gate_compensated_triton(video, ph, pw, threshold, reference, ts, reduce, refresh_every, max_run, radius):
-    from vidtok.kernels import motion as kernels
-
-    return kernels.motion_gate_compensated(video, ph, pw, threshold, reference, ts, reduce, refresh_every, max_run, radius)
-
-
-_MOTION_GATE_COMPENSATED = {"reference": _ref.motion_gate_compensated, "triton": _motion_gate_compensated_triton}
 
 
 @torch.library.custom_op("vidtok::motion_gate_compensated", mutates_args=())
 def _motion_gate_compensated_op(
-    video: torch.Tensor, ph: int, pw: int, threshold: float, reference: str, ts: int, reduce: str,
+    video: torch.Tensor, ph: int, pw: int, threshold: float, compare_to: str, ts: int, reduce: str,
     refresh_every: int, max_run: int, radius: int, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _MOTION_GATE_COMPENSATED[backend](video, ph, pw, threshold, reference, ts, reduce, refresh_every, max_run, radius)
+    gate = _backend.implementation("motion_gate", backend, "motion_gate_compensated")
+    return gate(video, ph, pw, threshold, compare_to, ts, reduce, refresh_every, max_run, radius)
 
 
 @_motion_gate_compensated_op.register_fake
-def _(video, ph, pw, threshold, reference, ts, reduce, refresh_every, max_run, radius, backend):
+def _(video, ph, pw, threshold, compare_to, ts, reduce, refresh_every, max_run, radius, backend):
     gate = _gate_fakes(video, ph, pw, ts)
     return (*gate, video.new_empty((*gate[0].shape, 2), dtype=torch.int16))
-
-
-def _check_optional_count(name, value) -> int:
-    if value is None:
-        return 0
-    check_int(name, value, low=1, high=2**31 - 1)
-    return value
 
 
 def motion_gate(
@@ -243,7 +230,7 @@ def motion_gate(
     patch,
     threshold: float,
     *,
-    reference: str = "last_kept",
+    compare_to: str = "last_kept",
     tubelet: int = 1,
     reduce: str = "mean_abs",
     refresh_every: int | None = None,
@@ -258,7 +245,7 @@ def motion_gate(
             grey levels for uint8 video with "mean_abs"/"max_abs"/"rlt").
         threshold: a slice is kept iff its delta > threshold (strict, as RLT). Below 0 keeps every
             patch; +inf keeps only the forced ones.
-        reference: "prev" compares each slice with the previous slice (RLT, vLLM EVS): a change slower
+        compare_to: "prev" compares each slice with the previous slice (RLT, vLLM EVS): a change slower
             than the threshold per slice is never sent. "last_kept" compares with the version of the
             patch that was last kept (Eventful Transformers' TokenGate, Dutson et al. ICCV 2023): unsent
             change accumulates until it crosses the threshold, so nothing drifts away.
@@ -266,8 +253,8 @@ def motion_gate(
         max_run: keep a location when its last kept slice is max_run slices back, so one kept patch
             stands for at most max_run slices (e.g. the size of a length-embedding table; None: no cap).
         search_radius: r > 0 makes the gate motion-compensated (GRT): slice k is compared with every
-            block of its reference slice displaced by |dy|, |dx| <= r pixels (inside the frame) and
-            delta is the smallest change; ``Gate.motion`` holds the displacement (see
+            block of the slice it is compared with, displaced by |dy|, |dx| <= r pixels (inside the
+            frame), and delta is the smallest change; ``Gate.motion`` holds the displacement (see
             ``vidtok.reference.motion.motion_gate_compensated``): (2r + 1)^2 candidate comparisons per
             patch and slice, compute-bound from r ~ 4.
         backend: "reference", "triton" or "auto".
@@ -278,105 +265,34 @@ def motion_gate(
         within fp32 rounding of the threshold may decide differently. A NaN delta is never above the
         threshold (dropped unless forced). Not differentiable. Static output shapes, no host sync:
         one fused pass (Triton: one program per patch column walking through time; with
-        search_radius, a second kernel that re-reads the reference slice's candidate blocks).
+        search_radius, a second kernel that re-reads the candidate blocks of the compared slice).
     """
     ph, pw, ts = _check_video(video, patch, tubelet)
     _check_reduce(reduce)
-    if reference not in REFERENCES:
-        raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
-        raise TypeError(f"threshold must be a real number (not NaN), got {threshold!r}")
-    refresh_every = _check_optional_count("refresh_every", refresh_every)
-    max_run = _check_optional_count("max_run", max_run)
+    if compare_to not in COMPARE_TO:
+        raise ValueError(f"compare_to must be one of {COMPARE_TO}, got {compare_to!r}")
+    threshold = check_float("threshold", threshold)
+    refresh_every = check_optional_count("refresh_every", refresh_every)
+    max_run = check_optional_count("max_run", max_run)
     check_int("search_radius", search_radius, low=0, high=2**15 - 1)
-    chosen = _select("motion_gate", video, backend, _elements(video, ph, pw, ts, reduce))
+    args = (video, ph, pw, threshold, compare_to, ts, reduce, refresh_every, max_run)
+    chosen = _choose("motion_gate", video, backend, args)
     if search_radius > 0:
-        return Gate(*_motion_gate_compensated_op(
-            video, ph, pw, float(threshold), reference, ts, reduce, refresh_every, max_run, search_radius, chosen))
-    return Gate(*_motion_gate_op(video, ph, pw, float(threshold), reference, ts, reduce, refresh_every, max_run, chosen))
+        return Gate(*_motion_gate_compensated_op(*args, search_radius, chosen))
+    return Gate(*_motion_gate_op(*args, chosen))
 
 
 # ---------------------------------------------------------------------------------------------------
 # block_match
 
 
-# csrc/motion.cu stages each block's search window in shared memory, at most this much per thread
-# block (csrc/motion.h kBlockMatchSharedLimit: the 48 KiB every sm_80+ GPU grants without an opt-in,
-# less 1280 bytes of static shared memory). Larger windows are left to Triton or the reference.
-CUDA_BLOCK_MATCH_SHARED_LIMIT = 48 * 1024 - 1280
-_CUDA_SLOTS = 4  # csrc/motion.cu kSlots: candidates per thread group
-
-
-def _cuda_layout_bytes(block: int, radius: int, lanes: int, elem_bytes: int) -> int:
-    """csrc/motion.cu layout_bytes: ``lanes`` shifted copies of the window, the cur block, and (packed
-    uint8) the raw staging rows, each rounded up to 16 bytes."""
-    side, row_elems = block + 2 * radius, block // lanes
-    count0 = 2 * radius // lanes + 1
-    needed = -(-count0 // _CUDA_SLOTS) * _CUDA_SLOTS + row_elems - 1
-    pitch = needed | 1 if elem_bytes == 4 else (((needed + 3) // 4) | 1) * 4
-    copy_stride = side * pitch + (8 - side * pitch) % 32 if lanes == 4 else side * pitch  # copies 8 banks apart
-    raw_pitch = pitch + 1 if lanes == 4 else 0
-
-    def round16(v: int) -> int:
-        return -(-v // 16) * 16
-
-    return round16(lanes * copy_stride * elem_bytes) + round16(block * row_elems * elem_bytes) + round16(side * raw_pitch * 4)
-
-
-def cuda_block_match_shared_bytes(dtype: torch.dtype, block: int, radius: int) -> int:
-    """Shared memory the CUDA kernel needs per thread block (mirror of csrc/motion.cu
-    block_match_shared_bytes): uint8 uses packed words (4 pixels per element, 4 shifted copies of the
-    window) when block % 4 == 0 and they fit, else one byte per pixel; float types use fp32."""
-    if dtype == torch.uint8:
-        if block % 4 == 0 and (packed := _cuda_layout_bytes(block, radius, 4, 4)) <= CUDA_BLOCK_MATCH_SHARED_LIMIT:
-            return packed
-        return _cuda_layout_bytes(block, radius, 1, 1)
-    return _cuda_layout_bytes(block, radius, 1, 4)
-
-
-def _block_match_cuda_reasons(dtype: torch.dtype, block: int, radius: int) -> list[str]:
-    out = []
-    if _backend.cuda_module_error() is None and not hasattr(_backend.cuda_module(), "block_match"):
-        out.append("vidtok._C was built before its block_match kernel (csrc/motion.cu) existed; rebuild it "
-                   "(VIDTOK_BUILD_CUDA=1 pip install -e .)")
-    need = cuda_block_match_shared_bytes(dtype, block, radius)
-    if need > CUDA_BLOCK_MATCH_SHARED_LIMIT:
-        out.append(f"the CUDA kernel stages the (block + 2 radius)^2 search window in shared memory: block = {block}, "
-                   f"radius = {radius} needs {need} bytes for {str(dtype).replace('torch.', '')} frames, over its "
-                   f"{CUDA_BLOCK_MATCH_SHARED_LIMIT}-byte limit (use a smaller radius, or backend triton/reference)")
-    return out
-
-
-def _block_match_triton(cur, ref_frame, block, radius):
-    from vidtok.kernels import motion as kernels
-
-    return kernels.block_match(cur, ref_frame, block, radius)
-
-
-def _block_match_cuda(cur, ref_frame, block, radius):
-    B, H, W = cur.shape
-    h, w = H // block, W // block
-    motion = torch.empty((B, h, w, 2), device=cur.device, dtype=torch.int16)
-    cost = torch.empty((B, h, w), device=cur.device, dtype=torch.float32)
-    if cost.numel() > 0:
-        with torch.cuda.device(cur.device):
-            _backend.cuda_module().block_match(
-                _backend.CUDA_DTYPE_CODES[cur.dtype], cur.data_ptr(), ref_frame.data_ptr(), motion.data_ptr(),
-                cost.data_ptr(), B, H, W, block, radius, *cur.stride(), *ref_frame.stride(), _backend.cuda_stream(cur),
-            )
-    return motion, cost
-
-
-_BLOCK_MATCH = {"reference": _ref.block_match, "triton": _block_match_triton, "cuda": _block_match_cuda}
-
-
 @torch.library.custom_op("vidtok::block_match", mutates_args=())
-def _block_match_op(cur: torch.Tensor, ref_frame: torch.Tensor, block: int, radius: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _BLOCK_MATCH[backend](cur, ref_frame, block, radius)
+def _block_match_op(cur: torch.Tensor, ref: torch.Tensor, block: int, radius: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backend.implementation("block_match", backend)(cur, ref, block, radius)
 
 
 @_block_match_op.register_fake
-def _(cur, ref_frame, block, radius, backend):
+def _(cur, ref, block, radius, backend):
     B, H, W = cur.shape
     shape = (B, H // block, W // block)
     return cur.new_empty((*shape, 2), dtype=torch.int16), cur.new_empty(shape, dtype=torch.float32)
@@ -394,8 +310,8 @@ def block_match(cur: torch.Tensor, ref: torch.Tensor, *, block: int = 16, radius
         backend: "reference", "triton" (blocks of at most 4096 pixels), "cuda" or "auto" (on CUDA
             tensors: cuda, then triton, then reference). The CUDA C++ kernel (csrc/motion.cu) stages
             each block's (block + 2 radius)^2 search window in shared memory, at most
-            ``CUDA_BLOCK_MATCH_SHARED_LIMIT`` (48 KiB - 1280) bytes per thread block
-            (``cuda_block_match_shared_bytes``): block 16 reaches radius 45 (float types) or 100
+            ``vidtok.csrc.motion.SHARED_LIMIT`` (48 KiB - 1280) bytes per thread block
+            (``vidtok.csrc.motion.shared_bytes``): block 16 reaches radius 45 (float types) or 100
             (uint8), block 8 radius 49 or 104, block 64 radius 11 or 71. Past that "auto" falls back
             to Triton and a forced "cuda" raises ``BackendUnavailableError`` saying why.
 
@@ -420,8 +336,7 @@ def block_match(cur: torch.Tensor, ref: torch.Tensor, *, block: int = 16, radius
     if H % block or W % block:
         raise ValueError(f"H and W must be multiples of block = {block}, got H = {H}, W = {W}")
     check_int("radius", radius, low=0, high=2**15 - 1)
-
-    chosen = _select("block_match", cur, backend, block * block, _block_match_cuda_reasons(cur.dtype, block, radius))
+    chosen = _choose("block_match", cur, backend, (cur, ref, block, radius))
     return _block_match_op(cur, ref, block, radius, chosen)
 
 
@@ -432,8 +347,7 @@ def block_match(cur: torch.Tensor, ref: torch.Tensor, *, block: int = 16, radius
 @torch.library.custom_op("vidtok::pack_rows", mutates_args=())
 def _pack_rows_op(keep: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
     B, N = keep.shape
-    flat_keep = keep.reshape(-1)
-    counts = keep.sum(1, dtype=torch.int32)
+    rank, counts = kept_rank(keep)
     cu_seqlens = torch.zeros(B + 1, dtype=torch.int32, device=keep.device)
     cu_seqlens[1:] = counts.cumsum(0)
     total = cu_seqlens[-1]
@@ -447,11 +361,11 @@ def _pack_rows_op(keep: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torc
         else:
             # no host sync: a device-side assert fails the stream (and later CUDA calls) instead
             torch._assert_async(total <= capacity, "vidtok.pack: capacity is smaller than the kept count")
-    # row of each kept token = exclusive prefix sum of keep (not nonzero, which syncs the host)
-    pos = flat_keep.to(torch.int32).cumsum(0) - 1
-    dest = torch.where(flat_keep & (pos < rows), pos, rows)  # dropped tokens go to a scratch row
+    # the row of a kept token: its clip's offset plus its rank in the clip (never nonzero, which syncs)
+    pos = (cu_seqlens[:-1, None].long() + rank).reshape(-1)
+    dest = torch.where((rank.reshape(-1) >= 0) & (pos < rows), pos, rows)  # dropped tokens go to a scratch row
     flat = torch.full((rows + 1,), -1, dtype=torch.int64, device=keep.device)
-    flat.scatter_(0, dest.to(torch.int64), torch.arange(B * N, device=keep.device))
+    flat.scatter_(0, dest, torch.arange(B * N, device=keep.device))
     return flat[:rows].clone(), cu_seqlens
 
 
@@ -548,7 +462,7 @@ def unpack(packed: Packed, *, fill: str = "carry", gate: Gate | None = None) -> 
                 raise ValueError(f"gate is for {tuple(gate.carry.shape)} slots, but packed holds {tuple(shape)}")
             carry = gate.carry.reshape(B, N).to(torch.int64)
         elif len(shape) == 4:
-            carry = _ref.carry_and_run_length((row_of >= 0).view(shape))[0].reshape(B, N).to(torch.int64)
+            carry = reference.carry_and_run_length((row_of >= 0).view(shape))[0].reshape(B, N).to(torch.int64)
         else:
             raise ValueError("fill='carry' needs the (t, h, w) structure: pack [B, T', h, w, D] tokens or pass gate=")
         row_of = torch.where(carry >= 0, row_of.gather(1, carry.clamp_min(0)), -1)
@@ -610,7 +524,7 @@ def motion_report(video: torch.Tensor, gate: Gate, *, fps: float | None = None) 
     }
     if Tq > 1:
         peak = 255.0 if video.dtype == torch.uint8 else 1.0
-        rebuilt = _ref.rebuild(video, keep, gate.carry, gate.motion)
+        rebuilt = reference.rebuild(video, keep, gate.carry, gate.motion)
         mse = (rebuilt - video.to(torch.float32)).square().mean((2, 3, 4))[:, ts:]  # [B, T - ts] frames
         psnr = (10 * torch.log10(peak**2 / mse)).clamp(max=PSNR_CAP_DB)
         # the clip's PSNR (of the mean squared error): a mean of per-frame dB would let a few exact

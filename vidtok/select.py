@@ -1,40 +1,37 @@
-"""Similarity-based frame selection over cached frame embeddings (issue 5).
+"""Similarity-based frame selection over cached frame embeddings.
 
 Long-video LLMs choose which frames to show the model from per-frame embeddings (CLIP, SigLIP):
 relevance to the question, similarity of consecutive frames, then a selection rule. These ops do
 each stage batched over videos and queries, deterministically (ties: higher gain, then the lower
 frame index), with every selection returned as int32 indices sorted by time and padded with -1.
 
-``frame_scores`` has a fused Triton scan; ``greedy_select`` and ``dpp_select`` have a persistent
-CUDA C++ kernel (csrc/select.cu: one thread block runs all k steps of a (video, query) problem);
-``scene_boundaries`` runs the vectorised PyTorch reference on every device. Each is a
-``torch.library.custom_op`` in the ``vidtok`` namespace whose last argument is the resolved backend.
-``segment_topk`` and ``uniform_indices`` are plain PyTorch functions.
+frame_scores, greedy_select, dpp_select and scene_boundaries are ``torch.library.custom_op``s in the
+``vidtok`` namespace whose last argument is the backend chosen in Python (``vidtok._backend`` says
+which backends each has). ``segment_topk`` and ``uniform_indices`` are plain PyTorch functions.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from vidtok import _backend
-from vidtok._backend import FLOAT_DTYPES
-from vidtok._validation import check_int, check_same_device, check_tensor
-from vidtok.reference import select as ref
-from vidtok.reference.select import Scores
+from vidtok._numerics import REFERENCE_DTYPES
+from vidtok._validation import check_float, check_int, check_same_device, check_tensor
+from vidtok.reference import select as reference
 
 __all__ = ["Scores", "dpp_select", "frame_scores", "greedy_select", "scene_boundaries", "segment_topk", "uniform_indices"]
 
-_DTYPES = FLOAT_DTYPES + (torch.float64,)
 _INT_DTYPES = (torch.int32, torch.int64)
 
 
-def _reference_only(op: str):
-    def reasons(backend: str) -> list[str]:
-        if backend == "reference":
-            return []
-        return [f"vidtok.{op} has no {backend} kernel (its vectorised reference runs on every device)"]
+class Scores(NamedTuple):
+    """Output of ``frame_scores``: relevance fp32 [B, Q, T], adjacent fp32 [B, T - 1], norms fp32 [B, T]."""
 
-    return reasons
+    relevance: torch.Tensor
+    adjacent: torch.Tensor
+    norms: torch.Tensor
 
 
 def _check_lengths(lengths, B: int, T: int) -> None:
@@ -54,41 +51,18 @@ def _check_2d_or_3d(name: str, t, layout: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
     if t.dim() not in (2, 3):
         raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
-    check_tensor(name, t, rank=t.dim(), layout=layout, dtypes=_DTYPES)
-
-
-def _check_float(name: str, value, *, low: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if value != value or (low is not None and value < low):  # value != value: NaN (math.isnan breaks dynamo)
-        raise ValueError(f"{name} must be a number >= {low}, got {value}" if low is not None else f"{name} must not be NaN")
-    return value
+    check_tensor(name, t, rank=t.dim(), layout=layout, dtypes=REFERENCE_DTYPES)
 
 
 # ---------------------------------------------------------------------------------------------------
 # frame_scores
 
 
-def _frame_scores_triton(x, query, scale, bias, lengths):
-    from vidtok.kernels import select as kernels
-
-    return kernels.frame_scores(x, query, scale, bias, lengths)
-
-
-def _frame_scores_reasons(backend: str) -> list[str]:
-    # one fused memory-bound scan; the Triton kernel is its GPU path, there is no CUDA C++ version
-    return ["vidtok.frame_scores has no cuda kernel (the Triton scan is its GPU path)"] if backend == "cuda" else []
-
-
-_FRAME_SCORES = {"reference": lambda *a: tuple(ref.frame_scores(*a)), "triton": _frame_scores_triton}
-
-
 @torch.library.custom_op("vidtok::frame_scores", mutates_args=())
 def _frame_scores_op(
     x: torch.Tensor, query: torch.Tensor | None, scale: float, bias: float, lengths: torch.Tensor | None, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _FRAME_SCORES[backend](x, query, scale, bias, lengths)
+    return tuple(_backend.implementation("frame_scores", backend)(x, query, scale, bias, lengths))
 
 
 @_frame_scores_op.register_fake
@@ -131,12 +105,12 @@ def frame_scores(
     The Triton kernel is one pass over x for all queries and the adjacency (the scan behind TASS,
     AKS, BOLT relevance and TDC/SceneTilling cuts; research note §6.3).
     """
-    check_tensor("x", x, rank=3, layout="[B, T, C]", dtypes=_DTYPES)
+    check_tensor("x", x, rank=3, layout="[B, T, C]", dtypes=REFERENCE_DTYPES)
     B, T, C = x.shape
     if T < 1:
         raise ValueError(f"x must have at least 1 frame (x.shape[1] = T), got shape {tuple(x.shape)}")
     if query is not None:
-        check_tensor("query", query, rank=3, layout="[B, Q, C]", dtypes=_DTYPES)
+        check_tensor("query", query, rank=3, layout="[B, Q, C]", dtypes=REFERENCE_DTYPES)
         if query.shape[0] != B or query.shape[2] != C:
             raise ValueError(
                 f"query must be [B, Q, C] = [{B}, Q, {C}] to match x [B, T, C] = {list(x.shape)}, got {list(query.shape)}"
@@ -145,128 +119,10 @@ def frame_scores(
             raise TypeError(f"query must have x's dtype {x.dtype}, got {query.dtype}")
     _check_lengths(lengths, B, T)
     check_same_device(x=x, query=query, lengths=lengths)
-    scale = _check_float("scale", scale)
-    bias = _check_float("bias", bias)
-    chosen = _backend.select("frame_scores", x.device, x.dtype, backend, _frame_scores_reasons)
+    scale = check_float("scale", scale)
+    bias = check_float("bias", bias)
+    chosen = _backend.choose("frame_scores", x.device, x.dtype, backend, (x, query, scale, bias, lengths))
     return Scores(*_frame_scores_op(x, query, scale, bias, lengths, chosen))
-
-
-# ---------------------------------------------------------------------------------------------------
-# The persistent CUDA C++ kernels of greedy_select and dpp_select (csrc/select.cu)
-
-# Pool mode (research/selection.md §6.3): up to GRAM_MAX_T frames the kernels can read each step's
-# similarities from the Gram matrix of the unit rows (one GEMM over the video first) instead of
-# making one pass over x per step. Both give the same values (every Gram entry is the kernel's own
-# fmaf chain over the channels), so the choice changes speed only, never a pick. Videos are processed
-# in chunks whose Gram matrices fit GRAM_BUDGET_BYTES.
-GRAM_MAX_T = 8192
-GRAM_BUDGET_BYTES = 1 << 30
-_SIMS_PATH: str | None = None  # "gram" or "stream" forces a path (the tests check that they agree)
-_FORCE_GLOBAL_STATE = False  # True keeps per-candidate state in global scratch at any T (tests)
-_F32_OVERFLOW = 2.0**128 - 2.0**103  # Python floats at or above this round to inf in float32
-
-
-def _f32(value: float) -> float:
-    """value rounded to float32 as torch rounds a Python scalar against a float32 tensor."""
-    return float(torch.tensor(value, dtype=torch.float32))
-
-
-def _use_gram(device: torch.device, B: int, Q: int, T: int, k: int) -> bool:
-    """Pool mode or streaming. A guess until measured on a GPU (bench/NOTES.md): the Gram costs about
-    B * T^2 * C / 2 FMAs spread over the whole GPU (~1.4e13 FMA/s on an H100), streaming min(k, T)
-    passes of T * C * 4 bytes per problem through one SM (~1e11 B/s) in ceil(B * Q / SMs) waves."""
-    if _SIMS_PATH is not None:
-        return _SIMS_PATH == "gram"
-    if T > GRAM_MAX_T:
-        return False
-    waves = -(-B * Q // torch.cuda.get_device_properties(device).multi_processor_count)
-    return B * T <= 1000 * min(k, T) * max(waves, 1)
-
-
-def _video_chunks(B: int, T: int, gram: bool):
-    """(b0, b1) ranges of videos processed together: all at once when streaming, else as many as
-    GRAM_BUDGET_BYTES of Gram matrices hold (at least one)."""
-    step = max(1, GRAM_BUDGET_BYTES // (T * T * 4)) if gram else max(B, 1)
-    return [(b0, min(b0 + step, B)) for b0 in range(0, B, step)]
-
-
-def _unit_rows_channel_major(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(xt [B, C, T] float32, finite [B, T], norms [B, T]): the reference's own unit rows, transposed so
-    that a warp of the kernel reads 32 consecutive frames of one channel."""
-    xn, finite, norms = ref._unit_rows(x, torch.float32)
-    return xn.transpose(1, 2).contiguous(), finite, norms
-
-
-def _greedy_select_cuda(relevance, k, x, lam, min_gap, sim_thresh, pool, pool_top, timestamps):
-    B, Q, T = relevance.shape
-    device, f32 = relevance.device, torch.float32
-    picks = torch.full((B, Q, k), -1, dtype=torch.int32, device=device)
-    if B * Q == 0 or T == 0:
-        return picks
-    rel = relevance.to(f32)
-    eligible = torch.isfinite(rel)
-    sims = lam != 0.0 or sim_thresh is not None
-    xt = None
-    if sims:
-        xt, finite, _ = _unit_rows_channel_major(x)
-        eligible = eligible & finite[:, None, :]
-    eligible = ref.candidate_pool(rel, eligible, pool, pool_top)
-    # the kernel's per-candidate state: relevance, NaN once a frame is not (or no longer) a candidate
-    state = torch.where(eligible, rel, torch.full_like(rel, float("nan"))).contiguous()
-    gap = min_gap > 0
-    pos, pos_sb = None, 0
-    if gap:
-        if timestamps is not None:
-            pos, pos_sb = timestamps.to(f32).contiguous(), T
-        else:
-            pos = torch.arange(T, device=device, dtype=f32)  # the reference's frame positions, one row shared
-    ms = torch.empty_like(state) if sims else None
-    use_gram = sims and _use_gram(device, B, Q, T, k)
-    module = _backend.cuda_module()
-    lam32, thresh32, gap32 = _f32(lam), _f32(sim_thresh if sim_thresh is not None else 0.0), _f32(min_gap)
-    C = 0 if xt is None else xt.shape[1]
-    with torch.cuda.device(device):
-        stream = _backend.cuda_stream(relevance)
-        for b0, b1 in _video_chunks(B, T, use_gram):
-            gram = None
-            if use_gram:
-                gram = torch.empty((b1 - b0, T, T), device=device, dtype=f32)
-                module.select_gram(xt[b0:b1].data_ptr(), gram.data_ptr(), b1 - b0, T, C, stream)
-            module.greedy_select(
-                state[b0:b1].data_ptr(), 0 if pos is None else pos.data_ptr() + 4 * b0 * pos_sb, pos_sb,
-                0 if (xt is None or use_gram) else xt[b0:b1].data_ptr(), 0 if gram is None else gram.data_ptr(),
-                0 if ms is None else ms[b0:b1].data_ptr(), picks[b0:b1].data_ptr(), b1 - b0, Q, T, C, k,
-                lam != 0.0, lam32, sim_thresh is not None, thresh32, gap, gap32, _FORCE_GLOBAL_STATE, stream,
-            )
-    return ref._sort_by_time(picks, T)[0]
-
-
-def _stale_module(name: str) -> list[str]:
-    """A vidtok._C built before csrc/select.cu has no selection kernels: say so (auto then falls back)."""
-    if _backend.cuda_module_error() is None and not hasattr(_backend.cuda_module(), name):
-        return [f"vidtok._C was built without the {name} kernel; rebuild it (VIDTOK_BUILD_CUDA=1 pip install -e .)"]
-    return []
-
-
-def _greedy_reasons(x, timestamps, lam: float, T: int):
-    def reasons(backend: str) -> list[str]:
-        if backend == "triton":
-            return ["vidtok.greedy_select has no triton kernel (its GPU path is the CUDA C++ persistent kernel)"]
-        if backend != "cuda":
-            return []
-        out = _stale_module("greedy_select")
-        if any(t is not None and t.dtype == torch.float64 for t in (x, timestamps)):
-            out.append("float64 x or timestamps make the reference compute in float64; the cuda kernel computes in float32")
-        if not abs(lam) < _F32_OVERFLOW:
-            out.append(f"the cuda kernel needs lam finite in float32, got {lam}")
-        if T >= 2**31 - 1:
-            out.append(f"the cuda kernel takes T < 2^31 - 1 frames, got {T}")
-        return out
-
-    return reasons
-
-
-_GREEDY_SELECT = {"reference": ref.greedy_select, "cuda": _greedy_select_cuda}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -286,7 +142,8 @@ def _greedy_select_op(
     timestamps: torch.Tensor | None,
     backend: str,
 ) -> torch.Tensor:
-    return _GREEDY_SELECT[backend](relevance, k, x, lam, min_gap, sim_thresh, pool, pool_top, timestamps)
+    select = _backend.implementation("greedy_select", backend)
+    return select(relevance, k, x, lam, min_gap, sim_thresh, pool, pool_top, timestamps)
 
 
 @_greedy_select_op.register_fake
@@ -341,24 +198,24 @@ def greedy_select(
     within float32 rounding of each other (near-ties). Up to 8192 frames it first forms the Gram matrix
     of the unit rows (T^2 floats per video; chunked to 1 GiB); longer videos stream x once per step.
     """
-    check_tensor("relevance", relevance, rank=3, layout="[B, Q, T]", dtypes=_DTYPES)
+    check_tensor("relevance", relevance, rank=3, layout="[B, Q, T]", dtypes=REFERENCE_DTYPES)
     B, Q, T = relevance.shape
     check_int("k", k, low=1, high=2**31 - 1)
-    lam = _check_float("lam", lam)
+    lam = check_float("lam", lam)
     if isinstance(min_gap, bool) or not isinstance(min_gap, (int, float)):
         raise TypeError(f"min_gap must be an int or float, got {type(min_gap).__name__}")
     if not min_gap >= 0:
         raise ValueError(f"min_gap must be >= 0, got {min_gap}")
     if sim_thresh is not None:
-        sim_thresh = _check_float("sim_thresh", sim_thresh)
+        sim_thresh = check_float("sim_thresh", sim_thresh)
     if (lam != 0.0 or sim_thresh is not None) and x is None:
         raise ValueError("x (frame embeddings [B, T, C]) is required when lam != 0 or sim_thresh is set")
     if x is not None:
-        check_tensor("x", x, rank=3, layout="[B, T, C]", dtypes=_DTYPES)
+        check_tensor("x", x, rank=3, layout="[B, T, C]", dtypes=REFERENCE_DTYPES)
         if x.shape[:2] != (B, T):
             raise ValueError(f"x must be [B, T, C] with B = {B}, T = {T} to match relevance [B, Q, T], got {list(x.shape)}")
     if timestamps is not None:
-        check_tensor("timestamps", timestamps, rank=2, layout="[B, T]", dtypes=_DTYPES)
+        check_tensor("timestamps", timestamps, rank=2, layout="[B, T]", dtypes=REFERENCE_DTYPES)
         if tuple(timestamps.shape) != (B, T):
             raise ValueError(f"timestamps must be [B, T] = [{B}, {T}], got {list(timestamps.shape)}")
     if isinstance(pool, bool) or not isinstance(pool, (str, int)):
@@ -372,74 +229,20 @@ def greedy_select(
     else:
         raise ValueError(f"pool must be 'all', 'above_mean' or an int, got {pool!r}")
     check_same_device(relevance=relevance, x=x, timestamps=timestamps)
-    reasons = _greedy_reasons(x, timestamps, lam, T)
-    chosen = _backend.select("greedy_select", relevance.device, relevance.dtype, backend, reasons)
-    return _greedy_select_op(relevance, k, x, lam, float(min_gap), sim_thresh, pool_name, pool_top, timestamps, chosen)
+    args = (relevance, k, x, lam, float(min_gap), sim_thresh, pool_name, pool_top, timestamps)
+    chosen = _backend.choose("greedy_select", relevance.device, relevance.dtype, backend, args)
+    return _greedy_select_op(*args, chosen)
 
 
 # ---------------------------------------------------------------------------------------------------
 # dpp_select
 
 
-def _dpp_select_cuda(x, k, quality, eps):
-    B, T, _ = x.shape
-    device, f32 = x.device, torch.float32
-    xt, finite, norms = _unit_rows_channel_major(x)
-    # q, L_ii and eps * L_ii with the reference's tensor ops (bit-identical on the same device)
-    q = torch.ones(B, 1, T, dtype=f32, device=device) if quality is None else quality.to(f32)
-    q = torch.where(torch.isfinite(q), q, torch.zeros_like(q)).contiguous()
-    Q, C = q.shape[1], xt.shape[1]
-    diag = (q.square() * (finite & (norms > 0)).to(f32)[:, None, :]).contiguous()
-    thr = (eps * diag).contiguous()
-    picks = torch.full((B, Q, k), -1, dtype=torch.int32, device=device)
-    d2_pick = torch.zeros((B, Q, k), dtype=f32, device=device)
-    if B * Q > 0 and T > 0:
-        d2 = torch.empty((B, Q, T), dtype=f32, device=device)
-        cf = torch.empty((B, Q, min(k, T), T), dtype=f32, device=device)  # rows of the Cholesky factor
-        use_gram = _use_gram(device, B, Q, T, k)
-        module = _backend.cuda_module()
-        with torch.cuda.device(device):
-            stream = _backend.cuda_stream(x)
-            for b0, b1 in _video_chunks(B, T, use_gram):
-                gram = None
-                if use_gram:
-                    gram = torch.empty((b1 - b0, T, T), device=device, dtype=f32)
-                    module.select_gram(xt[b0:b1].data_ptr(), gram.data_ptr(), b1 - b0, T, C, stream)
-                module.dpp_select(
-                    q[b0:b1].data_ptr(), diag[b0:b1].data_ptr(), thr[b0:b1].data_ptr(),
-                    0 if use_gram else xt[b0:b1].data_ptr(), 0 if gram is None else gram.data_ptr(),
-                    d2[b0:b1].data_ptr(), cf[b0:b1].data_ptr(), picks[b0:b1].data_ptr(), d2_pick[b0:b1].data_ptr(),
-                    b1 - b0, Q, T, C, k, _FORCE_GLOBAL_STATE, stream,
-                )
-    # the reference's gain: log of the residual at the pick, 0 beside padding
-    gains = torch.where(picks >= 0, d2_pick.clamp_min(torch.finfo(f32).tiny).log(), torch.zeros_like(d2_pick))
-    return ref._sort_by_time(picks, T, gains)
-
-
-def _dpp_reasons(quality, T: int):
-    def reasons(backend: str) -> list[str]:
-        if backend == "triton":
-            return ["vidtok.dpp_select has no triton kernel (its GPU path is the CUDA C++ persistent kernel)"]
-        if backend != "cuda":
-            return []
-        out = _stale_module("dpp_select")
-        if quality is not None and quality.dtype == torch.float64:
-            out.append("float64 quality makes the reference compute in float64; the cuda kernel computes in float32")
-        if T >= 2**31 - 1:
-            out.append(f"the cuda kernel takes T < 2^31 - 1 frames, got {T}")
-        return out
-
-    return reasons
-
-
-_DPP_SELECT = {"reference": ref.dpp_select, "cuda": _dpp_select_cuda}
-
-
 @torch.library.custom_op("vidtok::dpp_select", mutates_args=())
 def _dpp_select_op(
     x: torch.Tensor, k: int, quality: torch.Tensor | None, eps: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _DPP_SELECT[backend](x, k, quality, eps)
+    return _backend.implementation("dpp_select", backend)(x, k, quality, eps)
 
 
 @_dpp_select_op.register_fake
@@ -485,7 +288,7 @@ def dpp_select(
     cosines and projections are summed in a different order than the reference's, so picks agree
     except at near-ties of the residuals and gains agree to float32 rounding.
     """
-    check_tensor("x", x, rank=3, layout="[B, T, C]", dtypes=_DTYPES)
+    check_tensor("x", x, rank=3, layout="[B, T, C]", dtypes=REFERENCE_DTYPES)
     B, T, _ = x.shape
     check_int("k", k, low=1, high=2**31 - 1)
     squeeze = False
@@ -497,9 +300,9 @@ def dpp_select(
             raise ValueError(f"quality must be [B, T] or [B, Q, T] with B = {B}, T = {T} to match x, got {list(quality.shape)}")
     else:
         squeeze = True
-    eps = _check_float("eps", eps, low=0.0)
+    eps = check_float("eps", eps, low=0.0)
     check_same_device(x=x, quality=quality)
-    chosen = _backend.select("dpp_select", x.device, x.dtype, backend, _dpp_reasons(quality, T))
+    chosen = _backend.choose("dpp_select", x.device, x.dtype, backend, (x, k, quality, eps))
     idx, gains = _dpp_select_op(x, k, quality, eps, chosen)
     return (idx[:, 0], gains[:, 0]) if squeeze else (idx, gains)
 
@@ -522,7 +325,8 @@ def _scene_boundaries_op(
     lengths: torch.Tensor | None,
     backend: str,
 ) -> torch.Tensor:
-    return ref.scene_boundaries(adjacent, method, threshold, k, min_len, window, min_change, lengths)
+    boundaries = _backend.implementation("scene_boundaries", backend)
+    return boundaries(adjacent, method, threshold, k, min_len, window, min_change, lengths)
 
 
 @_scene_boundaries_op.register_fake
@@ -566,12 +370,12 @@ def scene_boundaries(
     Returns:
         int32 ``[B, T]``, non-decreasing segment ids starting at 0 (-1 for padding).
     """
-    check_tensor("adjacent", adjacent, rank=2, layout="[B, T - 1]", dtypes=_DTYPES)
+    check_tensor("adjacent", adjacent, rank=2, layout="[B, T - 1]", dtypes=REFERENCE_DTYPES)
     B, n = adjacent.shape
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     if threshold is not None:
-        threshold = _check_float("threshold", threshold)
+        threshold = check_float("threshold", threshold)
     if method == "threshold" and threshold is None:
         raise ValueError("method='threshold' needs threshold (cut where adjacent similarity < threshold)")
     if method == "lowest_k" and k is None:
@@ -582,10 +386,10 @@ def scene_boundaries(
         check_int("k", k, low=0, high=2**31 - 1)
     check_int("min_len", min_len, low=1, high=2**31 - 1)
     check_int("window", window, low=1, high=2**31 - 1)
-    min_change = _check_float("min_change", min_change)
+    min_change = check_float("min_change", min_change)
     _check_lengths(lengths, B, n + 1)
     check_same_device(adjacent=adjacent, lengths=lengths)
-    chosen = _backend.select("scene_boundaries", adjacent.device, adjacent.dtype, backend, _reference_only("scene_boundaries"))
+    chosen = _backend.choose("scene_boundaries", adjacent.device, adjacent.dtype, backend)
     return _scene_boundaries_op(adjacent, method, threshold, k, min_len, window, min_change, lengths, chosen)
 
 
@@ -608,7 +412,7 @@ def segment_topk(scores: torch.Tensor, seg_id: torch.Tensor, k_per_segment: int)
         raise ValueError(f"seg_id must be [B, T] = [{scores.shape[0]}, {scores.shape[-1]}], got {list(seg_id.shape)}")
     check_int("k_per_segment", k_per_segment, low=1, high=2**31 - 1)
     check_same_device(scores=scores, seg_id=seg_id)
-    return ref.segment_topk(scores, seg_id, k_per_segment)
+    return reference.segment_topk(scores, seg_id, k_per_segment)
 
 
 def uniform_indices(T: int, k: int, *, mode: str = "linspace", device: str | torch.device | None = None) -> torch.Tensor:
@@ -625,4 +429,4 @@ def uniform_indices(T: int, k: int, *, mode: str = "linspace", device: str | tor
     check_int("k", k, low=1, high=2**31 - 1)
     if mode not in ("linspace", "numpy", "center"):
         raise ValueError(f"mode must be 'linspace', 'numpy' or 'center', got {mode!r}")
-    return ref.uniform_indices(T, k, mode, device)
+    return reference.uniform_indices(T, k, mode, device)

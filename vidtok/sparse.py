@@ -1,17 +1,18 @@
 """Sparse attention for video: token layouts, mask plans built from tile bounds, block-sparse attention.
 
-- ``VideoLayout``: the (t, h, w) position of every token of every sequence (global register tokens
-  first), so masks can be stated in video terms whatever pruning did to the token count.
+- ``VideoLayout``: the (t, h, w) position of every token of every sequence on the (T, h, w) token grid
+  (global register tokens first), so masks can be stated in video terms whatever pruning or merging
+  did to the token count; built from a grid, a keep mask, a ``Packed`` or a ``Merged``.
 - ``build_plan(layout, spec, block=(BQ, BK))``: classifies every (query tile, key tile) pair as empty,
   full or partial from the tiles' coordinate bounds (vidtok.masks) -- the token predicate is evaluated
   only inside partial tiles, never on all N^2 pairs -- and stores the non-empty tiles in CSR form, with
   its transpose, and the token masks of the partial tiles as bits.
 - ``sparse_attention(q, k, v, plan)``: attention on the plan's tiles only -- Triton forward and
-  backward kernels, or the reference (consecutive query tiles in groups, each one attention problem
-  against one key set, forward and backward) -- with ToMe's proportional attention as ``kv_log_size``.
+  backward kernels on GPUs, the tuned cpu backend on CPUs, the readable reference anywhere -- with
+  ToMe's proportional attention as ``kv_log_size``.
 
 Patterns: FlexAttention's BlockMask (full + partial block lists, mask_mod inside partial blocks),
-NATTEN's neighborhood windows, ToMe's proportional attention (see research/attention.md).
+NATTEN's neighborhood windows, ToMe's proportional attention.
 """
 
 from __future__ import annotations
@@ -24,22 +25,13 @@ import torch
 
 from vidtok import _backend
 from vidtok import masks as _masks
-from vidtok import reference as ref
-from vidtok._backend import FLOAT_DTYPES
-from vidtok._validation import check_same_device, check_tensor
-from vidtok.reference.merge import accumulation_dtype
+from vidtok._numerics import REFERENCE_DTYPES, accumulation_dtype, kept_rank
+from vidtok._validation import check_int, check_same_device, check_tensor
+from vidtok.reference.sparse import PlanTensors, dense_mask
 
 __all__ = ["SparsePlan", "VideoLayout", "build_plan", "sparse_attention"]
 
 _KIND_PAD, _KIND_VIDEO, _KIND_GLOBAL = 0, 1, 2
-
-
-def _check_pos_int(name: str, value, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -58,7 +50,7 @@ class VideoLayout:
         coords: int32 [B, N, 3], the (t, h, w) of each video token (-1 for global and padding tokens).
         kind: int8 [B, N], 0 padding, 1 video token, 2 global token.
         lengths: int32 [B], valid tokens per sequence.
-        grid: (T, H, W) of the full video grid (the neighborhood windows' extents).
+        grid: (T, h, w), the token grid the coordinates lie on (the neighborhood windows' extents).
         num_global: global tokens at the start of every sequence.
         kv_log_size: float32 [B, N] or None. For merged tokens (``from_merge``): log of how many
             original tokens each one stands for (0 for global tokens and padding), the bias ToMe's
@@ -95,7 +87,7 @@ class VideoLayout:
 
     def expand(self, batch: int) -> VideoLayout:
         """A layout of one sequence repeated ``batch`` times (the same video in every row of a batch)."""
-        _check_pos_int("batch", batch)
+        check_int("batch", batch, low=1)
         if self.batch != 1:
             raise ValueError(f"only a layout of one sequence can be expanded, this one holds {self.batch}")
         return self._map(lambda x: x.expand(batch, *x.shape[1:]).contiguous())
@@ -111,58 +103,92 @@ class VideoLayout:
         return _masks.Coords(c[..., 0], c[..., 1], c[..., 2], self.kind == _KIND_GLOBAL)
 
     @staticmethod
-    def from_grid(T: int, H: int, W: int, *, num_global: int = 0, batch: int = 1, device="cpu") -> VideoLayout:
-        """Every token of a T x H x W grid, after ``num_global`` global tokens, for ``batch`` videos:
-        N = num_global + T * H * W."""
-        for name, value in (("T", T), ("H", H), ("W", W), ("batch", batch)):
-            _check_pos_int(name, value)
-        _check_pos_int("num_global", num_global, 0)
-        grid = torch.stack(torch.meshgrid(*(torch.arange(n, device=device) for n in (T, H, W)), indexing="ij"), -1)
-        coords = torch.cat([torch.full((num_global, 3), -1, device=device), grid.reshape(-1, 3)]).to(torch.int32)
-        kind = torch.cat([torch.full((num_global,), _KIND_GLOBAL), torch.full((T * H * W,), _KIND_VIDEO)]).to(device, torch.int8)
-        n = num_global + T * H * W
+    def from_grid(T: int, h: int, w: int, *, num_global: int = 0, batch: int = 1, device="cpu") -> VideoLayout:
+        """Every token of a T x h x w token grid, after ``num_global`` global tokens, for ``batch``
+        videos: N = num_global + T * h * w."""
+        for name, value in (("T", T), ("h", h), ("w", w), ("batch", batch)):
+            check_int(name, value, low=1)
+        check_int("num_global", num_global, low=0)
+        grid = _grid_coords((T, h, w), device)
+        coords = torch.cat([torch.full((num_global, 3), -1, device=device), grid]).to(torch.int32)
+        kind = torch.cat([torch.full((num_global,), _KIND_GLOBAL), torch.full((T * h * w,), _KIND_VIDEO)]).to(device, torch.int8)
+        n = num_global + T * h * w
         return VideoLayout(
             coords.expand(batch, n, 3).contiguous(),
             kind.expand(batch, n).contiguous(),
             torch.full((batch,), n, dtype=torch.int32, device=device),
-            (T, H, W),
+            (T, h, w),
             num_global,
         )
 
     @staticmethod
     def from_keep(keep: torch.Tensor, *, num_global: int = 0) -> VideoLayout:
-        """The tokens a motion gate or pruner kept: keep bool [B, T, H, W].
+        """The tokens a motion gate or pruner kept: keep bool [B, T, h, w].
 
-        Sequence b holds its ``num_global`` global tokens and then its kept tokens in (t, h, w) order,
-        so frames keep varying numbers of tokens; N = num_global + the largest kept count, shorter
-        sequences are padded. The host reads that count (one sync; a layout is built once per clip).
+        Sequence b holds its ``num_global`` global tokens and then its kept tokens in (t, h, w) order
+        (ranked by ``vidtok._numerics.kept_rank``, the rule ``pack`` uses), so frames keep varying
+        numbers of tokens; N = num_global + the largest kept count, shorter sequences are padded. The
+        host reads that count (one sync; a layout is built once per clip).
         """
-        check_tensor("keep", keep, rank=4, layout="[B, T, H, W]", dtypes=(torch.bool,))
-        _check_pos_int("num_global", num_global, 0)
-        B, T, H, W = keep.shape
-        if B == 0:
+        check_tensor("keep", keep, rank=4, layout="[B, T, h, w]", dtypes=(torch.bool,))
+        check_int("num_global", num_global, low=0)
+        if keep.shape[0] == 0:
             raise ValueError(f"keep must hold at least one video, got shape {tuple(keep.shape)}")
-        flat = keep.reshape(B, -1)
-        counts = flat.sum(1)
-        n = num_global + int(counts.max())
-        grid = torch.stack(torch.meshgrid(*(torch.arange(s, device=keep.device) for s in (T, H, W)), indexing="ij"), -1)
-        grid = grid.reshape(1, -1, 3).expand(B, -1, 3)
-        # destination of each kept token: num_global + its rank among the kept tokens; dropped ones go
-        # to a scratch column n that is cut off afterwards
-        dest = torch.where(flat, num_global + flat.long().cumsum(1) - 1, n)
-        coords = torch.full((B, n + 1, 3), -1, dtype=torch.int64, device=keep.device)
-        coords.scatter_(1, dest[..., None].expand(-1, -1, 3), grid)
-        kind = torch.zeros(B, n + 1, dtype=torch.int8, device=keep.device)
+        B = keep.shape[0]
+        rank = kept_rank(keep.reshape(B, -1))[0]
+        positions = torch.arange(rank.shape[1], device=keep.device).expand(B, -1)
+        return VideoLayout._from_ranked(rank, positions, tuple(keep.shape[1:]), num_global)
+
+    @staticmethod
+    def from_packed(packed, *, grid: tuple[int, int, int] | None = None, num_global: int = 0) -> VideoLayout:
+        """The tokens of a ``vidtok.pack`` result, lined up with ``packed.padded()``: sequence b holds
+        ``num_global`` global tokens (which the caller puts in front of the padded tensor) and then
+        clip b's packed rows in order. ``grid``: (T, h, w) of the packed positions, default
+        ``packed.shape[1:]`` when the tokens were packed as ``[B, T, h, w, D]``. Reads the largest kept
+        count on the host (one sync)."""
+        from vidtok.motion import Packed
+
+        if not isinstance(packed, Packed):
+            raise TypeError(f"packed must be a vidtok.Packed (from vidtok.pack), got {type(packed).__name__}")
+        grid = _check_grid(packed.shape[1:] if grid is None and len(packed.shape) == 4 else grid,
+                           "packed holds flat [B, N] tokens: pass grid=(T, h, w) of its N positions")
+        B, N = packed.shape[0], math.prod(packed.shape[1:])
+        if math.prod(grid) != N:
+            raise ValueError(f"grid (T, h, w) = {grid} holds {math.prod(grid)} positions, but packed covers {N}")
+        check_int("num_global", num_global, low=0)
+        if B == 0:
+            raise ValueError("packed must hold at least one clip")
+        rows = torch.arange(packed.index.shape[0], device=packed.index.device)
+        clip = torch.searchsorted(packed.cu_seqlens[1:].long(), rows, right=True)
+        valid = packed.index >= 0
+        # the (clip, position) of every packed row, scattered back to a [B, N] rank table
+        rank = torch.full((B * N + 1,), -1, dtype=torch.long, device=rows.device)
+        slot = torch.where(valid, clip * N + packed.index.long(), B * N)
+        rank = rank.scatter(0, slot, rows - packed.cu_seqlens[clip.clamp_max(B - 1)].long())[: B * N].view(B, N)
+        positions = torch.arange(N, device=rows.device).expand(B, -1)
+        return VideoLayout._from_ranked(rank, positions, grid, num_global)
+
+    @staticmethod
+    def _from_ranked(rank: torch.Tensor, positions: torch.Tensor, grid: tuple, num_global: int) -> VideoLayout:
+        """The layout whose sequence b holds, after ``num_global`` global tokens, the token at flat grid
+        position ``positions[b, j]`` in column num_global + rank[b, j] (rank -1: not in the layout)."""
+        B = rank.shape[0]
+        device = rank.device
+        counts = (rank >= 0).sum(1)
+        n = num_global + int(counts.max())  # the padded length: one host sync
+        dest = torch.where(rank >= 0, num_global + rank, n)  # dropped tokens go to a scratch column n
+        coords = torch.full((B, n + 1, 3), -1, dtype=torch.int64, device=device)
+        coords.scatter_(1, dest[..., None].expand(-1, -1, 3), _grid_coords(grid, device)[positions])
+        kind = torch.zeros(B, n + 1, dtype=torch.int8, device=device)
         kind.scatter_(1, dest, torch.full_like(dest, _KIND_VIDEO, dtype=torch.int8))
         kind[:, :num_global] = _KIND_GLOBAL
         return VideoLayout(
             coords[:, :n].to(torch.int32).contiguous(),
             kind[:, :n].contiguous(),
             (counts + num_global).to(torch.int32),
-            (T, H, W),
+            tuple(int(v) for v in grid),
             num_global,
         )
-
 
     @staticmethod
     def from_merge(merged, grid: tuple[int, int, int] | None = None, *, num_global: int = 0) -> VideoLayout:
@@ -173,7 +199,7 @@ class VideoLayout:
         the layout lines up with ``merged.x`` (global tokens prepended). ``kv_log_size`` holds
         log(merged.size) for ToMe's proportional attention (Bolya et al. 2023, Sec. 3).
 
-        grid: (T, H, W) of the merged positions, T * H * W = merged.index.shape[1]; default
+        grid: (T, h, w) of the merged positions, T * h * w = merged.index.shape[1]; default
         ``merged.grid`` (set by temporal_merge; bipartite_merge of a flattened video needs it).
         Padding outputs (origin -1, temporal_merge with a threshold) must come last in each row, as
         vidtok's merges produce them. Validating that reads one flag on the host (one sync; a layout
@@ -183,20 +209,14 @@ class VideoLayout:
 
         if not isinstance(merged, Merged):
             raise TypeError(f"merged must be a vidtok.Merged (from temporal_merge or bipartite_merge), got {type(merged).__name__}")
-        grid = merged.grid if grid is None else grid
-        if grid is None:
-            raise ValueError("merged carries no grid (bipartite_merge): pass grid=(T, H, W) of its N positions")
-        if not (isinstance(grid, (tuple, list)) and len(grid) == 3):
-            raise TypeError(f"grid must be (T, H, W), got {grid!r}")
-        for name, value in zip(("T", "H", "W"), grid):
-            _check_pos_int(f"grid {name}", value)
-        _check_pos_int("num_global", num_global, 0)
-        T, H, W = (int(v) for v in grid)
+        T, h, w = _check_grid(merged.grid if grid is None else grid,
+                              "merged carries no grid (bipartite_merge): pass grid=(T, h, w) of its N positions")
+        check_int("num_global", num_global, low=0)
         origin = merged.origin
         B, L = origin.shape
-        if merged.index.shape[1] != T * H * W:
+        if merged.index.shape[1] != T * h * w:
             raise ValueError(
-                f"grid (T, H, W) = {(T, H, W)} holds {T * H * W} positions, but merged.index covers {merged.index.shape[1]}"
+                f"grid (T, h, w) = {(T, h, w)} holds {T * h * w} positions, but merged.index covers {merged.index.shape[1]}"
             )
         if B == 0:
             raise ValueError(f"merged must hold at least one video, got origin of shape {tuple(origin.shape)}")
@@ -204,8 +224,7 @@ class VideoLayout:
         lengths = valid.sum(1)
         if not bool((valid == (torch.arange(L, device=origin.device) < lengths[:, None])).all()):
             raise ValueError("merged.origin has padding (-1) before valid outputs; padding must come last in each row")
-        o = origin.long().clamp_min(0)
-        coords = torch.stack([o // (H * W), (o // W) % H, o % W], -1).masked_fill(~valid[..., None], -1)
+        coords = _grid_coords((T, h, w), origin.device)[origin.long().clamp_min(0)].masked_fill(~valid[..., None], -1)
         kind = torch.where(valid, _KIND_VIDEO, _KIND_PAD).to(torch.int8)
         log_size = torch.where(valid, merged.size.float().clamp_min(torch.finfo(torch.float32).tiny).log(), 0.0)
         if num_global:
@@ -216,10 +235,26 @@ class VideoLayout:
             coords.to(torch.int32).contiguous(),
             kind.contiguous(),
             (lengths + num_global).to(torch.int32),
-            (T, H, W),
+            (T, h, w),
             num_global,
             log_size.contiguous(),
         )
+
+
+def _grid_coords(grid: tuple, device) -> torch.Tensor:
+    """int64 [T * h * w, 3]: the (t, h, w) of every flat position of the token grid, row-major."""
+    axes = (torch.arange(int(n), device=device) for n in grid)
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+
+
+def _check_grid(grid, missing: str) -> tuple[int, int, int]:
+    if grid is None:
+        raise ValueError(missing)
+    if not (isinstance(grid, (tuple, list, torch.Size)) and len(grid) == 3):
+        raise TypeError(f"grid must be (T, h, w), got {grid!r}")
+    for name, value in zip(("T", "h", "w"), grid):
+        check_int(f"grid {name}", value, low=1)
+    return tuple(int(v) for v in grid)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -277,6 +312,12 @@ class SparsePlan:
         return self.allowed_pairs / total if total else 0.0
 
     @property
+    def tensors(self) -> PlanTensors:
+        """The plan's tensors by name, as the backends take them."""
+        return PlanTensors(self.tile_map, self.bits, self.row_ptr, self.col_idx, self.entry_bits, self.col_ptr,
+                           self.row_idx, self.entry_bits_t)
+
+    @property
     def tile_density(self) -> float:
         """Computed tile pairs / all tile pairs."""
         return (self.num_full + self.num_partial) / max(1, self.tile_map.numel())
@@ -285,7 +326,7 @@ class SparsePlan:
         """bool [B, N, N]: True where query token i attends to key token j. Materialises N^2 (tests,
         small inputs)."""
         BQ, BK = self.block
-        return ref.sparse.dense_mask(self.tile_map, self.bits, BQ, BK, self.num_tokens)
+        return dense_mask(self.tile_map, self.bits, BQ, BK, self.num_tokens)
 
     def to_sdpa_mask(self) -> torch.Tensor:
         """bool [B, 1, N, N] for ``F.scaled_dot_product_attention(attn_mask=...)`` (True = attend).
@@ -349,7 +390,7 @@ def _tile_bounds(coords: torch.Tensor, kind: torch.Tensor):
     return bounds, (kind != _KIND_PAD).sum(2)
 
 
-def _select(bounds: _masks.Bounds, index) -> _masks.Bounds:
+def _index_bounds(bounds: _masks.Bounds, index) -> _masks.Bounds:
     return _masks.Bounds(
         tuple(x[index] for x in bounds.lo), tuple(x[index] for x in bounds.hi), bounds.has_video[index], bounds.has_global[index]
     )
@@ -465,8 +506,8 @@ def build_plan(layout: VideoLayout, spec: _masks.MaskSpec, *, block: tuple[int, 
         kc, kkind = _padded_tile_coords(layout, BK)
         kb, k_valid = _tile_bounds(kc, kkind)
     nQ, nK = q_valid.shape[1], k_valid.shape[1]
-    q_side = _select(qb, (slice(None), slice(None), None))
-    k_side = _select(kb, (slice(None), None, slice(None)))
+    q_side = _index_bounds(qb, (slice(None), slice(None), None))
+    k_side = _index_bounds(kb, (slice(None), None, slice(None)))
     any_, all_ = spec.classify(q_side, k_side, grid)
     nonempty = any_ & (q_valid > 0)[:, :, None] & (k_valid > 0)[:, None, :]
     # everything after the classification works on the non-empty tiles only (O(nnz), not nQ * nK)
@@ -534,55 +575,6 @@ def build_plan(layout: VideoLayout, spec: _masks.MaskSpec, *, block: tuple[int, 
 # ---------------------------------------------------------------------------------------------------
 # sparse_attention
 
-# Head dimensions the Triton kernel takes (zero-padded in registers to the next power of two >= 16).
-TRITON_MAX_HEAD_DIM = 128
-# Which backward each forward backend uses.
-BACKWARD_BACKEND = {"reference": "reference", "triton": "triton"}
-
-
-def dtype_reasons(backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
-    """Why sparse_attention's ``backend`` cannot take ``dtype`` on ``device`` (beyond the generic checks;
-    also read by ``python -m vidtok info``)."""
-    if backend == "triton" and device.type == "cuda" and dtype == torch.float32:
-        # float32 tiles (IEEE dot products) spill kilobytes of stack and overflow shared memory at
-        # 128-token tiles on sm_80/sm_90 (python -m vidtok aot)
-        return ["on GPUs the Triton kernel takes float16 or bfloat16; float32 runs on the reference backend"]
-    return []
-
-
-def _sparse_attention_triton(q, k, v, kv_log_size, plan_tensors, block_q, block_k, scale):
-    from vidtok.kernels import sparse as kernels
-
-    tile_map, bits, row_ptr, col_idx, entry_bits, _, _, _ = plan_tensors
-    return kernels.sparse_attention_fwd(q, k, v, kv_log_size, row_ptr, col_idx, entry_bits, bits, block_q, block_k, scale)
-
-
-def _sparse_attention_reference(q, k, v, kv_log_size, plan_tensors, block_q, block_k, scale):
-    tile_map, bits = plan_tensors[:2]
-    return ref.sparse_attention(q, k, v, kv_log_size, tile_map, bits, block_q, block_k, scale)
-
-
-def _sparse_attention_backward_triton(grad_out, grad_lse, q, k, v, kv_log_size, out, lse, plan_tensors, block_q, block_k, scale):
-    from vidtok.kernels import sparse as kernels
-
-    _, bits, row_ptr, col_idx, entry_bits, col_ptr, row_idx, entry_bits_t = plan_tensors
-    return kernels.sparse_attention_bwd(
-        grad_out, grad_lse, q, k, v, kv_log_size, out, lse,
-        row_ptr, col_idx, entry_bits, col_ptr, row_idx, entry_bits_t, bits, block_q, block_k, scale,
-    )
-
-
-def _sparse_attention_backward_reference(grad_out, grad_lse, q, k, v, kv_log_size, out, lse, plan_tensors, block_q, block_k, scale):
-    tile_map, bits = plan_tensors[:2]
-    dq, dk, dv, dls = ref.sparse_attention_backward(
-        grad_out, grad_lse, q, k, v, kv_log_size, out, lse, tile_map, bits, block_q, block_k, scale
-    )
-    return dq, dk, dv, q.new_empty((0,), dtype=accumulation_dtype(q.dtype)) if dls is None else dls
-
-
-_SPARSE_ATTENTION = {"reference": _sparse_attention_reference, "triton": _sparse_attention_triton}
-_SPARSE_ATTENTION_BACKWARD = {"reference": _sparse_attention_backward_reference, "triton": _sparse_attention_backward_triton}
-
 
 @torch.library.custom_op("vidtok::sparse_attention", mutates_args=())
 def _sparse_attention_op(
@@ -596,7 +588,8 @@ def _sparse_attention_op(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _SPARSE_ATTENTION[backend](q, k, v, kv_log_size, plan_tensors, block_q, block_k, scale)
+    attend = _backend.implementation("sparse_attention", backend)
+    return attend(q, k, v, kv_log_size, PlanTensors(*plan_tensors), block_q, block_k, scale)
 
 
 @_sparse_attention_op.register_fake
@@ -622,9 +615,11 @@ def _sparse_attention_backward_op(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _SPARSE_ATTENTION_BACKWARD[BACKWARD_BACKEND[backend]](
-        grad_out, grad_lse, q, k, v, kv_log_size, out, lse, plan_tensors, block_q, block_k, scale
-    )
+    backward = _backend.implementation("sparse_attention", backend, "sparse_attention_backward")
+    dq, dk, dv, dls = backward(grad_out, grad_lse, q, k, v, kv_log_size, out, lse, PlanTensors(*plan_tensors), block_q, block_k, scale)
+    if dls is None:  # a custom op returns tensors: an empty one stands for "no log sizes"
+        dls = q.new_empty((0,), dtype=accumulation_dtype(q.dtype))
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dls
 
 
 @_sparse_attention_backward_op.register_fake
@@ -644,8 +639,7 @@ def _sparse_attention_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, kv_log_size, out, lse, *plan_tensors)
     ctx.args = (block_q, block_k, scale, backend)
     ctx.has_log_size = kv_log_size is not None
-    # an unused LSE gets grad None, not zeros: the backward then skips its dLSE term (the
-    # reference's extra head channel)
+    # an unused LSE gets grad None, not zeros: the backward then skips its dLSE term
     ctx.set_materialize_grads(False)
 
 
@@ -661,10 +655,6 @@ def _sparse_attention_grad(ctx, grad_out, grad_lse):
 
 
 _sparse_attention_op.register_autograd(_sparse_attention_grad, setup_context=_sparse_attention_setup)
-
-
-def _plan_tensors(plan: SparsePlan) -> list[torch.Tensor]:
-    return [plan.tile_map, plan.bits, plan.row_ptr, plan.col_idx, plan.entry_bits, plan.col_ptr, plan.row_idx, plan.entry_bits_t]
 
 
 def sparse_attention(
@@ -683,14 +673,14 @@ def sparse_attention(
     Args:
         q: [B, H, N, D]; k, v: [B, Hk, N, D] with H % Hk == 0 (GQA: query head h reads key/value head
             h // (H / Hk)); B and N those of the plan's layout. float32, float16 or bfloat16 (float64
-            on the reference backend, for gradcheck), one dtype, any strides.
+            on the reference and cpu backends, for gradcheck), one dtype, any strides.
         plan: from ``build_plan``.
         scale: logit scale, default D ** -0.5.
         kv_log_size: optional float [B, N] added to every logit of key j (ToMe's proportional
             attention, Bolya et al. 2023: a key of size s behaves as s copies of itself when this is
             log s; -inf removes a key). Differentiable.
         return_lse: also return the natural-log LSE [B, H, N] (fp32; -inf for rows with no key).
-        backend: "reference", "triton" or "auto" (there is no CUDA C++ kernel for this op).
+        backend: "reference", "triton", "cpu" or "auto".
 
     Returns:
         out [B, H, N, D] in q's dtype, softmax over the allowed keys of each query (fp32
@@ -700,22 +690,21 @@ def sparse_attention(
     Backends: "triton" runs FlashAttention-2-style kernels over the plan's CSR tiles only: the
     forward (online softmax in exp2, fp32 accumulation, full tiles unmasked, partial tiles masked by
     the plan's token bits), and a backward that recomputes P from the saved LSE in separate dQ
-    programs (forward CSR) and dK/dV programs (transposed CSR). "reference" (vidtok's CPU path)
+    programs (forward CSR) and dK/dV programs (transposed CSR). "cpu" (auto on CPU tensors)
     computes the same tiles in PyTorch, a group of consecutive query tiles at a time against one
     key set (a range of key tiles, read as a view, or the runs of keys the group's queries attend
-    to, gathered), as a small cost model picks; on CPUs every group runs in ATen's fused
-    flash-attention kernels, the ones torch's own SDPA uses there, and the backward is one walk
-    over the groups adding dK, dV into their keys in a fixed order (``BACKWARD_BACKEND`` says which
-    backward each backend runs). Deterministic (no float atomics in the Triton kernels; the
-    reference adds to each key once per group); no host sync in the Triton path (the reference
-    reads the plan's tile map on the host to pick its groups).
+    to, gathered), as a small cost model picks, each group in ATen's fused CPU flash-attention
+    kernels (the ones torch's own SDPA uses there); its backward is one walk over the groups adding
+    dK, dV into their keys in a fixed order. "reference" is the readable spec: every query row
+    against every key with the mask as a -inf bias, a band of rows at a time (N^2 work; the tests'
+    oracle, and the path for float32 on GPUs). Deterministic (no float atomics in the Triton
+    kernels; the cpu backend adds to each key once per group); no host sync in the Triton and
+    reference paths (the cpu backend reads the plan's tile map on the host to pick its groups).
     """
     if not isinstance(plan, SparsePlan):
         raise TypeError(f"plan must be a vidtok.SparsePlan from vidtok.build_plan, got {type(plan).__name__}")
-    dtypes = FLOAT_DTYPES + (torch.float64,)
-    check_tensor("q", q, rank=4, layout="[B, H, N, D]", dtypes=dtypes)
-    check_tensor("k", k, rank=4, layout="[B, Hk, N, D]", dtypes=dtypes)
-    check_tensor("v", v, rank=4, layout="[B, Hk, N, D]", dtypes=dtypes)
+    for name, t, layout in (("q", q, "[B, H, N, D]"), ("k", k, "[B, Hk, N, D]"), ("v", v, "[B, Hk, N, D]")):
+        check_tensor(name, t, rank=4, layout=layout, dtypes=REFERENCE_DTYPES)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must have one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
     B, H, N, D = q.shape
@@ -732,7 +721,7 @@ def sparse_attention(
             f"sequences of N = {plan.num_tokens} tokens"
         )
     if kv_log_size is not None:
-        check_tensor("kv_log_size", kv_log_size, rank=2, layout="[B, N]", dtypes=dtypes)
+        check_tensor("kv_log_size", kv_log_size, rank=2, layout="[B, N]", dtypes=REFERENCE_DTYPES)
         if tuple(kv_log_size.shape) != (B, N):
             raise ValueError(f"kv_log_size must be [B, N] = [{B}, {N}], got {tuple(kv_log_size.shape)}")
         kv_log_size = kv_log_size.to(accumulation_dtype(q.dtype))
@@ -742,15 +731,8 @@ def sparse_attention(
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite float, got {scale!r}")
 
-    def op_reasons(name: str) -> list[str]:
-        if name == "cuda":
-            return ["sparse_attention has no CUDA C++ kernel (the Triton kernel is its GPU path)"]
-        out = []
-        if name == "triton" and D > TRITON_MAX_HEAD_DIM:
-            out.append(f"the Triton kernel takes head dimensions D <= {TRITON_MAX_HEAD_DIM} (16, 32, 64, 128 or smaller, zero-padded), got D = {D}")
-        return out + dtype_reasons(name, q.device, q.dtype)
-
-    chosen = _backend.select("sparse_attention", q.device, q.dtype, backend, op_reasons)
     BQ, BK = plan.block
-    out, lse = _sparse_attention_op(q, k, v, kv_log_size, _plan_tensors(plan), BQ, BK, float(scale), chosen)
+    args = (q, k, v, kv_log_size, plan.tensors, BQ, BK, float(scale))
+    chosen = _backend.choose("sparse_attention", q.device, q.dtype, backend, args)
+    out, lse = _sparse_attention_op(q, k, v, kv_log_size, list(plan.tensors), BQ, BK, float(scale), chosen)
     return (out, lse) if return_lse else out

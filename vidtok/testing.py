@@ -43,37 +43,32 @@ def devices() -> list[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def runnable_backends(device: str | torch.device, dtype: torch.dtype) -> list[str]:
-    """Backends that can run on this device and dtype here (Triton on the CPU only when interpreting)."""
+def runnable_backends(op: str, device: str | torch.device, dtype: torch.dtype) -> list[str]:
+    """The backends of ``op`` (its record in vidtok._backend) that can run on this device and dtype
+    here (Triton on the CPU only when interpreting; uint8 video wherever the op takes it)."""
     device = torch.device(device)
-    return [name for name in _backend.BACKENDS if not _backend.reasons(name, device, dtype)]
+    return [name for name in _backend.record(op).backends if not _backend.reasons(op, name, device, dtype)]
 
 
-def backend_cases(*, skip: tuple[str, ...] = ()) -> list:
-    """``pytest.param(device, dtype, backend)`` for every device, float dtype and backend that runs
-    here, minus the backends in ``skip`` (those an op does not have); ids like "cpu-float32-triton"."""
+def backend_cases(op: str, *, dtypes: tuple = (torch.float32, torch.float16, torch.bfloat16)) -> list:
+    """``pytest.param(device, dtype, backend)`` for every device, dtype and backend of ``op`` that runs
+    here; ids like "cpu-float32-triton"."""
     import pytest
 
     return [
         pytest.param(device, dtype, backend, id=f"{device}-{str(dtype)[6:]}-{backend}")
         for device in devices()
-        for dtype in (torch.float32, torch.float16, torch.bfloat16)
-        for backend in runnable_backends(device, dtype)
-        if backend not in skip
+        for dtype in dtypes
+        for backend in runnable_backends(op, device, dtype)
     ]
 
 
-def video_backends(device: str | torch.device, *, skip: tuple[str, ...] = ("cuda",)) -> list[str]:
-    """Backends of the motion ops that run on ``device`` for uint8 video (wherever float32 runs), minus
-    ``skip`` (default: "cuda", which only block_match has)."""
-    return [name for name in runnable_backends(device, torch.float32) if name not in skip]
-
-
-def video_cases(*, skip: tuple[str, ...] = ("cuda",)) -> list:
-    """``pytest.param(device, backend)`` of ``video_backends`` on every device; ids like "cuda-triton"."""
+def video_cases(op: str) -> list:
+    """``pytest.param(device, backend)`` of the backends of the motion op ``op`` that run on uint8 video
+    on every device; ids like "cuda-triton"."""
     import pytest
 
-    return [pytest.param(d, b, id=f"{d}-{b}") for d in devices() for b in video_backends(d, skip=skip)]
+    return [pytest.param(d, b, id=f"{d}-{b}") for d in devices() for b in runnable_backends(op, d, torch.uint8)]
 
 
 def to_cpu(result):
@@ -205,6 +200,43 @@ def sparse_truth_mask(layout, spec) -> torch.Tensor:
     k = masks.Coords(*(x[:, None, :] for x in c))
     valid = layout.kind != 0
     return spec.pred(q, k, layout.grid) & valid[:, :, None] & valid[:, None, :]
+
+
+def sparse_attention_oracle(q, k, v, mask, scale, kv_log_size=None):
+    """Dense masked attention in float64 (mask bool [B, N, N]): rows with no allowed key give 0 and
+    LSE -inf. The oracle every sparse_attention backend is checked against."""
+    qd, kd, vd = q.double(), k.double(), v.double()
+    H = q.shape[1]
+    kd = kd.repeat_interleave(H // k.shape[1], dim=1)
+    vd = vd.repeat_interleave(H // v.shape[1], dim=1)
+    s = qd @ kd.transpose(-1, -2) * scale
+    if kv_log_size is not None:
+        s = s + kv_log_size.double()[:, None, None, :]
+    s = s.masked_fill(~mask[:, None], float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    return p @ vd, lse
+
+
+def check_sparse_attention_float64(backend, layout, spec, plan, q, k, v, kv_log_size, use_lse=True):
+    """``backend``'s sparse_attention output, LSE and gradients against the float64 oracle, to 1e-9
+    (q, k, v and kv_log_size float64 leaves): gradients through out and, with ``use_lse``, the finite
+    LSE rows (without, the backward gets no dLSE)."""
+    import vidtok
+
+    leaves = (q, k, v) if kv_log_size is None else (q, k, v, kv_log_size)
+    out, lse = vidtok.sparse_attention(q, k, v, plan, kv_log_size=kv_log_size, return_lse=True, backend=backend)
+    e_out, e_lse = sparse_attention_oracle(q, k, v, sparse_truth_mask(layout, spec), q.shape[-1] ** -0.5, kv_log_size)
+    torch.testing.assert_close(out, e_out, atol=1e-10, rtol=1e-10)
+    finite = torch.isfinite(e_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    g = torch.Generator().manual_seed(3)
+    g_out, g_lse = torch.randn(out.shape, generator=g, dtype=out.dtype), torch.randn(lse.shape, generator=g, dtype=lse.dtype)
+    got, expected = (out * g_out).sum(), (e_out * g_out).sum()
+    if use_lse:
+        got, expected = got + (lse[finite] * g_lse[finite]).sum(), expected + (e_lse[finite] * g_lse[finite]).sum()
+    for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(expected, leaves)):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
 
 def sparse_random_spec(rng, grid, depth: int = 0):

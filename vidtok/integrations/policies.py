@@ -29,7 +29,7 @@ from typing import Protocol
 
 import torch
 
-from vidtok._backend import FLOAT_DTYPES
+from vidtok._numerics import REFERENCE_DTYPES
 from vidtok.merge import paired_similarity, temporal_merge
 from vidtok.select import dpp_select, frame_scores, greedy_select, uniform_indices
 
@@ -48,7 +48,7 @@ def check_input(features, grid) -> tuple[int, int, int]:
         raise TypeError(f"features must be a torch.Tensor [T*h*w, C], got {type(features).__name__}")
     if features.dim() != 2:
         raise ValueError(f"features must be [T*h*w, C] (rank 2), got shape {tuple(features.shape)}")
-    if features.dtype not in FLOAT_DTYPES + (torch.float64,):
+    if features.dtype not in REFERENCE_DTYPES:
         raise TypeError(f"features must be a floating tensor, got {str(features.dtype).replace('torch.', '')}")
     if not isinstance(grid, (tuple, list)) or len(grid) != 3:
         raise ValueError(f"grid must be (T, h, w), got {grid!r}")

@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import torch
 
-# torch.nn.functional.cosine_similarity's default eps; the formula below is its documented one.
-EPS = 1e-8
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for 16- and 32-bit inputs; float64 stays float64 (for gradcheck)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from vidtok._numerics import EPS, accumulation_dtype, kept_rank
 
 
 def paired_similarity(x: torch.Tensor, lag: int = 1) -> torch.Tensor:
@@ -117,7 +111,7 @@ def max_merge(n: int, protect: int) -> int:
     return max(n_a - pa, 0) if n_b > pb else 0
 
 
-def bipartite_plan(metric: torch.Tensor, r: int, protect: int = 0, order: str = "keep", match_fn=match):
+def bipartite_assignment(metric: torch.Tensor, r: int, protect: int = 0, order: str = "keep", *, match_fn=match):
     """Which tokens merge where: (index int32 [B, N], origin int32 [B, N - r]).
 
     A = tokens 0, 2, 4, ..., B = tokens 1, 3, 5, ...; protected tokens (the first ``protect``) take no
@@ -157,7 +151,7 @@ def bipartite_plan(metric: torch.Tensor, r: int, protect: int = 0, order: str = 
         index[:, 0::2] = a_slot
         index[:, 1::2] = n_unm + torch.arange(n_b, device=device)
     else:
-        slot = kept.long().cumsum(1) - 1
+        slot = kept_rank(kept)[0]
         index = slot.scatter(1, 2 * src, slot.gather(1, 2 * dst + 1))
     # each slot holds exactly one kept token, its representative; merged sources write to a spare slot
     L = N - r
@@ -317,13 +311,13 @@ def resolve_forest(linked: torch.Tensor, parent: torch.Tensor, hops: int):
     for _ in range(max(hops - 1, 0).bit_length()):
         root = root.gather(1, root)
     is_root = ~linked
-    slot = is_root.long().cumsum(1) - 1
-    return slot.gather(1, root), is_root, is_root.sum(1)
+    slot, lengths = kept_rank(is_root)
+    return slot.gather(1, root), is_root, lengths
 
 
-def temporal_plan(
-    metric: torch.Tensor, threshold: float | None, r: int | None, lag: int, radius: int | None, grid,
-    match_fn=match, paired_fn=paired_similarity, window_fn=window_links,
+def temporal_assignment(
+    metric: torch.Tensor, threshold: float | None, r: int | None, lag: int, radius: int | None, grid: tuple[int, int],
+    *, match_fn=match, paired_fn=paired_similarity, window_fn=window_links,
 ):
     """(index int32 [B, T*N], origin int32 [B, L], lengths int64 [B]) of ``temporal_merge``.
 

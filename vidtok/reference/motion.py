@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import torch
 
-# reduce name -> code shared with the Triton kernel
-REDUCE_CODES = {"mean_abs": 0, "l2": 1, "max_abs": 2, "rlt": 0}
-
-
 def patchify(video: torch.Tensor, ph: int, pw: int, ts: int) -> torch.Tensor:
     """``[B, T, C, H, W]`` -> ``[B, T', h, w, ts * C * ph * pw]`` (int32 for uint8, else fp32)."""
     B, T, C, H, W = video.shape
@@ -115,7 +111,7 @@ def motion_gate(
     ph: int,
     pw: int,
     threshold: float,
-    reference: str = "last_kept",
+    compare_to: str = "last_kept",
     ts: int = 1,
     reduce: str = "mean_abs",
     refresh_every: int = 0,
@@ -133,24 +129,24 @@ def motion_gate(
     cur, cand = _grid_sides(video, ph, pw, ts, reduce)  # [B, T', F, C, h, ph, w, pw]
     B, Tq, _, _, h, _, w, _ = cur.shape
     thr = torch.tensor(threshold, dtype=torch.float32)
-    if reference == "prev":
+    if compare_to == "prev":
         deltas = patch_delta(video, ph, pw, ts, reduce)
     keep = torch.zeros(B, Tq, h, w, dtype=torch.bool, device=video.device)
     delta = torch.empty(B, Tq, h, w, dtype=torch.float32, device=video.device)
     if Tq == 0:
         return (keep, delta, *reversed(carry_and_run_length(keep)))
-    ref = cand[:, 0]
+    kept_copy = cand[:, 0]  # what each location's next slice is compared with
     last = torch.zeros(B, h, w, dtype=torch.int64, device=video.device)
     keep[:, 0] = True
     delta[:, 0] = float("inf")
     for k in range(1, Tq):
-        d = deltas[:, k] if reference == "prev" else reduce_diff(_difference(cur[:, k], ref), reduce, PATCH_DIMS)
+        d = deltas[:, k] if compare_to == "prev" else reduce_diff(_difference(cur[:, k], kept_copy), reduce, PATCH_DIMS)
         forced = (refresh_every > 0 and k % refresh_every == 0) | ((max_run > 0) & (k - last >= max_run))
         kk = (d > thr) | forced
         keep[:, k] = kk
         delta[:, k] = d
         last = torch.where(kk, k, last)
-        ref = cand[:, k] if reference == "prev" else torch.where(kk[:, None, None, :, None, :, None], cand[:, k], ref)
+        kept_copy = cand[:, k] if compare_to == "prev" else torch.where(kk[:, None, None, :, None, :, None], cand[:, k], kept_copy)
     carry, run = carry_and_run_length(keep)
     return keep, delta, run, carry
 
@@ -224,7 +220,7 @@ def motion_gate_compensated(
     ph: int,
     pw: int,
     threshold: float,
-    reference: str = "last_kept",
+    compare_to: str = "last_kept",
     ts: int = 1,
     reduce: str = "mean_abs",
     refresh_every: int = 0,
@@ -263,7 +259,7 @@ def motion_gate_compensated(
     delta[:, 0] = float("inf")
     last = torch.zeros(B, h, w, dtype=torch.int64, device=device)
     for k in range(1, Tq):
-        src = last if reference == "last_kept" else torch.full_like(last, k - 1)
+        src = last if compare_to == "last_kept" else torch.full_like(last, k - 1)
         win = windows[bi, src, ii, jj]  # [B, h, w, F, C, ph + 2r, pw + 2r]: the reference slice
         best = best_mv = None
         for dy, dx in _candidates(radius):
@@ -287,7 +283,7 @@ def motion_gate_compensated(
 def rebuild(video: torch.Tensor, keep: torch.Tensor, carry: torch.Tensor, motion: torch.Tensor | None = None) -> torch.Tensor:
     """The video a gate's decisions reproduce, in fp32: every patch (tubelet) is copied from the kept
     patch that stands for it (``carry``); a dropped one displaced by its ``motion`` when given (the
-    block the motion-compensated gate compared it with under reference="last_kept"). Slots with no
+    block the motion-compensated gate compared it with under compare_to="last_kept"). Slots with no
     kept patch before them (carry -1) are zeros."""
     B, T, C, H, W = video.shape
     _, Tq, h, w = keep.shape

@@ -12,19 +12,9 @@ returns the first maximum).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
-from vidtok.reference.merge import EPS, accumulation_dtype
-
-
-class Scores(NamedTuple):
-    """Output of ``frame_scores``: relevance fp32 [B, Q, T], adjacent fp32 [B, T - 1], norms fp32 [B, T]."""
-
-    relevance: torch.Tensor
-    adjacent: torch.Tensor
-    norms: torch.Tensor
+from vidtok._numerics import EPS, accumulation_dtype
 
 
 def _acc(*tensors) -> torch.dtype:
@@ -44,8 +34,8 @@ def frame_scores(
     scale: float = 1.0,
     bias: float = 0.0,
     lengths: torch.Tensor | None = None,
-) -> Scores:
-    """relevance[b, q, t] = scale * cos(x[b, t], query[b, q]) + bias; adjacent[b, t] = cos(x[b, t], x[b, t + 1]);
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(relevance, adjacent, norms): relevance[b, q, t] = scale * cos(x[b, t], query[b, q]) + bias; adjacent[b, t] = cos(x[b, t], x[b, t + 1]);
     norms[b, t] = |x[b, t]|. Frames at t >= lengths[b] are padding: relevance -inf, adjacent NaN for
     every pair that touches one, norms 0. Without a query, relevance is [B, 0, T]."""
     B, T, C = x.shape
@@ -68,10 +58,10 @@ def frame_scores(
         relevance = relevance.masked_fill(~valid[:, None, :], float("-inf"))
         adjacent = adjacent.masked_fill(~valid[:, 1:], float("nan"))
         norms = norms.masked_fill(~valid, 0.0)
-    return Scores(relevance, adjacent, norms)
+    return relevance, adjacent, norms
 
 
-def _unit_rows(x: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def unit_rows(x: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x / max(|x|, eps) [B, T, C], finite [B, T], norms [B, T]); rows with a NaN or inf become zero vectors."""
     xf = x.to(acc)
     norms = torch.linalg.vector_norm(xf, dim=-1)
@@ -80,7 +70,7 @@ def _unit_rows(x: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.T
     return (xf * inv[..., None]).nan_to_num_(0.0, 0.0, 0.0), finite, norms  # dropped rows: inf * 0 = NaN -> 0
 
 
-def _sims_to(xn: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+def sims_to(xn: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     """[B, Q, T]: dot of every row of xn [B, T, C] with row j [B, Q, 1] of the same video (one batched
     GEMV per step; row-major x, so the pass over x is contiguous)."""
     B, _, C = xn.shape
@@ -88,7 +78,7 @@ def _sims_to(xn: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
     return torch.bmm(xn, chosen.transpose(1, 2)).transpose(1, 2)
 
 
-def _sort_by_time(picks: torch.Tensor, T: int, *extra: torch.Tensor):
+def sort_by_time(picks: torch.Tensor, T: int, *extra: torch.Tensor):
     """Sort picks (-1 = none) ascending with the -1 padding last; permute ``extra`` alike."""
     key = torch.where(picks < 0, torch.full_like(picks, T), picks)
     key, order = torch.sort(key, dim=-1, stable=True)
@@ -142,7 +132,7 @@ def greedy_select(
     eligible = torch.isfinite(rel)
     need_x = lam != 0.0 or sim_thresh is not None
     if need_x:
-        xn, finite, _ = _unit_rows(x, acc)
+        xn, finite, _ = unit_rows(x, acc)
         eligible = eligible & finite[:, None, :]
     eligible = candidate_pool(rel, eligible, pool, pool_top)
     if min_gap > 0:
@@ -158,13 +148,13 @@ def greedy_select(
         picks[..., step : step + 1] = torch.where(ok, j, torch.full_like(j, -1))
         eligible = eligible.scatter(-1, j, False)
         if need_x:
-            sims = _sims_to(xn, j)  # [B, Q, T]: cosine of every frame to the pick
+            sims = sims_to(xn, j)  # [B, Q, T]: cosine of every frame to the pick
             max_sim = sims if step == 0 else torch.maximum(max_sim, sims)
             if sim_thresh is not None:
                 eligible = eligible & ~(sims > sim_thresh)
         if min_gap > 0:
             eligible = eligible & ~((pos - pos.gather(-1, j)).abs() < min_gap)
-    return _sort_by_time(picks, T)[0]
+    return sort_by_time(picks, T)[0]
 
 
 def dpp_select(
@@ -191,7 +181,7 @@ def dpp_select(
     if B * Q * T == 0:  # no video, query or frame: nothing to choose, all padding
         return (torch.full((B, Q, k), -1, dtype=torch.int32, device=x.device),
                 torch.zeros(B, Q, k, dtype=acc, device=x.device))
-    xn, finite, norms = _unit_rows(x, acc)
+    xn, finite, norms = unit_rows(x, acc)
     q = torch.ones(B, 1, T, dtype=acc, device=x.device) if quality is None else quality.to(acc)
     q = torch.where(torch.isfinite(q), q, torch.zeros_like(q))
     # L_ii = q_i^2 exactly (S_ii = 1 for a nonzero frame, 0 for a zero or non-finite one), so equal
@@ -209,14 +199,14 @@ def dpp_select(
         dj = d2.gather(-1, j)
         picks[..., step : step + 1] = torch.where(ok, j, torch.full_like(j, -1))
         gains[..., step : step + 1] = torch.where(ok, dj.clamp_min(torch.finfo(acc).tiny).log(), torch.zeros_like(dj))
-        l_row = q.gather(-1, j) * q * _sims_to(xn, j)  # L[j, :]
+        l_row = q.gather(-1, j) * q * sims_to(xn, j)  # L[j, :]
         c_j = cf[..., :step, :].gather(-1, j[..., None, :].expand(B, Q, step, 1))  # [B, Q, step, 1]
         proj = (c_j * cf[..., :step, :]).sum(-2)  # <c_j, c_i> for every i
         e = torch.where(ok, (l_row - proj) / dj.clamp_min(torch.finfo(acc).tiny).sqrt(), torch.zeros_like(l_row))
         cf[..., step, :] = e
         d2 = d2 - e.square()
         eligible = eligible.scatter(-1, j, False) & (d2 > eps * diag)
-    idx, gains = _sort_by_time(picks, T, gains)
+    idx, gains = sort_by_time(picks, T, gains)
     return idx, gains
 
 
@@ -371,7 +361,7 @@ def segment_topk(scores: torch.Tensor, seg_id: torch.Tensor, k_per_segment: int)
     slot = torch.where(take, seg_sorted * k_per_segment + rank, torch.full_like(rank, S * k_per_segment))
     out = torch.full((B, Q, S * k_per_segment + 1), -1, dtype=torch.long, device=s.device)
     out.scatter_(-1, slot, torch.where(take, frame, torch.full_like(frame, -1)))
-    out = _sort_by_time(out[..., :-1], T)[0]
+    out = sort_by_time(out[..., :-1], T)[0]
     return out[:, 0] if squeeze else out
 
 

@@ -1,6 +1,6 @@
-"""Reference implementation of block-sparse attention over a SparsePlan's tiles.
+"""Reference block-sparse attention over a SparsePlan's tiles: the spec of vidtok.sparse_attention.
 
-The plan is read through two tensors (see vidtok.sparse.SparsePlan):
+A plan reaches every backend as ``PlanTensors`` (see vidtok.sparse.SparsePlan); the reference reads two:
 
 - ``tile_map`` int32 [B, nQ, nK]: 0 = empty tile pair, 1 = full (every pair attends), s >= 2 = partial,
   whose token mask is ``bits[s]``;
@@ -8,38 +8,49 @@ The plan is read through two tensors (see vidtok.sparse.SparsePlan):
   query r of the tile attends to key c; ``bits[0]`` is all zeros and ``bits[1]`` all ones, so
   ``bits[tile_map]`` is the token mask of every tile pair.
 
-Both passes walk query tiles and work on the plan's tiles only (time proportional to the non-empty
-tile pairs, not N^2). Consecutive query tiles whose key sets overlap are taken together
-(``_TileMasks.groups``): each group is one attention problem, its queries against one key set -- a
-range of key tiles (a view of k and v, no copy) or the runs of 8 keys in which some query of the
-group attends to some key (gathered) -- with the token mask as an additive bias (0 or -inf, from
-``bits``; ``_TileMasks``). A small cost model picks the groups: larger problems run faster in the
-kernel, while pairs of the key set that a tile does not use are wasted work. On CPUs each group runs in ATen's fused
-flash-attention kernels (``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward:
-the blocked online softmax torch's own SDPA runs on CPUs); elsewhere as the explicit softmax(S) V of
-``_attend_explicit``, which is what the CPU kernel computes (tests/test_sparse_attention.py checks
-one against the other). The backward adds each group's dK and dV into its keys in group order:
-deterministic (a group's keys are distinct, so even index_add_'s atomics on GPUs add to each key
-once per group).
-
-All in fp32 (fp64 for fp64 inputs): S = scale * q k^T + kv_log_size[key], pairs outside the mask
+The math, in fp32 (fp64 for fp64 inputs): S = scale * q k^T + kv_log_size[key], pairs outside the mask
 -> -inf, P = softmax(S) with rows that have no allowed key giving P = 0 (output 0, LSE -inf),
 O = P v. ``kv_log_size`` is ToMe's proportional attention (Bolya et al. 2023, facebookresearch/ToMe):
 a key of size s weighs as s copies of itself, since s e^x = e^(x + log s).
+
+Written to be read, not to be fast: every query row against every key, with the token mask as a
+-inf bias, a band of query tiles at a time so the scores stay within ``ROWS_SCORES`` elements. The
+tuned CPU path (work proportional to the plan's tiles) is the ``cpu`` backend, vidtok.cpu.sparse;
+GPUs run the Triton kernels.
 """
 
 from __future__ import annotations
 
-import math
 import sys
-from dataclasses import dataclass
+from typing import NamedTuple
 
-import numpy as np
 import torch
 
-from vidtok.reference.merge import accumulation_dtype
+from vidtok._numerics import accumulation_dtype
 
-def _key_bytes(bits: torch.Tensor) -> torch.Tensor:
+# Scores [B, H, rows, N] computed at once, at most (unless one query tile alone holds more).
+ROWS_SCORES = 1 << 24
+
+
+class PlanTensors(NamedTuple):
+    """A SparsePlan's tensors, as custom ops pass them (int32, on the layout's device).
+
+    tile_map [B, nQ, nK] and bits [2 + U, BQ, ceil(BK / 32)] as above; row_ptr [B * nQ + 1], col_idx
+    [nnz], entry_bits [nnz]: CSR of the non-empty tile pairs by query tile; col_ptr [B * nK + 1],
+    row_idx [nnz], entry_bits_t [nnz]: the same pairs by key tile (for backward passes that own keys).
+    """
+
+    tile_map: torch.Tensor
+    bits: torch.Tensor
+    row_ptr: torch.Tensor
+    col_idx: torch.Tensor
+    entry_bits: torch.Tensor
+    col_ptr: torch.Tensor
+    row_idx: torch.Tensor
+    entry_bits_t: torch.Tensor
+
+
+def key_bytes(bits: torch.Tensor) -> torch.Tensor:
     """uint8 [S, BQ, 4W]: the bit words [S, BQ, W] as bytes in key order, byte c // 8 holding key c
     in bit c % 8. Key c is bit c % 32 of word c // 32, so the words' bytes are taken from the least
     significant end (as they lie in memory on little-endian machines; reordered on big-endian ones)."""
@@ -49,244 +60,18 @@ def _key_bytes(bits: torch.Tensor) -> torch.Tensor:
     return words
 
 
-def _unpack_bits(bits: torch.Tensor, block_k: int) -> torch.Tensor:
+def unpack_bits(bits: torch.Tensor, block_k: int) -> torch.Tensor:
     """bool [S, BQ, BK]: the token masks of every bit pattern ``bits`` [S, BQ, W], unpacked."""
     shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
-    return (_key_bytes(bits)[..., None] >> shifts & 1).bool().flatten(-2)[..., :block_k]
+    return (key_bytes(bits)[..., None] >> shifts & 1).bool().flatten(-2)[..., :block_k]
 
 
 def dense_mask(tile_map: torch.Tensor, bits: torch.Tensor, block_q: int, block_k: int, n: int) -> torch.Tensor:
-    """bool [B, n, n]: the plan's token mask (tokens past n cut off)."""
+    """bool [B, rows, n]: the token mask of the query tiles in ``tile_map`` [B, nQ', nK] (all of a
+    plan's, or a band of them), rows = nQ' * block_q cut at n, keys cut at n."""
     B, nQ, nK = tile_map.shape
-    mask = _unpack_bits(bits, block_k)[tile_map.long()]  # [B, nQ, nK, BQ, BK]
+    mask = unpack_bits(bits, block_k)[tile_map.long()]  # [B, nQ, nK, BQ, BK]
     return mask.permute(0, 1, 3, 2, 4).reshape(B, nQ * block_q, nK * block_k)[:, :n, :n]
-
-
-# The cost model that picks the query groups (``_TileMasks.groups``), measured through the fused
-# CPU kernel on CI's 2-thread AMD EPYC CPU (bench/NOTES.md, sparse attention, "query groups"):
-# ~110 GFLOP/s in fp32 (a little faster with more query rows per problem), ~30 GB/s gathering k
-# and v rows into a reused buffer, ~30 us per call. Only the ratios matter.
-_FLOPS, _GATHER_BYTES, _CALL_SECONDS = 110e9, 30e9, 30e-6
-_MAX_GROUP_TILES = 12  # 768 query rows at 64-token tiles, where the fused kernel's largest query split starts
-# Scores of one group (rows * keys * heads) at most, unless one query tile alone holds more: the
-# explicit math (off CPUs) materialises them; the fused CPU kernel only the bias, 1 / H of them.
-_GROUP_SCORES = 1 << 24
-
-
-def _rows_speed(rows: int) -> float:
-    """The fused CPU kernel's throughput at ``rows`` query rows relative to 64, as measured
-    (bench/NOTES.md); it splits the queries in blocks of 32, 64 or 256 rows at fewer than 192, fewer
-    than 768 and more (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp)."""
-    return 1.0 if rows <= 64 else 1.1 if rows <= 128 else 1.2 if rows < 768 else 1.3
-
-
-@dataclass
-class _Group:
-    """Query tiles [i0, i1) of sequence b (query tokens [r0, r1), cut at N) and the keys they attend
-    to, either a range of key tiles (cols, keys: slices; keys cut at N) or compacted: the runs of 8
-    keys (one byte of the bit words) in which some query of the group attends to some key (cols:
-    their tiles, ascending; key_bytes: the runs' positions among those tiles' BK / 8 * len(cols)
-    bytes; keys: their tokens, ascending, cut at N; index tensors). Compacting whole bytes keeps the
-    bias one table look-up per byte."""
-
-    b: int
-    i0: int
-    i1: int
-    r0: int
-    r1: int
-    cols: slice | torch.Tensor
-    keys: slice | torch.Tensor
-    key_bytes: torch.Tensor | None
-    num_keys: int
-
-    def key_rows(self, x: torch.Tensor, scratch: "_Scratch", name: str) -> torch.Tensor:
-        """[1, H, L, C]: the group's keys of x [B, H, N, C]: a view for a range, else gathered into
-        ``scratch``'s buffer ``name`` (overwritten by the next group)."""
-        if isinstance(self.keys, slice):
-            return x[self.b : self.b + 1, :, self.keys]
-        H, _, C = x.shape[1:]
-        return torch.index_select(x[self.b], 1, self.keys, out=scratch.get(name, (H, self.num_keys, C), x.dtype))[None]
-
-    def query_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """[1, H, M, C]: the group's queries of x [B, H, N, C], a view."""
-        return x[self.b : self.b + 1, :, self.r0 : self.r1]
-
-
-class _Scratch:
-    """Buffers reused from group to group: on CPUs a fresh multi-MB tensor page-faults as it is first
-    written, which cost more than the copy into it (bench/NOTES.md, sparse attention)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.buffers = device, {}
-
-    def get(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        """A contiguous [shape] tensor, the front of buffer ``name`` (grown when too small)."""
-        numel = math.prod(shape)
-        buffer = self.buffers.get(name)
-        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
-            buffer = self.buffers[name] = torch.empty(numel, dtype=dtype, device=self.device)
-        return buffer[:numel].view(shape)
-
-
-class _TileMasks:
-    """The plan's query tiles in groups (``groups``) and each group's token masks as an additive
-    score bias (``bias``: 0 where the pair attends, -inf where not), built from the bit words by one
-    table look-up per byte (8 keys). Keys past N never enter a group, whatever the bits (plans from
-    build_plan set none there)."""
-
-    def __init__(self, tile_map: torch.Tensor, bits: torch.Tensor, block_q: int, block_k: int, n: int, dtype: torch.dtype):
-        self.tile_map, self.block_q, self.block_k, self.n = tile_map, block_q, block_k, n
-        tail = n - (tile_map.shape[2] - 1) * block_k  # keys of the last key tile that exist
-        device = bits.device
-        key_bytes = _key_bytes(bits)[..., : block_k // 8]  # [S, BQ, BK / 8] (BK >= 16, a power of two)
-        self.bytes = key_bytes.int()  # indices into byte_bias
-        byte_bits = torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device) & 1
-        self.byte_bias = byte_bits.to(dtype).reciprocal_().neg_().add_(1)  # 1 - 1/x: 0 for a set bit, -inf if not
-        used = key_bytes
-        while used.shape[1] > 1:  # OR over the (power-of-two many) query rows
-            used = used[:, 0::2] | used[:, 1::2]
-        self.key_used = used[:, 0]  # [S, BK / 8]: bit c % 8 of byte c // 8 says some query attends to key c
-        self.tail_bytes = np.array([(1 << min(8, max(0, tail - 8 * j))) - 1 for j in range(block_k // 8)], dtype=np.uint8)
-
-    def groups(self, H: int, C: int) -> list[_Group]:
-        """Consecutive query tiles of a sequence in groups, each one attention problem against one
-        key set, the cheapest by the cost model above (greedy, cost per query tile). Larger groups
-        run faster per pair in the kernel; each group's keys are either a range of key tiles (a
-        view of k and v, but with the pairs no query of the range attends to computed and masked)
-        or exactly the keys some query of the group attends to (the fewest pairs, but a copy of k
-        and v). Query tiles without any key are left out (their output is 0). Reads the tile map
-        on the host."""
-        BQ, BK, n = self.block_q, self.block_k, self.n
-        B, nQ, nK = self.tile_map.shape
-        used = self.key_used.cpu().numpy()[self.tile_map.long().cpu().numpy()]  # [B, nQ, nK, BK / 8]
-        used[:, :, -1] &= self.tail_bytes
-        nonempty = used.any(-1)  # tiles with a pair that attends (partial tiles may have none)
-        tiles, keys, stats = nonempty, used, []  # stats[g - 1]: keys used, first and last key tile of tiles i .. i + g - 1
-        for g in range(1, min(_MAX_GROUP_TILES, nQ) + 1):
-            if g > 1:
-                tiles, keys = tiles[:, :-1] | nonempty[:, g - 1 :], keys[:, :-1] | used[:, g - 1 :]
-            stats.append(((8 * (keys != 0).sum((-1, -2))).tolist(), tiles.argmax(-1).tolist(), (nK - 1 - tiles[..., ::-1].argmax(-1)).tolist()))
-        pair_seconds = 4 * H * C / _FLOPS  # one query-key pair, all heads
-        gather_seconds = H * C * 8 / _GATHER_BYTES  # k and v of one key, fp32
-        groups = []
-        for b in range(B):
-            i = 0
-            while i < nQ:
-                if not nonempty[b, i].any():
-                    i += 1
-                    continue
-                best = None
-                for g in range(1, min(len(stats), nQ - i) + 1):
-                    count, first, last = (s[b][i] for s in stats[g - 1])
-                    span = min((last + 1) * BK, n) - first * BK
-                    if g > 1 and g * BQ * span * H > _GROUP_SCORES:
-                        break
-                    rows = min((i + g) * BQ, n) - i * BQ
-                    view_cost = rows * span * pair_seconds / _rows_speed(rows)
-                    copy_cost = rows * count * pair_seconds / _rows_speed(rows) + count * gather_seconds
-                    cost = (min(view_cost, copy_cost) + _CALL_SECONDS) / g
-                    if best is None or cost < best[0]:
-                        best = (cost, g, first, last, copy_cost < view_cost)
-                _, g, first, last, compact = best
-                groups.append(self._group(b, i, i + g, first, last, keys=used[b, i : i + g] if compact else None))
-                i += g
-        return groups
-
-    def _group(self, b: int, i0: int, i1: int, first: int, last: int, keys: np.ndarray | None) -> _Group:
-        """The group of query tiles [i0, i1): key tiles [first, last] as a range, or, with ``keys``
-        (their used-key bytes [g, nK, BK / 8]), just the keys that some query of theirs uses."""
-        BQ, BK, n, device = self.block_q, self.block_k, self.n, self.tile_map.device
-        r0, r1 = i0 * BQ, min(i1 * BQ, n)
-        if keys is None:
-            key_range = slice(first * BK, min((last + 1) * BK, n))
-            return _Group(b, i0, i1, r0, r1, slice(first, last + 1), key_range, None, key_range.stop - key_range.start)
-        used_bytes = np.bitwise_or.reduce(keys, axis=0) != 0  # [nK, BK / 8]
-        cols = used_bytes.any(-1).nonzero()[0]
-        key_bytes = used_bytes[cols].reshape(-1).nonzero()[0]  # positions among the tiles' bytes
-        tokens = ((cols.repeat(BK // 8) * BK + np.tile(np.arange(0, BK, 8), len(cols)))[key_bytes, None] + np.arange(8)).reshape(-1)
-        tokens = tokens[tokens < n]  # ascending: only the last run can pass N, and its bias columns go last
-        as_tensor = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
-        return _Group(b, i0, i1, r0, r1, as_tensor(cols), as_tensor(tokens), as_tensor(key_bytes), len(tokens))
-
-    def bias(self, grp: _Group, scratch: "_Scratch", log_size: torch.Tensor | None = None):
-        """(bias [1, 1, M, L] or None, empty rows [M] or None) of the group's M queries and L keys, in
-        ``scratch``'s buffers (overwritten by the next group); ``log_size`` [L] (the group's keys') is
-        added to every allowed pair. Empty rows are those whose bias is all -inf (a log size of -inf
-        removes a key). No bias and no empty row when every tile pair is full and there is no log
-        size (checked on CPUs only, where reading it costs no device sync): full tiles have no
-        padding and no empty row."""
-        state = self.tile_map[grp.b, grp.i0 : grp.i1][:, grp.cols]  # [g, T]
-        M = grp.r1 - grp.r0
-        if log_size is None and grp.key_bytes is None and state.device.type == "cpu" and bool((state == 1).all()):
-            return None, None
-        state = state.long()
-        words = self.bytes[state].permute(0, 2, 1, 3).flatten(2)  # [g, BQ, T * BK / 8]
-        if grp.key_bytes is not None:
-            words = words.index_select(2, grp.key_bytes)
-        words = words.flatten()  # each byte's 8 biases, in key order
-        bias = torch.index_select(self.byte_bias, 0, words, out=scratch.get("bias", (words.numel(), 8), self.byte_bias.dtype))
-        bias = bias.view(state.shape[0] * self.block_q, -1)[:M, : grp.num_keys]
-        if log_size is not None:
-            bias += log_size
-        return bias[None, None], bias.amax(-1) == float("-inf")  # amax: ~20x faster than isneginf().all()
-
-
-def _attend_explicit(q, k, v, bias, scale):
-    """softmax(scale q k^T + bias) v and its natural-log LSE for q [R, H, M, D], k, v [R, H, L, D],
-    bias [R, 1, M, L] or None: the math of every group, in plain tensor ops (the path off CPUs).
-    Rows whose bias is all -inf give output 0 and LSE -inf."""
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-    if bias is not None:
-        s += bias
-    m = s.amax(-1, keepdim=True)
-    m.masked_fill_(torch.isinf(m), 0.0)  # rows with no allowed key: P = exp(-inf) = 0
-    p = s.sub_(m).exp_()
-    total = p.sum(-1, keepdim=True)
-    out = torch.matmul(p, v).mul_(torch.where(total > 0, 1 / total, 0.0))
-    return out, (m + total.log()).squeeze(-1)
-
-
-def _attend_cpu(q, k, v, bias, scale):
-    """``_attend_explicit`` in ATen's fused CPU flash-attention kernel (rows with no allowed key are
-    fixed up by the caller: the kernel's LSE there is not -inf)."""
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
-
-
-def _attend_backward_explicit(grad_out, q, k, v, out, lse, bias, scale):
-    """(dq, dk, dv) of ``_attend_explicit`` from its output and a finite LSE (FlashAttention-2):
-    P = exp(S - LSE), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = scale dS K, dK = scale dS^T Q."""
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-    if bias is not None:
-        s += bias
-    p = s.sub_(lse[..., None]).exp_()
-    dv = torch.matmul(p.transpose(-1, -2), grad_out)
-    dp = torch.matmul(grad_out, v.transpose(-1, -2))
-    ds = p.mul_(dp.sub_((grad_out * out).sum(-1, keepdim=True)))
-    return torch.matmul(ds, k).mul_(scale), torch.matmul(ds.transpose(-1, -2), q).mul_(scale), dv
-
-
-def _attend_backward_cpu(grad_out, q, k, v, out, lse, bias, scale):
-    """``_attend_backward_explicit`` in ATen's fused CPU flash-attention backward."""
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad_out, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale
-    )
-
-
-def _group_math(device: torch.device):
-    """(attend, attend_backward) for tensors on ``device``: ATen's fused kernels on CPUs, the
-    explicit tensor ops elsewhere."""
-    if device.type == "cpu":
-        return _attend_cpu, _attend_backward_cpu
-    return _attend_explicit, _attend_backward_explicit
-
-
-def _add_rows(dst: torch.Tensor, keys: slice | torch.Tensor, src: torch.Tensor) -> None:
-    """dst[keys] += src for a range or distinct indices: each row gets one add, so even index_add_'s
-    atomics on GPUs add in a fixed order (deterministic)."""
-    if isinstance(keys, slice):
-        dst[keys] += src
-    else:
-        dst.index_add_(0, keys, src)
 
 
 def _expand_heads(x: torch.Tensor, H: int) -> torch.Tensor:
@@ -294,14 +79,23 @@ def _expand_heads(x: torch.Tensor, H: int) -> torch.Tensor:
     return x if x.shape[1] == H else x.repeat_interleave(H // x.shape[1], dim=1)
 
 
-def _prepared(x: torch.Tensor, dtype: torch.dtype, H: int | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
-    """x [B, H, N, C] in dtype with a contiguous last dimension (the fused kernel's layout; a no-op
-    for contiguous inputs of that dtype), GQA heads expanded to H, and with ``extra`` (broadcastable
-    to [B, H, N]) one more channel holding it."""
-    x = x.to(dtype) if H is None else _expand_heads(x.to(dtype), H)
-    if extra is not None:
-        x = torch.cat((x, extra.to(dtype).expand(*x.shape[:3])[..., None]), -1)
-    return x if x.stride(-1) == 1 else x.contiguous()
+def _bands(tiles: PlanTensors, block_q: int, n: int, heads: int):
+    """(i0, i1, r0, r1): bands of query tiles [i0, i1), query rows [r0, r1), whose scores fit ROWS_SCORES."""
+    B, nQ, _ = tiles.tile_map.shape
+    per_band = max(1, ROWS_SCORES // max(1, B * heads * block_q * n))
+    for i0 in range(0, nQ, per_band):
+        i1 = min(i0 + per_band, nQ)
+        yield i0, i1, i0 * block_q, min(i1 * block_q, n)
+
+
+def _scores(q, k, kv_log_size, tiles, block_q, block_k, scale, i0, i1, r0, r1):
+    """S [B, H, r1 - r0, N] of a band of query rows: scale * q k^T + log size, -inf where masked."""
+    n = k.shape[2]
+    allowed = dense_mask(tiles.tile_map[:, i0:i1], tiles.bits, block_q, block_k, n)[:, : r1 - r0]
+    s = torch.matmul(q[:, :, r0:r1], k.transpose(-1, -2)) * scale
+    if kv_log_size is not None:
+        s = s + kv_log_size[:, None, None, :]
+    return s.masked_fill(~allowed[:, None], float("-inf"))
 
 
 def sparse_attention(
@@ -309,8 +103,7 @@ def sparse_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     kv_log_size: torch.Tensor | None,
-    tile_map: torch.Tensor,
-    bits: torch.Tensor,
+    tiles: PlanTensors,
     block_q: int,
     block_k: int,
     scale: float,
@@ -318,29 +111,20 @@ def sparse_attention(
     """out [B, H, N, D] in q's dtype and natural-log LSE [B, H, N] in fp32 (fp64 for fp64 q).
 
     q [B, H, N, D]; k, v [B, Hk, N, D] with H % Hk == 0; kv_log_size [B, N] or None.
-
-    Groups of consecutive query tiles (``_TileMasks.groups``) each attend to one key set, the token
-    mask and the log sizes as the bias: one attention problem per group.
     """
     B, H, N, D = q.shape
-    dtype, acc = q.dtype, accumulation_dtype(q.dtype)
-    out = torch.zeros(B, H, N, D, dtype=acc, device=q.device)
+    acc = accumulation_dtype(q.dtype)
+    qf, kf, vf = q.to(acc), _expand_heads(k.to(acc), H), _expand_heads(v.to(acc), H)
+    ls = None if kv_log_size is None else kv_log_size.to(acc)
+    out = torch.zeros(B, H, N, v.shape[-1], dtype=acc, device=q.device)
     lse = torch.full((B, H, N), float("-inf"), dtype=acc, device=q.device)
-    if q.numel() and v.numel():
-        attend = _group_math(q.device)[0]
-        q, k, v = _prepared(q, acc), _prepared(k, acc, H), _prepared(v, acc, H)
-        ls = None if kv_log_size is None else kv_log_size.to(acc)
-        masks = _TileMasks(tile_map, bits, block_q, block_k, N, acc)
-        scratch = _Scratch(q.device)
-        for grp in masks.groups(H, D):
-            bias, empty = masks.bias(grp, scratch, None if ls is None else ls[grp.b, grp.keys])
-            o, m = attend(grp.query_rows(q), grp.key_rows(k, scratch, "k"), grp.key_rows(v, scratch, "v"), bias, scale)
-            if empty is not None:  # rows with no allowed key: output 0, LSE -inf
-                o = o.masked_fill(empty[:, None], 0.0)
-                m = m.masked_fill(empty, float("-inf"))
-            out[grp.b, :, grp.r0 : grp.r1] = o[0]
-            lse[grp.b, :, grp.r0 : grp.r1] = m[0]
-    return out.to(dtype), lse
+    for i0, i1, r0, r1 in _bands(tiles, block_q, N, H):
+        s = _scores(qf, kf, ls, tiles, block_q, block_k, scale, i0, i1, r0, r1)
+        band_lse = torch.logsumexp(s, -1)  # -inf for a row with no allowed key
+        p = torch.exp(s - band_lse[..., None]).nan_to_num(0.0)  # such a row: exp(-inf - -inf) = NaN -> 0
+        out[:, :, r0:r1] = torch.matmul(p, vf)
+        lse[:, :, r0:r1] = band_lse
+    return out.to(q.dtype), lse
 
 
 def sparse_attention_backward(
@@ -352,61 +136,41 @@ def sparse_attention_backward(
     kv_log_size: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
-    tile_map: torch.Tensor,
-    bits: torch.Tensor,
+    tiles: PlanTensors,
     block_q: int,
     block_k: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Gradients (dq, dk, dv, d kv_log_size) of ``sparse_attention`` from the saved out and LSE.
+    """Gradients (dq, dk, dv, d kv_log_size or None) of ``sparse_attention`` from its saved out and LSE.
 
-    With P recomputed from the LSE: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O) + dLSE),
-    dQ = scale dS K, dK = scale dS^T Q, d kv_log_size[key] = sum over heads and queries of dS. One
-    walk over query groups (the forward's cost model, for this pass's head channels): each group's
-    dQ is final, its dK and dV are added into its keys in group order. The log sizes and dLSE ride
-    in one extra head channel, so every group is a plain attention backward: S = scale q' k'^T with q' = [q, 1/scale]
-    and k' = [k, log size] (the last column of dK' = scale dS^T q' is then the column sums of dS,
-    d kv_log_size); v' = [v, 0] leaves P V and dP as they are; out' = [out, -dLSE] with
-    dO' = [dO, 1] turns rowsum(dO' * out') into rowsum(dO * O) - dLSE. Without log sizes and dLSE
-    there is no extra channel (it costs ~8 % in the fused CPU backward). GQA gradients are summed
-    over the query heads sharing a key/value head. Returned in the inputs' dtypes (d kv_log_size in
-    fp32/fp64).
+    With P = exp(S - LSE): dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O) + dLSE), dQ = scale
+    dS K, dK = scale dS^T Q, d kv_log_size[key] = the sum of dS over heads and queries. GQA gradients
+    are summed over the query heads that share a key/value head. In the inputs' dtypes (d kv_log_size
+    in fp32, fp64 for fp64 inputs).
     """
     B, H, N, D = q.shape
     Hk = k.shape[1]
     acc = accumulation_dtype(q.dtype)
-    extended = kv_log_size is not None or grad_lse is not None
-    E = D + extended  # head channels, with the extra one
-    dq = torch.zeros(B, H, N, E, dtype=acc, device=q.device)
-    dk = torch.zeros(B, N, H, E, dtype=acc, device=q.device)  # token-major: a group adds whole keys
-    dv = torch.zeros(B, N, H, E, dtype=acc, device=q.device)
-    if q.numel() and v.numel():
-        attend_backward = _group_math(q.device)[1]
-        zero, one = q.new_zeros((), dtype=acc), q.new_ones((), dtype=acc)
-
-        def channel(x):  # the extra channel's values, or no channel
-            return x if extended else None
-
-        ls = zero if kv_log_size is None else kv_log_size[:, None, :]
-        qe, oe = _prepared(q, acc, extra=channel(one / scale)), _prepared(out, acc, extra=channel(zero if grad_lse is None else -grad_lse))
-        ke, ve = _prepared(k, acc, H, extra=channel(ls)), _prepared(v, acc, H, extra=channel(zero))
-        ge = _prepared(grad_out, acc, extra=channel(one))
-        lse = lse.to(acc)
-        lse = torch.where(torch.isinf(lse), 0.0, lse)  # no allowed key: P = 0 anyway
-        masks = _TileMasks(tile_map, bits, block_q, block_k, N, acc)
-        scratch = _Scratch(q.device)
-        for grp in masks.groups(H, E):
-            bias, _ = masks.bias(grp, scratch)
-            dqg, dkg, dvg = attend_backward(
-                grp.query_rows(ge), grp.query_rows(qe), grp.key_rows(ke, scratch, "k"), grp.key_rows(ve, scratch, "v"),
-                grp.query_rows(oe), lse[grp.b : grp.b + 1, :, grp.r0 : grp.r1], bias, scale,
-            )
-            dq[grp.b, :, grp.r0 : grp.r1] = dqg[0]
-            _add_rows(dk[grp.b], grp.keys, dkg[0].transpose(0, 1))
-            _add_rows(dv[grp.b], grp.keys, dvg[0].transpose(0, 1))
-    dls = None if kv_log_size is None else dk[..., D].sum(-1)
-    dq, dk, dv = dq[..., :D], dk[..., :D].transpose(1, 2), dv[..., :D].transpose(1, 2)
+    qf, kf, vf = q.to(acc), _expand_heads(k.to(acc), H), _expand_heads(v.to(acc), H)
+    go, of = grad_out.to(acc), out.to(acc)
+    ls = None if kv_log_size is None else kv_log_size.to(acc)
+    dq = torch.zeros_like(qf)
+    dk, dv = torch.zeros_like(kf), torch.zeros_like(vf)
+    dls = None if kv_log_size is None else torch.zeros(B, N, dtype=acc, device=q.device)
+    for i0, i1, r0, r1 in _bands(tiles, block_q, N, H):
+        s = _scores(qf, kf, ls, tiles, block_q, block_k, scale, i0, i1, r0, r1)
+        p = torch.exp(s - lse[:, :, r0:r1, None].to(acc)).nan_to_num(0.0)  # rows with no key: P = 0
+        g = go[:, :, r0:r1]
+        dv += torch.matmul(p.transpose(-1, -2), g)
+        row_term = (g * of[:, :, r0:r1]).sum(-1, keepdim=True)
+        if grad_lse is not None:
+            row_term = row_term - grad_lse[:, :, r0:r1, None].to(acc)
+        ds = p * (torch.matmul(g, vf.transpose(-1, -2)) - row_term)
+        dq[:, :, r0:r1] = torch.matmul(ds, kf) * scale
+        dk += torch.matmul(ds.transpose(-1, -2), qf[:, :, r0:r1]) * scale
+        if dls is not None:
+            dls += ds.sum((1, 2))
     if Hk != H:
         dk = dk.reshape(B, Hk, H // Hk, N, D).sum(2)
-        dv = dv.reshape(B, Hk, H // Hk, N, D).sum(2)
-    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(), dls
+        dv = dv.reshape(B, Hk, H // Hk, N, v.shape[-1]).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dls
