@@ -171,3 +171,57 @@ def test_compiles_fullgraph_with_capacity_and_dynamic_count():
         return vidtok.pack(t, k).values.sum(0)
 
     torch.testing.assert_close(torch.compile(g, fullgraph=True)(tokens, keep), g(tokens, keep))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the bridges to attention: Packed.padded / unpad and VideoLayout.from_packed
+
+
+@pytest.mark.parametrize("capacity", [None, 40])
+@pytest.mark.parametrize("seed", range(3))
+def test_padded_lines_up_with_the_layouts_of_pack_and_keep(seed, capacity):
+    """``packed.padded()`` puts clip b's kept tokens first in (t, h, w) order, then zeros, and
+    ``VideoLayout.from_packed`` / ``from_keep`` place exactly those tokens at the same columns (one
+    rank rule: vidtok._numerics.kept_rank); ``unpad`` brings a per-token result back row for row."""
+    shape = (3, 2, 3, 4)
+    keep = _keep(shape, p=0.4, seed=seed)
+    keep[1] = False  # a clip that kept nothing
+    tokens = _tokens(shape, 6, seed=seed)
+    packed = vidtok.pack(tokens, keep, capacity=capacity)
+    padded = packed.padded()
+    counts = keep.reshape(3, -1).sum(1)
+    assert padded.shape == (3, int(counts.max()), 6)
+    for layout in (vidtok.VideoLayout.from_packed(packed, num_global=2), vidtok.VideoLayout.from_keep(keep, num_global=2)):
+        assert torch.equal(layout.lengths, counts.int() + 2) and layout.num_tokens == padded.shape[1] + 2
+        assert layout.grid == (2, 3, 4)
+        for b in range(3):
+            t, i, j = keep[b].nonzero().unbind(1)
+            coords = layout.coords[b, 2 : 2 + int(counts[b])].long()
+            assert torch.equal(coords, torch.stack([t, i, j], 1))
+            assert torch.equal(padded[b, : int(counts[b])], tokens[b][keep[b]])
+            assert not padded[b, int(counts[b]):].any()
+            assert (layout.kind[b, 2 + int(counts[b]):] == 0).all()
+    doubled = packed.unpad(padded * 2)
+    assert torch.equal(doubled.values, packed.values * 2) and torch.equal(doubled.index, packed.index)
+    assert torch.equal(vidtok.unpack(doubled, fill="zero"), vidtok.unpack(packed, fill="zero") * 2)
+
+
+def test_padded_and_unpad_are_differentiable_and_check_their_input():
+    keep = _keep((2, 7), seed=4)
+    tokens = _tokens((2, 7), 3, seed=4).requires_grad_()
+    packed = vidtok.pack(tokens, keep)
+    y = packed.padded(length=9)
+    assert y.shape == (2, 9, 3)
+    vidtok.unpack(packed.unpad(y * 3), fill="zero").sum().backward()
+    assert torch.equal(tokens.grad, 3 * keep[..., None].float().expand(2, 7, 3))
+    with pytest.raises(ValueError, match="length = 1 is smaller than the largest kept count"):
+        packed.padded(length=1)
+    with pytest.raises(ValueError, match="must hold B = 2 clips"):
+        packed.unpad(torch.zeros(3, 9, 3))
+    with pytest.raises(TypeError, match="y must be a torch.Tensor"):
+        packed.unpad(torch.zeros(2, 9))
+    with pytest.raises(ValueError, match="flat"):
+        vidtok.VideoLayout.from_packed(packed)
+    assert vidtok.VideoLayout.from_packed(packed, grid=(1, 1, 7)).grid == (1, 1, 7)
+    with pytest.raises(TypeError, match="packed must be a vidtok.Packed"):
+        vidtok.VideoLayout.from_packed(keep)
