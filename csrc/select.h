@@ -1,5 +1,5 @@
-// Host entry points of csrc/select.cu (frame selection, issue 5). Pointers are device addresses of
-// contiguous float32 / int32 tensors prepared by vidtok/select.py; 0 stands for "not given".
+// Host entry points of csrc/select.cu (frame selection). Pointers are device addresses of
+// contiguous float32 / int32 tensors prepared by csrc/select.py; 0 stands for "not given".
 #pragma once
 #include <cstdint>
 

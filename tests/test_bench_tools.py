@@ -64,7 +64,7 @@ def test_render_merge_joins_runs_of_parts_of_bench(quick_json, tmp_path):
 
 def test_device_session_script_keeps_to_its_budget(tmp_path):
     """bench/gpu_session.sh with too small a budget skips every stage, says so, and still returns its
-    summary and packed work folder in $OUT (the stages themselves need a GPU: issue 8)."""
+    summary and packed work folder in $OUT (the stages themselves need a GPU)."""
     out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, "OUT": str(out)}

@@ -1,8 +1,8 @@
 """vidtok.bipartite_merge / unmerge against a slow, loop-based ToMe written from the paper.
 
 The loop implementation follows Bolya et al., "Token Merging: Your ViT But Faster" (ICLR 2023,
-arXiv 2210.09461, Sec. 3 "Bipartite Soft Matching") and the output order of the authors' merge.py as
-described in /work/shared/research/merging.md section 1: unmerged A tokens (by descending score,
+arXiv 2210.09461, Sec. 3 "Bipartite Soft Matching") and the output order of the authors' merge.py
+(facebookresearch/ToMe, tome/merge.py): unmerged A tokens (by descending score,
 re-sorted by position when a class token exists), then the B tokens; r = 0 returns the input.
 """
 

@@ -272,7 +272,7 @@ def test_reference_equals_the_eager_loop(device):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="realistic sizes run on a GPU only")
 def test_cuda_equals_cpu_at_realistic_sizes():
-    """The issue's pool size (4096 frames, C = 1152, Q = 16, k = 256): the same picks on the GPU as on
+    """A realistic pool size (4096 frames, C = 1152, Q = 16, k = 256): the same picks on the GPU as on
     the CPU (float64, so the comparison is not decided by rounding at near-ties)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4096, 1152, generator=g, dtype=torch.float64)
@@ -295,9 +295,8 @@ def certify_greedy(got, rel, k, x=None, lam=0.0, min_gap=0.0, sim_thresh=None, p
 
     The greedy is replayed in float64 along got's frames: each step takes, of got's frames not yet
     taken, the one of highest float64 gain, and asserts that its gain is within ``tol`` of the best
-    float64 gain over every candidate (research/selection.md §6.5: backends agree except at certified
-    near-ties). A cosine within tol of sim_thresh may exclude a frame or not. Vectorised over problems,
-    any device. Returns int [B, Q]: the steps of each problem decided by a near-tie.
+    float64 gain over every candidate (backends agree except at certified near-ties). A cosine
+    within tol of sim_thresh may exclude a frame or not. Vectorised over problems, any device. Returns int [B, Q]: the steps of each problem decided by a near-tie.
     """
     B, Q, T = rel.shape
     dev = rel.device
@@ -501,7 +500,7 @@ def test_cuda_backend_explains_what_it_cannot_run():
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="realistic sizes run on a GPU only")
 def test_cuda_at_realistic_sizes(backend, capsys):
-    """The issue's workload (T = 4096 frames, C = 1152, Q = 16, k = 256), float32: without similarities
+    """A realistic workload (T = 4096 frames, C = 1152, Q = 16, k = 256), float32: without similarities
     identical to the reference on the GPU; with them certified against float64 up to near-ties."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4096, 1152, generator=g).cuda()
