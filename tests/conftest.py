@@ -18,3 +18,13 @@ if not torch.cuda.is_available():
 def _no_forced_backend(monkeypatch):
     """Each test starts from backend "auto", whatever the caller's VIDTOK_BACKEND says."""
     monkeypatch.delenv("VIDTOK_BACKEND", raising=False)
+
+
+@pytest.fixture
+def nan_allowed():
+    """For the tests of an op's documented NaN behaviour: the ops that decide what to keep refuse NaN
+    unless inside vidtok.allow_nan()."""
+    import vidtok
+
+    with vidtok.allow_nan():
+        yield

@@ -149,6 +149,7 @@ def test_bad_input(kwargs, error, match):
         vidtok.block_match(**kwargs)
 
 
+@pytest.mark.usefixtures("nan_allowed")  # the documented NaN behaviour
 @pytest.mark.parametrize("device,backend", CASES)
 def test_strided_views_and_nan(device, backend):
     base = _texture(1, 32, 48, seed=2).to(device)

@@ -202,6 +202,19 @@ def test_flex_block_mask_matches_plan_and_attention(seed):
     torch.testing.assert_close(flex_attention(q, k, v, block_mask=bm), expected, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("block", [(16, 16), (32, 16), (16, 32), (16, 64), (64, 16), (128, 128)], ids=str)
+def test_flex_block_mask_token_mask_equals_to_dense_for_every_block(block):
+    """The exported mask_mod, evaluated on every token pair, is exactly ``plan.to_dense()`` for every
+    block size the plan accepts (a key block of 16 tokens once read its bits at the wrong offset)."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    layout, rng = random_layout(321)
+    plan = vidtok.build_plan(layout, _random_spec(rng, layout.grid), block=block)
+    B, N = layout.batch, layout.num_tokens
+    token_mask = create_mask(plan.to_flex_block_mask().mask_mod, B, 1, N, N, device="cpu")[:, 0]
+    assert torch.equal(token_mask, plan.to_dense())
+
+
 @pytest.mark.parametrize("args,kwargs,error,match", [
     ((None, M.frame_local()), {}, TypeError, "layout must be a vidtok.VideoLayout"),
     (("layout", "frame"), {}, TypeError, "spec must be a vidtok.masks spec"),

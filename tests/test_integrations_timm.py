@@ -104,14 +104,31 @@ def test_fewer_tokens_per_block_and_sizes(tt):
     torch.testing.assert_close(sizes.sum(1), torch.full((2,), 65.0))
     assert torch.all(sizes[:, 0] == 1)  # the class token never merges
 
-    # a per-block schedule, and r larger than a block can merge: clamped to max_merge per block
+    # a per-block schedule, and the most each block can merge
     tt.apply_tome(model, [0, 4, 0, 2])
     with torch.no_grad():
         assert _token_counts(model, lambda: model(x)) == [65, 65, 61, 61, 59]
-    tt.apply_tome(model, 1000)
+    # 65 tokens: A = 33 even positions minus the class token -> at most 32 merge (ToMe: (65-1)//2)
+    tt.apply_tome(model, [32, 16, 8, 4])
     with torch.no_grad():
-        # 65 tokens: A = 33 even positions minus the class token -> at most 32 merge (ToMe: (65-1)//2)
         assert _token_counts(model, lambda: model(x)) == [65, 33, 17, 9, 5]
+
+
+def test_r_larger_than_a_block_can_merge_is_an_error_not_a_clamp(tt):
+    """ToMe clamps r silently per block; vidtok names the block, its N and its cap: at apply_tome for
+    a fixed input size, else at the forward that would clamp (a model with dynamic image sizes)."""
+    model, x = _vit(), _images()
+    with pytest.raises(ValueError, match=r"block 0 gets N = 65 tokens \(1 protected\) and can merge at most 32, but r = 200"):
+        tt.apply_tome(model, 200)
+    with pytest.raises(ValueError, match=r"block 1 gets N = 33 tokens .* at most 16, but r = 17"):
+        tt.apply_tome(model, [32, 17, 0, 0])
+    assert not tt.is_applied(model)  # a refused schedule patches nothing
+    tt.apply_tome(model, 8)
+    model.patch_embed.dynamic_img_size = True  # the count is only known at the forward
+    tt.apply_tome(model, 40)
+    with pytest.raises(ValueError, match="block 0 gets N = 65 tokens"):
+        with torch.no_grad():
+            model(x)
 
 
 def test_distillation_token_is_protected(tt):
@@ -121,7 +138,7 @@ def test_distillation_token_is_protected(tt):
     model = VisionTransformerDistilled(img_size=64, patch_size=8, embed_dim=64, depth=2, num_heads=4,
                                        num_classes=10).eval()
     assert model.num_prefix_tokens == 2
-    tt.apply_tome(model, 1000)
+    tt.apply_tome(model, [32, 16])
     with torch.no_grad():
         counts = _token_counts(model, lambda: model(_images()))
         out = model(_images())

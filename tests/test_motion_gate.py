@@ -63,11 +63,14 @@ def test_uint8_bit_identical_across_backends(device, config):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_integer_valued_float_video_gives_the_uint8_masks(backend):
+def test_float_video_of_grey_levels_over_256_gives_the_uint8_masks(backend):
+    """uint8 / 256 in float (an exact scaling: every sum and mean is the integer one over 256) with the
+    threshold over 256 decides exactly as the uint8 gate."""
     video = _video(1, 6, 3, 8, 8, seed=1)
     expected = _gate(video, 4, 20.0, "reference")
     for dtype in (torch.float32, torch.float16):
-        _assert_same(_gate(video.to(dtype), 4, 20.0, backend), expected)
+        got = _gate(video.to(dtype) / 256, 4, 20.0 / 256, backend)
+        _assert_same(got._replace(delta=got.delta * 256), expected)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

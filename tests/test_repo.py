@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,3 +32,14 @@ def test_readme_usage_example_runs():
     section = readme.split("## Use", 1)[1].split("\n## ", 1)[0]
     example = re.findall(r"```python\n(.+?)\n```", section, flags=re.S)[0]
     exec(compile(example, "README.md", "exec"), {})
+
+
+def test_readme_integrations_example_runs():
+    """The README's integrations snippet runs as written too (tiny random-weight models, offline)."""
+    pytest.importorskip("timm")
+    pytest.importorskip("transformers")
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Use", 1)[1].split("\n## ", 1)[0]
+    examples = re.findall(r"```python\n(.+?)\n```", section, flags=re.S)
+    assert len(examples) == 2, "the Use section has the ops example and the integrations example"
+    exec(compile(examples[1], "README.md", "exec"), {})

@@ -3,7 +3,9 @@ expected and what was given. Sits beside ``_numerics`` at the bottom of vidtok's
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 
@@ -60,3 +62,57 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
         raise ValueError(f"all tensors must be on one device, got {listed}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks of tensor values. They read the data: on CPU tensors the answer is read at once (a clear
+# ValueError); on GPU tensors, and under torch.compile, they become a device-side assert
+# (torch._assert_async: no host sync; a failure stops the CUDA stream, as an out-of-bounds index would).
+
+_nan_allowed: list[bool] = []
+
+
+@contextlib.contextmanager
+def allow_nan() -> Iterator[None]:
+    """Inside the block, NaN inputs are not an error for the ops that refuse them by default (the
+    ops that decide which tokens or frames to keep: a NaN would silently change the decision); each
+    such op documents what NaN does then (e.g. a NaN token never matches, a NaN frame is never picked)."""
+    _nan_allowed.append(True)
+    try:
+        yield
+    finally:
+        _nan_allowed.pop()
+
+
+def _require(ok: torch.Tensor, message: str) -> None:
+    """Raise ValueError(message) unless the 0-d bool tensor ``ok`` is True (see above)."""
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok):
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok, message)
+
+
+def check_no_nan(op: str, name: str, t: torch.Tensor | None, where: torch.Tensor | None = None) -> None:
+    """``t`` (optionally only where ``where``) must hold no NaN, unless inside ``allow_nan()``."""
+    if t is None or not t.is_floating_point() or _nan_allowed or t.numel() == 0:
+        return
+    nan = torch.isnan(t) if where is None else torch.isnan(t) & where
+    _require(~nan.any(), f"vidtok.{op}: {name} contains NaN, which would silently change what is kept "
+                         f"(wrap the call in vidtok.allow_nan() for the documented NaN behaviour)")
+
+
+def check_positive(name: str, t: torch.Tensor | None) -> None:
+    """Every value of ``t`` must be > 0 (token sizes: how many tokens each stands for)."""
+    if t is None or t.numel() == 0:
+        return
+    _require((t > 0).all(), f"{name} must be positive (how many tokens each stands for), got values <= 0")
+
+
+def check_unit_range(name: str, t: torch.Tensor, why: str) -> None:
+    """Every value of the float tensor ``t`` must lie in [0, 1]; NaN too is refused, unless inside
+    ``allow_nan()``. ``why`` ends the message (what to do instead)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    inside = ~((t < 0) | (t > 1)).any() if _nan_allowed else ((t >= 0) & (t <= 1)).all()
+    _require(inside, f"{name} must hold values in [0, 1]{'' if _nan_allowed else ', without NaN'}: {why}")

@@ -13,7 +13,7 @@ import torch
 
 from vidtok import _backend
 from vidtok._numerics import REFERENCE_DTYPES, accumulation_dtype
-from vidtok._validation import check_int, check_same_device, check_tensor
+from vidtok._validation import check_int, check_no_nan, check_positive, check_same_device, check_tensor
 from vidtok.reference import merge as reference
 
 __all__ = ["Merged", "bipartite_merge", "match", "paired_similarity", "temporal_merge", "unmerge"]
@@ -126,7 +126,8 @@ def match(
         ``(score, idx)``: score float32 (float64 for float64 inputs) ``[B, M]``, the best cosine
         similarity dot / (max(|a|, 1e-8) * max(|b|, 1e-8)) accumulated in fp32; idx int32 ``[B, M]``,
         the row of b achieving it. Ties go to the lowest index. A row with no allowed partner (K = 0,
-        no row of its group, or a NaN token: NaN similarities never match) gets -inf and -1.
+        or no row of its group) gets -inf and -1. NaN in a or b is a ValueError (a NaN token would
+        silently never match); inside ``vidtok.allow_nan()`` NaN similarities never match.
         Not differentiable (the matching step of ToMe, Bolya et al. 2023, runs under no_grad).
 
     The Triton kernel never materialises the ``[M, K]`` matrix (running max/argmax over tiles of b,
@@ -150,6 +151,8 @@ def match(
             raise ValueError(f"b_group must be [B, K] = {tuple(b.shape[:2])}, got {tuple(b_group.shape)}")
         a_group, b_group = a_group.to(torch.int32), b_group.to(torch.int32)
     check_same_device(a=a, b=b, a_group=a_group, b_group=b_group)
+    check_no_nan("match", "a", a)
+    check_no_nan("match", "b", b)
     chosen = _backend.choose("match", a.device, a.dtype, backend, (a, b, a_group, b_group))
     return _match_op(a, b, a_group, b_group, chosen)
 
@@ -288,9 +291,12 @@ def bipartite_merge(
 
     Returns:
         ``Merged(x [B, N - r, C], size [B, N - r], index int32 [B, N], origin int32 [B, N - r])``.
-        Differentiable in x. A NaN token has no partner and ranks last, so it merges only when r
-        exceeds the number of A tokens with a partner (it then goes to the first unprotected B token).
-        No host sync; output shapes are static.
+        Differentiable in x. NaN in the metric (x by default) is a ValueError; inside
+        ``vidtok.allow_nan()`` a NaN token has no partner and ranks last, so it merges only when r
+        exceeds the number of A tokens with a partner (it then goes to the first unprotected B
+        token). A NaN in x but not in the metric spreads to the token it merges into. Sizes must be
+        positive (a ValueError). No host sync; output shapes are static (the value checks are
+        device-side asserts on GPUs).
     """
     check_tensor("x", x, rank=3, layout="[B, N, C]", dtypes=REFERENCE_DTYPES)
     B, N, C = x.shape
@@ -305,6 +311,8 @@ def bipartite_merge(
     if order not in reference.MERGE_ORDERS:
         raise ValueError(f"order must be one of {reference.MERGE_ORDERS}, got {order!r}")
     check_same_device(x=x, metric=metric, size=size)
+    check_no_nan("bipartite_merge", "metric" if metric is not x else "x", metric)
+    check_positive("size", size)
     chosen = _backend.choose("bipartite_merge", x.device, x.dtype, backend)
     if metric.dtype != x.dtype and chosen != "reference":  # the backend was chosen for x's dtype
         metric = metric.to(x.dtype)
@@ -318,19 +326,24 @@ def bipartite_merge(
 def unmerge(y: torch.Tensor, merged: Merged, *, frames: int | None = None) -> torch.Tensor:
     """Undo a merge: ``[B, L, C]`` -> ``[B, N, C]`` where every input position receives its group's
     value, ``y[b, merged.index[b, n]]`` (ToMe's unmerge; tomesd unmerges after every block). For a
-    temporal_merge pass ``frames=T`` to get ``[B, T, N, C]``. A gather, differentiable in y."""
+    temporal_merge pass ``frames=T`` to get ``[B, T, N, C]``: T must be the merge's own frame count
+    (``merged.grid[0]``), which a temporal merge records. A gather, differentiable in y."""
+    if not isinstance(merged, Merged):
+        raise TypeError(f"merged must be a vidtok.Merged (from bipartite_merge or temporal_merge), got {type(merged).__name__}")
     check_tensor("y", y, rank=3, layout="[B, L, C]", dtypes=REFERENCE_DTYPES)
     B, L, C = y.shape
     index = merged.index
     if index.dim() != 2 or index.shape[0] != B or tuple(merged.origin.shape) != (B, L):
         raise ValueError(f"y [B, L, C] = {tuple(y.shape)} does not fit merged (index {tuple(index.shape)}, origin {tuple(merged.origin.shape)})")
     P = index.shape[1]
+    if frames is not None:
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames <= 0 or P % frames:
+            raise ValueError(f"frames must be a positive int dividing the {P} merged positions, got {frames!r}")
+        if merged.grid is not None and frames != merged.grid[0]:
+            raise ValueError(f"frames = {frames}, but merged comes from a merge of T = {merged.grid[0]} frames "
+                             f"(merged.grid = {merged.grid})")
     out = y.gather(1, index.long()[..., None].expand(B, P, C))
-    if frames is None:
-        return out
-    if isinstance(frames, bool) or not isinstance(frames, int) or frames <= 0 or P % frames:
-        raise ValueError(f"frames must be a positive int dividing the {P} merged positions, got {frames!r}")
-    return out.view(B, frames, P // frames, C)
+    return out if frames is None else out.view(B, frames, P // frames, C)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -415,8 +428,9 @@ def temporal_merge(
         with positions flattened as t * N + n. With r, every video has L = T*N - r outputs (static).
         With a threshold, L = the most outputs of any video: a data-dependent size (one host sync to
         read it; under torch.compile an unbacked size); shorter videos are padded with x = 0, size = 0,
-        origin = -1. Differentiable in x. A NaN token never passes a threshold; with r its links rank
-        last.
+        origin = -1. Differentiable in x. NaN in the metric (x by default) and sizes <= 0 are a
+        ValueError; inside ``vidtok.allow_nan()`` a NaN token never passes a threshold and with r its
+        links rank last.
     """
     check_tensor("x", x, rank=4, layout="[B, T, N, C]", dtypes=REFERENCE_DTYPES)
     B, T, N, C = x.shape
@@ -445,6 +459,8 @@ def temporal_merge(
     if mode not in reference.MERGE_MODES:
         raise ValueError(f"mode must be one of {reference.MERGE_MODES}, got {mode!r}")
     check_same_device(x=x, metric=metric, size=size)
+    check_no_nan("temporal_merge", "metric" if metric is not x else "x", metric)
+    check_positive("size", size)
     chosen = _backend.choose("temporal_merge", x.device, x.dtype, backend)
     if metric.dtype != x.dtype and chosen != "reference":  # the backend was chosen for x's dtype
         metric = metric.to(x.dtype)

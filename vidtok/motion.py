@@ -22,7 +22,7 @@ import torch
 from vidtok import _backend
 from vidtok._backend import VIDEO_DTYPES
 from vidtok._numerics import kept_rank
-from vidtok._validation import check_float, check_int, check_optional_count, check_tensor
+from vidtok._validation import check_float, check_int, check_no_nan, check_optional_count, check_tensor, check_unit_range
 from vidtok.reference import motion as reference
 
 __all__ = ["Gate", "Packed", "block_match", "motion_gate", "motion_report", "pack", "patch_delta", "unpack"]
@@ -140,6 +140,24 @@ def _check_reduce(reduce):
         raise ValueError(f"reduce must be one of {REDUCES}, got {reduce!r}")
 
 
+def _check_float_video(video: torch.Tensor, threshold: float, ph: int, pw: int, ts: int, reduce: str) -> None:
+    """Float video is read in [0, 1] (uint8 / 255, as torchvision's float images and motion_report's
+    peak 1), the threshold in the same units. A finite threshold that no change in [0, 1] can exceed
+    is a unit mix-up (grey levels given for float video), and values outside [0, 1] (or NaN) break
+    the contract: both raise rather than silently keep only the forced patches."""
+    if not video.is_floating_point():
+        return
+    elements = (1 if reduce == "rlt" else ts) * video.shape[2] * ph * pw
+    largest = math.sqrt(elements) if reduce == "l2" else 1.0
+    if math.isfinite(threshold) and threshold >= largest:
+        raise ValueError(
+            f"threshold = {threshold:g} can never be exceeded: float video is read in [0, 1], where the largest "
+            f"{reduce} change of a patch is {largest:g}; pass the threshold in those units (grey levels / 255) "
+            f"or uint8 video for grey levels")
+    check_unit_range("float video", video, "read as uint8 / 255; rescale it, or pass uint8 video (then the "
+                                           "threshold is in grey levels)")
+
+
 def _choose(op: str, video: torch.Tensor, backend, args: tuple) -> str:
     return _backend.choose(op, video.device, video.dtype, backend, args)
 
@@ -241,9 +259,12 @@ def motion_gate(
     """Decide which patches of a clip to keep: those that changed by more than ``threshold``.
 
     Args:
-        video, patch, tubelet, reduce: as in ``patch_delta`` (threshold is in the units of ``reduce``:
-            grey levels for uint8 video with "mean_abs"/"max_abs"/"rlt").
-        threshold: a slice is kept iff its delta > threshold (strict, as RLT). Below 0 keeps every
+        video, patch, tubelet, reduce: as in ``patch_delta``. Float video must be in [0, 1] (uint8 / 255);
+            values outside it, or NaN, are a ValueError (a device-side assert on GPUs).
+        threshold: a slice is kept iff its delta > threshold (strict, as RLT), in the units of
+            ``reduce``: grey levels for uint8 video, [0, 1] units for float video ("mean_abs",
+            "max_abs", "rlt"; "l2" up to sqrt(elements)). A finite threshold that float video can
+            never exceed (grey levels passed with float video) is a ValueError. Below 0 keeps every
             patch; +inf keeps only the forced ones.
         compare_to: "prev" compares each slice with the previous slice (RLT, vLLM EVS): a change slower
             than the threshold per slice is never sent. "last_kept" compares with the version of the
@@ -262,8 +283,8 @@ def motion_gate(
     Returns:
         ``Gate(keep, delta, run_length, carry)``, each ``[B, T', h, w]`` (see ``Gate``). Slice 0 is
         always kept. On uint8 video every backend returns bit-identical masks; on float video a delta
-        within fp32 rounding of the threshold may decide differently. A NaN delta is never above the
-        threshold (dropped unless forced). Not differentiable. Static output shapes, no host sync:
+        within fp32 rounding of the threshold may decide differently. Inside ``vidtok.allow_nan()``
+        a NaN delta is never above the threshold (dropped unless forced). Not differentiable. Static output shapes, no host sync:
         one fused pass (Triton: one program per patch column walking through time; with
         search_radius, a second kernel that re-reads the candidate blocks of the compared slice).
     """
@@ -275,6 +296,7 @@ def motion_gate(
     refresh_every = check_optional_count("refresh_every", refresh_every)
     max_run = check_optional_count("max_run", max_run)
     check_int("search_radius", search_radius, low=0, high=2**15 - 1)
+    _check_float_video(video, threshold, ph, pw, ts, reduce)
     args = (video, ph, pw, threshold, compare_to, ts, reduce, refresh_every, max_run)
     chosen = _choose("motion_gate", video, backend, args)
     if search_radius > 0:
@@ -321,8 +343,9 @@ def block_match(cur: torch.Tensor, ref: torch.Tensor, *, block: int = 16, radius
         (exact integers for uint8). Ties prefer the smaller motion |dy| + |dx|, then the lower candidate
         index (row-major over (dy, dx) from (-radius, -radius)). uint8 frames give bit-identical
         results on every backend; float SADs agree within fp32 rounding (near-ties may pick another
-        motion). A NaN SAD never wins, except that a block whose zero-motion SAD is NaN gets motion 0
-        and cost NaN. Not differentiable; no host sync.
+        motion). NaN in float frames is a ValueError; inside ``vidtok.allow_nan()`` a NaN SAD never
+        wins, except that a block whose zero-motion SAD is NaN gets motion 0 and cost NaN. Not
+        differentiable; no host sync (the NaN check is a device-side assert on GPUs).
     """
     for name, t in (("cur", cur), ("ref", ref)):
         check_tensor(name, t, rank=3, layout="[B, H, W]", dtypes=VIDEO_DTYPES)
@@ -336,6 +359,8 @@ def block_match(cur: torch.Tensor, ref: torch.Tensor, *, block: int = 16, radius
     if H % block or W % block:
         raise ValueError(f"H and W must be multiples of block = {block}, got H = {H}, W = {W}")
     check_int("radius", radius, low=0, high=2**15 - 1)
+    check_no_nan("block_match", "cur", cur)
+    check_no_nan("block_match", "ref", ref)
     chosen = _choose("block_match", cur, backend, (cur, ref, block, radius))
     return _block_match_op(cur, ref, block, radius, chosen)
 

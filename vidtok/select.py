@@ -18,7 +18,7 @@ import torch
 
 from vidtok import _backend
 from vidtok._numerics import REFERENCE_DTYPES
-from vidtok._validation import check_float, check_int, check_same_device, check_tensor
+from vidtok._validation import check_float, check_int, check_no_nan, check_same_device, check_tensor
 from vidtok.reference import select as reference
 
 __all__ = ["Scores", "dpp_select", "frame_scores", "greedy_select", "scene_boundaries", "segment_topk", "uniform_indices"]
@@ -99,8 +99,9 @@ def frame_scores(
         adjacent ``[B, T - 1]`` = cos(x[b, t], x[b, t + 1]); norms ``[B, T]`` = |x[b, t]|. Cosines as
         ``F.cosine_similarity``: dot / (max(|a|, 1e-8) * max(|b|, 1e-8)), accumulated in fp32, so a zero
         frame gives 0. Padding frames get relevance -inf (never selected downstream), NaN adjacency
-        for pairs touching them, norm 0. A NaN in a frame gives NaN relevance (never selected by
-        greedy_select) and NaN for its adjacent pairs (never a cut in scene_boundaries). Not differentiable.
+        for pairs touching them, norm 0. A NaN in a frame propagates: NaN relevance and NaN for its
+        adjacent pairs, which greedy_select and scene_boundaries then refuse (a ValueError). Not
+        differentiable.
 
     The Triton kernel is one pass over x for all queries and the adjacency (the scan behind TASS,
     AKS, BOLT relevance and TDC/SceneTilling cuts; research note §6.3).
@@ -168,11 +169,13 @@ def greedy_select(
 
     Args:
         relevance: ``[B, Q, T]`` float scores (e.g. ``frame_scores(...).relevance``). Frames with a
-            non-finite score (-inf padding, NaN) are never selected.
+            non-finite score (-inf padding) are never selected. NaN is a ValueError (inside
+            ``vidtok.allow_nan()``: never selected).
         k: frames to select per (video, query), >= 1. More than can be chosen is not an error: the
             result is padded with -1.
         x: ``[B, T, C]`` frame embeddings, required when lam != 0 or sim_thresh is set. Frames with a
-            NaN/inf embedding are then never selected.
+            inf embedding are then never selected; NaN is a ValueError (inside ``vidtok.allow_nan()``:
+            never selected).
         lam: MMR weight (Carbonell & Goldstein 1998): gain = relevance - lam * max cosine to the frames
             already chosen (no penalty for the first pick). lam = 0 is top-k under the constraints.
         min_gap: >= 0; no two picks closer than this: |t_i - t_j| >= min_gap, in frames, or in the units
@@ -229,6 +232,8 @@ def greedy_select(
     else:
         raise ValueError(f"pool must be 'all', 'above_mean' or an int, got {pool!r}")
     check_same_device(relevance=relevance, x=x, timestamps=timestamps)
+    for name, t in (("relevance", relevance), ("x", x), ("timestamps", timestamps)):
+        check_no_nan("greedy_select", name, t)
     args = (relevance, k, x, lam, float(min_gap), sim_thresh, pool_name, pool_top, timestamps)
     chosen = _backend.choose("greedy_select", relevance.device, relevance.dtype, backend, args)
     return _greedy_select_op(*args, chosen)
@@ -271,7 +276,8 @@ def dpp_select(
         x: ``[B, T, C]`` frame embeddings (float32/float16/bfloat16/float64).
         k: frames to select, >= 1.
         quality: ``[B, T]`` or ``[B, Q, T]`` per-frame quality q (e.g. exp(relevance / tau)); None = 1.
-            Frames with zero or non-finite quality or embedding are never chosen (pass 0 for padding).
+            Frames with zero or infinite quality or embedding are never chosen (pass 0 for padding);
+            NaN in x or quality is a ValueError (inside ``vidtok.allow_nan()``: never chosen).
         eps: a frame stays a candidate while its residual d2_i = det(L_{S+i}) / det(L_S) exceeds
             eps * L_ii, i.e. while it is not, to relative precision eps, a combination of the chosen
             frames; the selection stops early when none is left (an exact duplicate is never chosen twice).
@@ -302,6 +308,8 @@ def dpp_select(
         squeeze = True
     eps = check_float("eps", eps, low=0.0)
     check_same_device(x=x, quality=quality)
+    check_no_nan("dpp_select", "x", x)
+    check_no_nan("dpp_select", "quality", quality)
     chosen = _backend.choose("dpp_select", x.device, x.dtype, backend, (x, k, quality, eps))
     idx, gains = _dpp_select_op(x, k, quality, eps, chosen)
     return (idx[:, 0], gains[:, 0]) if squeeze else (idx, gains)
@@ -351,6 +359,7 @@ def scene_boundaries(
 
     Args:
         adjacent: ``[B, T - 1]`` float, ``adjacent[b, t] = cos(x[b, t], x[b, t + 1])`` (``frame_scores``).
+            NaN at a real pair (not touching padding) is a ValueError; inside ``vidtok.allow_nan()``
             NaN pairs never cut.
         method: where to cut between frames t and t + 1:
             "threshold": adjacent[t] < threshold (required);
@@ -389,6 +398,9 @@ def scene_boundaries(
     min_change = check_float("min_change", min_change)
     _check_lengths(lengths, B, n + 1)
     check_same_device(adjacent=adjacent, lengths=lengths)
+    # pairs touching padding frames are NaN by design (frame_scores with lengths): only real pairs count
+    real_pairs = None if lengths is None else reference.valid_frames(lengths, B, n + 1, adjacent.device)[:, 1:]
+    check_no_nan("scene_boundaries", "adjacent", adjacent, real_pairs)
     chosen = _backend.choose("scene_boundaries", adjacent.device, adjacent.dtype, backend)
     return _scene_boundaries_op(adjacent, method, threshold, k, min_len, window, min_change, lengths, chosen)
 
@@ -397,7 +409,8 @@ def segment_topk(scores: torch.Tensor, seg_id: torch.Tensor, k_per_segment: int)
     """The ``k_per_segment`` highest-scoring frames of every segment (AKS leaves, one anchor per event).
 
     Args:
-        scores: ``[B, T]`` or ``[B, Q, T]`` float; non-finite scores are never selected.
+        scores: ``[B, T]`` or ``[B, Q, T]`` float; infinite scores are never selected; NaN is a
+            ValueError (inside ``vidtok.allow_nan()``: never selected).
         seg_id: int ``[B, T]`` segment ids (``scene_boundaries``); frames with seg_id < 0 are skipped.
         k_per_segment: >= 1; a segment with fewer eligible frames gives all of them.
 
@@ -412,6 +425,7 @@ def segment_topk(scores: torch.Tensor, seg_id: torch.Tensor, k_per_segment: int)
         raise ValueError(f"seg_id must be [B, T] = [{scores.shape[0]}, {scores.shape[-1]}], got {list(seg_id.shape)}")
     check_int("k_per_segment", k_per_segment, low=1, high=2**31 - 1)
     check_same_device(scores=scores, seg_id=seg_id)
+    check_no_nan("segment_topk", "scores", scores)
     return reference.segment_topk(scores, seg_id, k_per_segment)
 
 
@@ -425,7 +439,7 @@ def uniform_indices(T: int, k: int, *, mode: str = "linspace", device: str | tor
     k = 246, i = 119: 968 instead of 969). mode "center": ``floor((2i + 1) * T / (2k))``, the centre
     frame of each of k equal bins. Returns int32 ``[k]``; when k > T, the T frames then -1 padding.
     """
-    check_int("T", T, low=0, high=2**62)
+    check_int("T", T, low=0, high=2**31 - 1, why=" (the indices are int32)")
     check_int("k", k, low=1, high=2**31 - 1)
     if mode not in ("linspace", "numpy", "center"):
         raise ValueError(f"mode must be 'linspace', 'numpy' or 'center', got {mode!r}")

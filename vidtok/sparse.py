@@ -355,8 +355,9 @@ class SparsePlan:
 
         def mask_mod(b, h, q_idx, kv_idx):
             state = tile_map[b, q_idx // BQ, kv_idx // BK]
-            word = bits[state, q_idx % BQ, (kv_idx % BK) // 32]
-            return ((word >> (kv_idx % 32)) & 1) == 1
+            key = kv_idx % BK  # the key's place in its tile: bit key % 32 of word key // 32
+            word = bits[state, q_idx % BQ, key // 32]
+            return ((word >> (key % 32)) & 1) == 1
 
         return BlockMask.from_kv_blocks(
             partial_num, partial_idx, full_num, full_idx, BLOCK_SIZE=(BQ, BK), mask_mod=mask_mod, seq_lengths=(N, N)
@@ -685,7 +686,8 @@ def sparse_attention(
     Returns:
         out [B, H, N, D] in q's dtype, softmax over the allowed keys of each query (fp32
         accumulation); rows with no allowed key (padding, or a mask that leaves a token alone) give 0.
-        With ``return_lse``, (out, lse).
+        With ``return_lse``, (out, lse). NaN in q, k, v or kv_log_size propagates, as in any
+        attention: to the rows that read it.
 
     Backends: "triton" runs FlashAttention-2-style kernels over the plan's CSR tiles only: the
     forward (online softmax in exp2, fp32 accumulation, full tiles unmasked, partial tiles masked by
@@ -726,6 +728,8 @@ def sparse_attention(
             raise ValueError(f"kv_log_size must be [B, N] = [{B}, {N}], got {tuple(kv_log_size.shape)}")
         kv_log_size = kv_log_size.to(accumulation_dtype(q.dtype))
     check_same_device(q=q, k=k, v=v, kv_log_size=kv_log_size, plan=plan.tile_map)
+    if D == 0:
+        raise ValueError(f"q, k and v must have a head dimension D >= 1, got q of shape {tuple(q.shape)}")
     if scale is None:
         scale = D**-0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):

@@ -24,13 +24,12 @@ Usage::
     token_sizes(model)               # [B, L] sizes of the tokens the last block returned
     remove(model)                    # back to the original forward methods
 
-Clamping: a block removes ``min(r_i, vidtok.reference.max_merge(N, num_prefix_tokens))`` tokens,
-where N is the number of tokens entering it; max_merge is the number of unprotected tokens at even
-positions (set A), provided an unprotected odd-position token can receive them. So ``r`` larger
-than a block can merge is clamped silently per block, as ToMe does (ToMe's cap is
-``(N - protected) // 2``; vidtok's is at most one token more). ``vidtok.bipartite_merge`` itself
-refuses such r; this integration clamps before calling it. The cap depends only on shapes: no host
-sync is added.
+No clamping: a block can remove at most ``vidtok.reference.max_merge(N, num_prefix_tokens)`` tokens,
+where N is the number of tokens entering it (the unprotected tokens at even positions, set A,
+provided an unprotected odd-position token can receive them). ToMe clamps a larger r silently per
+block; vidtok raises a ValueError naming the block, its N and its cap instead: at ``apply_tome`` for
+a model with a fixed input size (the schedule is checked block by block), else at the forward that
+would clamp. The cap depends only on shapes: no host sync is added.
 
 Video ViTs: merging is global over whatever sequence the blocks see, which is how the ToMe paper
 ran Spatiotemporal-MAE ViT-L on video (16 frames, 2x16x16 tubes: 8 x 196 = 1568 tokens, merged across
@@ -106,10 +105,11 @@ class _State:
 class _BlockPatch:
     """One block's settings. A plain object (not an nn.Module), so no submodule or parameter is added."""
 
-    def __init__(self, state: _State, r: int, first: bool, attn):
+    def __init__(self, state: _State, r: int, index: int, attn):
         self.state = state
         self.r = r
-        self.first = first
+        self.index = index
+        self.first = index == 0
         self.attn = attn
         self.capture = False  # set by the block just before its attention: store the metric?
         self.saved: dict = {}
@@ -134,15 +134,16 @@ def apply_tome(model, r: int | Sequence[int], *, proportional_attention: bool = 
         model: a ``timm.models.vision_transformer.VisionTransformer`` (or a subclass such as DeiT's
             ``VisionTransformerDistilled``) whose blocks are timm ``Block`` with timm ``Attention``.
         r: tokens each block removes: an int (the same for every block) or a sequence with one int
-            per block (``len(model.blocks)``). Each is clamped per block to what can merge (module
-            docstring). r = 0 everywhere leaves the outputs unchanged.
+            per block (``len(model.blocks)``). Never clamped: an r larger than what a block can
+            merge is a ValueError (module docstring). r = 0 everywhere leaves the outputs unchanged.
         proportional_attention: add ``log(size)`` of every key to the attention logits (ToMe's
             default for supervised ViTs; ToMe turns it off for MAE models).
 
     Shapes: the model's inputs and outputs keep their shapes (``[B, 3, H, W]`` -> ``[B, classes]``);
     inside, block i maps ``[B, N_i, C]`` to ``[B, N_i - r_i, C]``. Applying to a patched model
     replaces its settings. Raises TypeError for another model or block type, ValueError for a
-    negative r, a schedule of the wrong length, or a model using gradient checkpointing.
+    negative r, a schedule of the wrong length or one that a block cannot merge (checked here when
+    the model's input size is fixed), or a model using gradient checkpointing.
     """
     blocks = _check_model(model)
     schedule = _parse_r(r, len(blocks))
@@ -151,11 +152,12 @@ def apply_tome(model, r: int | Sequence[int], *, proportional_attention: bool = 
     if getattr(model, "grad_checkpointing", False):
         raise ValueError("apply_tome: gradient checkpointing is on (model.set_grad_checkpointing(False) first): "
                          "the recomputed blocks would see the token sizes of a later block")
+    _check_schedule(model, schedule)
     remove(model)
     state = _State(proportional_attention, int(model.num_prefix_tokens))
     patch = _ModelPatch(state, schedule)
     for i, (block, r_i) in enumerate(zip(blocks, schedule)):
-        bp = _BlockPatch(state, r_i, i == 0, block.attn)
+        bp = _BlockPatch(state, r_i, i, block.attn)
         _override(block, "forward", _block_forward, bp.saved)
         _override(block.attn.qkv, "forward", _qkv_forward, bp.saved, key="qkv.forward")
         object.__setattr__(block, _STATE, bp)
@@ -228,6 +230,28 @@ def _check_model(model):
     return blocks
 
 
+def _too_many(index: int, N: int, protect: int, r: int) -> str | None:
+    """Why block ``index`` cannot remove r of N tokens (None: it can)."""
+    cap = max_merge(N, protect)
+    if r <= cap:
+        return None
+    return (f"apply_tome: block {index} gets N = {N} tokens ({protect} protected) and can merge at most {cap}, "
+            f"but r = {r}; ToMe would clamp silently, vidtok does not: pass a smaller r or a per-block list")
+
+
+def _check_schedule(model, schedule: list[int]) -> None:
+    """For a model with a fixed input size, the token count entering every block is known: check r."""
+    embed = getattr(model, "patch_embed", None)
+    num_patches = getattr(embed, "num_patches", None)
+    if not isinstance(num_patches, int) or getattr(embed, "dynamic_img_size", False) or getattr(model, "dynamic_img_size", False):
+        return
+    N = num_patches + int(model.num_prefix_tokens)
+    for i, r_i in enumerate(schedule):
+        if (why := _too_many(i, N, int(model.num_prefix_tokens), r_i)) is not None:
+            raise ValueError(why)
+        N -= r_i
+
+
 def _parse_r(r, depth: int) -> list[int]:
     def one(value, name):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -280,7 +304,9 @@ def _block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
     size = st.size
     if size is not None and tuple(size.shape) != (B, N):
         size = None  # the block was called outside the model's sequence: treat tokens as unmerged
-    r = min(bp.r, max_merge(N, st.protect))
+    if (why := _too_many(bp.index, N, st.protect, bp.r)) is not None:
+        raise ValueError(why)
+    r = bp.r
     if attn_mask is not None or is_causal:
         if size is not None or r > 0:
             raise ValueError("apply_tome: attn_mask/is_causal cannot be combined with token merging "
