@@ -63,6 +63,21 @@ def backend_cases(op: str, *, dtypes: tuple = (torch.float32, torch.float16, tor
     ]
 
 
+def gpu_backend_cases(op: str, backend: str, dtype: torch.dtype = torch.float32) -> list:
+    """``[backend]`` when ``op``'s ``backend`` can run on a CUDA device here, else one
+    ``pytest.param(backend)`` skipped with the reason (so a GPU-only case family is one clear skip,
+    not an empty parameter set)."""
+    import pytest
+
+    if torch.cuda.is_available():
+        why = _backend.reasons(op, backend, torch.device("cuda"), dtype)
+    else:
+        why = ["no CUDA device is visible to torch"]
+    if not why:
+        return [backend]
+    return [pytest.param(backend, marks=pytest.mark.skip(reason=f"{op} {backend} on a GPU: {'; '.join(why)}"))]
+
+
 def video_cases(op: str) -> list:
     """``pytest.param(device, backend)`` of the backends of the motion op ``op`` that run on uint8 video
     on every device; ids like "cuda-triton"."""
