@@ -49,7 +49,9 @@ def test_attended_tokens_get_a_dot():
     attended = torch.tensor([[[True, False]]])
     out = overlay(frames, 16, attended=attended[..., :1])
     assert (out[0, :, 6:10, 6:10] == torch.tensor(ATTENDED, dtype=torch.uint8)[:, None, None]).all()
-    assert (out[0, :, :6] == 0).all() and (out[0, :, 10:] == 0).all()
+    assert (out[0, :, :6] == 0).all() and (out[0, :, 10:] == 0).all()  # the rest, and the dot's rim, dark
+    out = overlay(torch.full((1, 3, 16, 16), 255, dtype=torch.uint8), 16, attended=attended[..., :1])
+    assert (out[0, :, 5, 5:11] == 0).all() and (out[0, :, 4] == 255).all()  # a black rim on a light patch
 
 
 def test_overlay_rejects_mismatched_masks():

@@ -35,12 +35,13 @@ def _outline_mask(patch: int, width: int, device) -> torch.Tensor:
     return edge[:, None] | edge[None, :]
 
 
-def _dot_mask(patch: int, device) -> torch.Tensor:
-    """bool [patch, patch]: a centred square, a quarter of the patch wide (at least 2 pixels)."""
+def _dot_mask(patch: int, device, grow: int = 0) -> torch.Tensor:
+    """bool [patch, patch]: a centred square, a quarter of the patch wide (at least 2 pixels), grown
+    by ``grow`` pixels on every side (its dark rim)."""
     side = max(2, patch // 4)
-    lo = (patch - side) // 2
+    lo = (patch - side) // 2 - grow
     r = torch.arange(patch, device=device)
-    inside = (r >= lo) & (r < lo + side)
+    inside = (r >= lo) & (r < lo + side + 2 * grow)
     return inside[:, None] & inside[None, :]
 
 
@@ -75,8 +76,8 @@ def overlay(
     groups: int [T, h, w] group id of every patch (e.g. ``merged.index`` of a temporal merge
         reshaped), a shorthand for ``merged=merged_away(groups)``: every member but the first of its
         group is outlined. Give groups of the whole clip (a subset of frames loses earlier members).
-    attended: bool [T, h, w]; True patches get a centred dot (``ATTENDED``): the token attention
-        sees sits at this patch.
+    attended: bool [T, h, w]; True patches get a centred dot (``ATTENDED``, with a black rim on
+        patches of 8 pixels or more): the token attention sees sits at this patch.
     """
     if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[1] != 3:
         raise ValueError(f"frames must be uint8 [T, 3, H, W], got {frames.dtype} {tuple(frames.shape)}")
@@ -108,7 +109,9 @@ def overlay(
         out = paint(skipped & _hatch_mask(h * patch, w * patch, max(4, patch // 2), dev), HATCH)
     if merged is not None:
         out = paint(within(merged, _outline_mask(patch, 1 if patch < 12 else 2, dev)), MERGED)
-    if attended is not None:
+    if attended is not None:  # a green dot with a dark rim, visible on green and on dark patches alike
+        if patch >= 8:
+            out = paint(within(attended, _dot_mask(patch, dev, grow=1)), (0, 0, 0))
         out = paint(within(attended, _dot_mask(patch, dev)), ATTENDED)
     return out.round().clamp(0, 255).to(torch.uint8)
 
@@ -129,7 +132,7 @@ def _legend_handles(keys, labels):
         "skipped": lambda: Patch(facecolor=(0.25, 0.25, 0.25), edgecolor=rgb(HATCH), hatch="////", linewidth=0),
         "merged": lambda: Patch(facecolor=(0.55, 0.55, 0.55), edgecolor=rgb(MERGED), linewidth=2),
         "attended": lambda: Line2D([], [], marker="s", linestyle="none", markersize=6, markerfacecolor=rgb(ATTENDED),
-                                   markeredgecolor=rgb(ATTENDED)),
+                                   markeredgecolor="black"),
         "selected": lambda: Patch(facecolor="none", edgecolor="lime", linewidth=3),
         "cut": lambda: Patch(facecolor="none", edgecolor="red", linewidth=3),
         "not selected": lambda: Patch(facecolor=(0.93, 0.93, 0.93), edgecolor=(0.45, 0.45, 0.45), hatch="xx", linewidth=1),
@@ -216,7 +219,8 @@ def save_frame_grid(
 
 def _save_png(fig, path: str, dpi: int) -> None:
     """Save ``fig`` as a PNG of at most 256 colours when Pillow is there (matplotlib needs it): a grid
-    of video frames compresses 2-3x smaller and looks the same at this size."""
+    of video frames compresses 2-3x smaller and looks the same at this size. The palette holds the
+    marks' colours exactly (a median cut of the frames alone can turn a lone red border olive)."""
     import io
 
     import matplotlib.pyplot as plt
@@ -230,8 +234,14 @@ def _save_png(fig, path: str, dpi: int) -> None:
         with open(path, "wb") as f:
             f.write(buffer.getvalue())
         return
+    fixed = [HATCH, MERGED, ATTENDED, (0, 255, 0), (255, 0, 0), (0, 0, 0), (255, 255, 255), (115, 115, 115)]
     with Image.open(buffer) as image:
-        image.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
+        rgb = image.convert("RGB")
+    cut = rgb.quantize(256 - len(fixed), method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    colours = cut.getpalette()[: 3 * (256 - len(fixed))]
+    palette = Image.new("P", (1, 1))
+    palette.putpalette(colours + [v for c in fixed for v in c])
+    rgb.quantize(palette=palette, dither=Image.Dither.NONE).save(path, optimize=True)
 
 
 def save_curve_plot(path: str, curves: dict, *, xlabel: str, ylabel: str, title: str = "") -> None:
