@@ -145,3 +145,12 @@ def test_pictures_tell_the_token_story_of_the_table(clip_path, tmp_path, monkeyp
     drawn, source = seen["frames"][t, :, p * i : p * i + p, p * j : p * j + p], r.frames[t, :, p * i : p * i + p, p * j : p * j + p]
     assert (drawn != source).any()
     assert (tmp_path / "out" / "frames.png").stat().st_size < 1_000_000
+
+
+def test_system_errors_are_a_path_and_a_reason(tmp_path, capsys, monkeypatch):
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "clip.mp4"))
+
+    monkeypatch.setattr("vidtok.demo.run_demo", denied)
+    line = _one_error_line(capsys, main(["demo", str(tmp_path / "clip.mp4")]))
+    assert line == f"vidtok demo: error: {tmp_path / 'clip.mp4'}: Permission denied"
