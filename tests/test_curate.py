@@ -16,7 +16,8 @@ pytest.importorskip("av")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")
 
 from vidtok.curate import (  # noqa: E402
-    Config, Decode, Duplicates, Keyframes, Motion, Shots, curate_video, find_videos, read_shots, shot_table, video_key,
+    Config, Decode, Duplicates, Keyframes, Motion, Shots, curate_video, find_videos, read_shots, save, shot_table,
+    video_key,
 )
 from vidtok.curate.stages import from_batch, to_batch  # noqa: E402
 from vidtok.curate.table import done  # noqa: E402
@@ -146,13 +147,12 @@ def test_keyframes_equal_one_op_call_per_shot(method):
     got = Keyframes(Config(keyframes=3, keyframe_method=method)).select(x, shots)
     for s, (a, b) in enumerate(shots.tolist()):
         xs = x[a:b][None]
+        unit = xs / xs.norm(dim=-1, keepdim=True)
+        typical = torch.nn.functional.cosine_similarity(xs, unit.mean(1, keepdim=True), dim=-1)  # [1, L]
         if method == "dpp":
-            want = dpp_select(xs, 3)[0][0]
+            want = dpp_select(xs, 3, quality=(1 + typical) / 2)[0][0]
         else:
-            unit = xs / xs.norm(dim=-1, keepdim=True)
-            centre = unit.mean(1, keepdim=True)
-            rel = torch.nn.functional.cosine_similarity(xs, centre, dim=-1)
-            want = greedy_select(rel[:, None], 3, x=xs, lam=0.5)[0, 0]
+            want = greedy_select(typical[:, None], 3, x=xs, lam=0.5)[0, 0]
         want = torch.where(want >= 0, want.long() + a, want.long())
         assert got[s].tolist() == want.tolist(), (s, got[s], want)
     assert got[1].tolist()[2] == -1  # a 2-frame shot gives its 2 frames, padded
@@ -195,6 +195,28 @@ def test_bad_videos_are_error_records_not_exceptions(clips):
         assert reason in record["error"] and record["error"].startswith("decode: "), (name, record["error"])
         table = shot_table(record, Config()).to_pydict()
         assert table["error"] == [record["error"]] and table["shot"] == [None]
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg"])
+def test_keyframe_images_are_the_chosen_source_frames(fmt, tmp_path):
+    import io
+
+    import av
+
+    path = _real("carphone_pristine.mp4")
+    config = Config(width=64, max_frames=20, min_shot=0.1, keyframes=2)
+    record = curate_video(path, config, images=fmt)
+    result = save(record, tmp_path, config, fmt)
+    frames = read_video(path, max_frames=20, decoder="pyav")  # the source size, 144 x 176
+    files = read_shots(tmp_path).column("keyframe_files").to_pylist()[0]
+    picked = [int(record["frame_index"][i]) for i in record["keyframes"][0] if i >= 0]
+    assert result.error is None and len(files) == len(picked) == 2
+    for name, number in zip(files, picked):
+        assert name.endswith(f"shot0000_frame{number:07d}.{fmt}")
+        with av.open(io.BytesIO((tmp_path / name).read_bytes())) as container:
+            image = torch.from_numpy(next(container.decode(video=0)).to_ndarray(format="rgb24")).permute(2, 0, 1)
+        error = (image.float() - frames[number].float()).abs().mean()
+        assert error == 0 if fmt == "png" else error < 3, (name, float(error))  # PNG is lossless
 
 
 def test_batches_round_trip_and_config_errors():
@@ -252,33 +274,36 @@ def _same_rows(got: dict, want: dict, video: str):
             np.testing.assert_allclose(np.array(a, float), np.array(b, float), rtol=1e-5, atol=1e-6, err_msg=key)
 
 
-class CrashOnce(Decode):
-    """Decode, except that the first worker to open a video named crash*.mp4 kills its own process
-    (SIGKILL: no Python cleanup, as a segfault in a decoder); a marker file remembers it happened."""
+class Crashing(Decode):
+    """Decode, except that a worker opening a video named crash*.mp4 kills its own process (SIGKILL:
+    no Python cleanup, as a segfault in a decoder would) the first time, and one named poison*.mp4
+    every time; a marker file counts the kills."""
 
     def features(self, path):
-        marker = path + ".killed"
-        if os.path.basename(path).startswith("crash") and not os.path.exists(marker):
-            open(marker, "w").close()
+        name, marker = os.path.basename(path), path + ".killed"
+        if name.startswith("poison") or (name.startswith("crash") and not os.path.exists(marker)):
+            with open(marker, "a") as f:
+                f.write("x")
             os.kill(os.getpid(), signal.SIGKILL)
         return super().features(path)
 
 
 @pytest.fixture(scope="module")
 def pipeline_run(ray_session, clips, tmp_path_factory):
-    """One pipeline run over the real clips, the synthetic ones, the bad files, a missing path and a
-    video whose first worker is killed: (videos, out folder, summary)."""
+    """One pipeline run over the real clips, the synthetic ones, the bad files, a missing path, a video
+    whose first worker is killed and one that kills every worker: (videos, out folder, summary)."""
     from ray import cloudpickle
 
     from vidtok.curate import curate
 
     folder = tmp_path_factory.mktemp("run")
-    crash = folder / "crash.mp4"
-    crash.write_bytes(open(clips["cut"], "rb").read())
-    videos = [_real(n) for n in REAL] + [clips["aba"], clips["static"], clips["bad"], "missing.mp4", str(crash)]
+    for name in ("crash.mp4", "poison.mp4"):
+        (folder / name).write_bytes(open(clips["cut"], "rb").read())
+    videos = [_real(n) for n in REAL] + [clips["aba"], clips["static"], clips["bad"], "missing.mp4"]
+    videos += [clips["cut"], str(folder / "crash.mp4"), str(folder / "poison.mp4")]  # crash.mp4 repeats cut.mp4
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test module
     try:
-        summary = curate(videos, folder / "out", SMALL, workers=1, progress=False, decode_stage=CrashOnce)
+        summary = curate(videos, folder / "out", SMALL, workers=1, progress=False, decode_stage=Crashing)
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     return videos, folder / "out", summary
@@ -296,26 +321,51 @@ def _rows_by_video(out) -> dict:
 
 def test_pipeline_equals_one_process(pipeline_run):
     videos, out, summary = pipeline_run
-    assert len(summary.results) == 12 and summary.skipped == 0 and summary.errors == 6
+    assert len(summary.results) == 14 and summary.skipped == 0 and summary.errors == 7
     by_video = _rows_by_video(out)
     assert sorted(by_video) == sorted(find_videos(videos))
     for video, got in by_video.items():
         name = os.path.basename(video)
+        if name == "poison.mp4":
+            continue  # test_a_video_that_always_kills_its_worker_is_an_error_row
         if name in BAD_REASONS:
             assert BAD_REASONS[name] in got["error"][0], (name, got["error"])
         _same_rows(got, shot_table(curate_video(video, SMALL), SMALL).to_pydict(), video)
     assert by_video[_real("bikes.mp4")]["start_frame"] == [0, 30]  # bikes.mp4 cuts before its frame 30
     table = summary.table()
-    assert all(name in table for name in BAD_REASONS) and "12 videos curated (6 errors)" in table
+    assert all(name in table for name in BAD_REASONS) and "14 videos curated (7 errors)" in table
+
+
+def test_shots_repeated_across_videos(pipeline_run, clips):
+    """crash.mp4 is a copy of cut.mp4: both its shots repeat cut.mp4's (and nothing else repeats)."""
+    import pyarrow.parquet as pq
+
+    videos, out, summary = pipeline_run
+    repeats = pq.read_table(out / "duplicates.parquet").to_pydict()
+    assert repeats["video"] == [videos[-2]] * 2 and repeats["shot"] == [0, 1]
+    assert repeats["duplicate_of_video"] == [clips["cut"]] * 2 and repeats["duplicate_of_shot"] == [0, 1]
+    assert min(repeats["similarity"]) > 0.999 and summary.repeats == 2
 
 
 def test_a_killed_worker_is_retried(pipeline_run):
     videos, out, summary = pipeline_run
-    crash = videos[-1]
-    assert os.path.exists(crash + ".killed"), "the worker was never killed"
+    crash = videos[-2]
+    assert open(crash + ".killed").read() == "x", "the worker was never killed"
     result = next(r for r in summary.results if r.video == crash)
     assert result.error is None and result.shots == 2
     _same_rows(_rows_by_video(out)[crash], shot_table(curate_video(crash, SMALL), SMALL).to_pydict(), crash)
+
+
+def test_a_video_that_always_kills_its_worker_is_an_error_row(pipeline_run):
+    """Ray restarts the decoder and tries the video RETRIES more times, then the run goes on without it."""
+    from vidtok.curate import RETRIES
+
+    videos, out, summary = pipeline_run
+    poison = videos[-1]
+    assert open(poison + ".killed").read() == "x" * (RETRIES + 1)
+    result = next(r for r in summary.results if r.video == poison)
+    assert result.error.startswith("lost: its worker process died")
+    assert _rows_by_video(out)[poison]["error"] == [result.error]
 
 
 def test_cli_resumes_and_reports_bad_arguments(pipeline_run, capsys):
@@ -328,9 +378,9 @@ def test_cli_resumes_and_reports_bad_arguments(pipeline_run, capsys):
     args = ["curate", *videos, "--out", str(out), "--width", "64", "--max-frames", "40", "--workers", "1", "--no-progress"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("video ") and "0 videos curated (0 errors), 12 already done" in printed, printed
+    assert printed.startswith("video ") and "0 videos curated (0 errors), 14 already done" in printed, printed
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
     # --retry-errors would redo exactly the error rows
-    assert len(done(out)) == 12 and len(done(out) - done(out, with_errors=False)) == 6
+    assert len(done(out)) == 14 and len(done(out) - done(out, with_errors=False)) == 7
     assert main(["curate", videos[0], "--out", str(out), "--fps", "0"]) == 2
     assert "vidtok curate: error: Config.fps must be > 0, got 0.0" in capsys.readouterr().err

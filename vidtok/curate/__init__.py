@@ -10,7 +10,8 @@ The stages (``vidtok.curate.stages``) work on one video in one process, with or 
   (Chen et al., CVPR 2024; snap-research/Panda-70M ``splitting/event_stitching.py``);
 - ``Motion``: global and per-patch motion per shot, and a threshold filter;
 - ``Keyframes``: ``dpp_select`` or ``greedy_select`` per shot;
-- ``Duplicates``: near-duplicate shots with ``match`` (group ids keep duplicates from being matched);
+- ``Duplicates``: near-duplicate shots of a video with ``match`` (group ids keep duplicates from being
+  matched); ``corpus_duplicates``: shots that repeat a shot of another video, one ``match`` per video;
 - ``KeyframeImages``: the keyframes as JPEG/PNG.
 
 ``curate`` (``vidtok.curate.pipeline``) runs them over a corpus as Ray Data ``map_batches`` stages and
@@ -23,13 +24,15 @@ command line. Ray Data and pyarrow are needed for the pipeline only: ``pip insta
     shots = read_shots("out").to_pandas()
 """
 
-from vidtok.curate.pipeline import RETRIES, Summary, VideoResult, curate, find_videos
+from vidtok.curate.pipeline import RETRIES, Summary, VideoResult, curate, find_videos, save
 from vidtok.curate.stages import (
-    Analyze, Config, Decode, Duplicates, KeyframeImages, Keyframes, Motion, Shots, Stage, curate_video,
+    Analyze, Config, Decode, Duplicates, KeyframeImages, Keyframes, Motion, Shots, Stage, corpus_duplicates,
+    curate_video,
 )
 from vidtok.curate.table import read_shots, schema, shot_table, video_key
 
 __all__ = [
     "Analyze", "Config", "Decode", "Duplicates", "KeyframeImages", "Keyframes", "Motion", "RETRIES", "Shots", "Stage",
-    "Summary", "VideoResult", "curate", "curate_video", "find_videos", "read_shots", "schema", "shot_table", "video_key",
+    "Summary", "VideoResult", "corpus_duplicates", "curate", "curate_video", "find_videos", "read_shots", "save",
+    "schema", "shot_table", "video_key",
 ]

@@ -24,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from vidtok.curate.stages import Analyze, Config, Decode, KeyframeImages, from_batch
-from vidtok.curate.table import IMAGES_DIR, SHOTS_DIR, done, shot_table, video_key, write_table
+from vidtok.curate.stages import Analyze, Config, Decode, KeyframeImages, corpus_duplicates, from_batch
+from vidtok.curate.table import (
+    DUPLICATES_FILE, IMAGES_DIR, SHOTS_DIR, done, read_shots, shot_table, video_key, write_table,
+)
 
-__all__ = ["RETRIES", "Summary", "VideoResult", "curate", "find_videos"]
+__all__ = ["RETRIES", "Summary", "VideoResult", "curate", "find_videos", "save"]
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv",
                     ".3gp", ".ogv", ".y4m")
@@ -87,6 +89,7 @@ class Summary:
     results: list
     skipped: int
     seconds: float
+    repeats: int = 0  # shots that repeat a shot of another video (OUT/duplicates.parquet)
 
     @property
     def frames(self) -> int:
@@ -115,6 +118,7 @@ class Summary:
             f"{n} videos curated ({self.errors} errors), {self.skipped} already done, "
             f"{sum(r.shots for r in self.results)} shots ({sum(r.kept for r in self.results)} kept) "
             f"in {self.seconds:.1f} s: {rate}; results in {os.path.join(self.out, SHOTS_DIR)}")
+        lines.append(f"{self.repeats} shots repeat a shot of another video: {os.path.join(self.out, DUPLICATES_FILE)}")
         return "\n".join(lines)
 
 
@@ -151,7 +155,10 @@ def _write_images(record: dict, out: Path, key: str, fmt: str) -> list:
     return files
 
 
-def _save(record: dict, out: Path, config: Config, images: str | None) -> VideoResult:
+def save(record: dict, out: str | os.PathLike, config: Config, images: str | None = None) -> VideoResult:
+    """Write one video's results (what the pipeline's driver does with each record; usable without
+    Ray): its keyframe images when ``images`` is set and the record has them, then its Parquet file."""
+    out = Path(out)
     key = video_key(str(record["video"]))
     files = _write_images(record, out, key, images) if images else []
     table = shot_table(record, config, files)
@@ -190,8 +197,10 @@ def curate(
 
     Args:
         inputs: video files, folders, list files, or a list of them.
-        out: results folder: ``out/shots/<video key>.parquet`` (``vidtok.curate.table.schema``), and
-            ``out/keyframes/<video key>/`` images when ``images`` is set. Videos that already have a
+        out: results folder: ``out/shots/<video key>.parquet`` (``vidtok.curate.table.schema``),
+            ``out/duplicates.parquet`` (shots that repeat a shot of another video, ``corpus_duplicates``,
+            recomputed over the whole folder at the end of every run), and ``out/keyframes/<video key>/``
+            images when ``images`` is set. Videos that already have a
             file there are skipped (with ``retry_errors``, those whose file is an error row are redone).
         config: the stages' settings (``Config``).
         address: a Ray cluster to join ("auto", "ray://host:10001", ...); None: the Ray this process
@@ -228,8 +237,8 @@ def curate(
     todo = [v for v in videos if video_key(v) not in finished]
     results: list[VideoResult] = []
 
-    def save(record):
-        result = _save(record, out, config, images)
+    def write(record):
+        result = save(record, out, config, images)
         results.append(result)
         if on_video is not None:
             on_video(result)
@@ -244,7 +253,10 @@ def curate(
             gpus = gpu_fraction if ray.cluster_resources().get("GPU", 0) > 0 else 0
             cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
             def pool():
-                return ActorPoolStrategy(size=workers) if workers else ActorPoolStrategy(min_size=1, max_size=cpus)
+                # one video in flight per actor: a video that kills its worker takes no queued neighbour down
+                # with it (each death costs every in-flight video one of its retries)
+                sizes = dict(size=workers) if workers else dict(min_size=1, max_size=cpus)
+                return ActorPoolStrategy(**sizes, max_tasks_in_flight_per_actor=1)
 
             args = (config.to_dict(),)
             # one video per block: a worker that dies takes one video down, not its neighbours
@@ -262,7 +274,7 @@ def curate(
                     ds = ds.map_batches(KeyframeImages, fn_constructor_args=(*args, images), batch_size=1,
                                         compute=pool(), num_cpus=1, max_task_retries=RETRIES)
             for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
-                save(from_batch(batch))
+                write(from_batch(batch))
         finally:
             context.max_errored_blocks, context.enable_progress_bars = saved
             if started:
@@ -270,5 +282,8 @@ def curate(
         returned = {r.video for r in results}
         for video in todo:
             if video not in returned:
-                save({"video": video, "error": f"lost: its worker died {RETRIES + 1} times (see Ray's log)"})
-    return Summary(str(out), results, len(videos) - len(todo), time.perf_counter() - start)
+                write({"video": video, "error": f"lost: its worker process died, {RETRIES} retries too (see Ray's log)"})
+    # across videos, over everything in out (earlier runs too): small, since it reads shot embeddings only
+    repeats = corpus_duplicates(read_shots(out), config.duplicate_threshold, config.device)
+    write_table(repeats, out / DUPLICATES_FILE)
+    return Summary(str(out), results, len(videos) - len(todo), time.perf_counter() - start, repeats.num_rows)

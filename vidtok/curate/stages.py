@@ -25,7 +25,7 @@ from vidtok.select import dpp_select, frame_scores, greedy_select, scene_boundar
 
 __all__ = [
     "Analyze", "Config", "Decode", "Duplicates", "KeyframeImages", "Keyframes", "Motion", "Shots", "Stage",
-    "curate_video", "encode_image", "from_batch", "to_batch",
+    "corpus_duplicates", "curate_video", "encode_image", "from_batch", "to_batch",
 ]
 
 THUMB = 16  # frame embeddings: 16 x 16 grey thumbnails (256 values)
@@ -460,10 +460,13 @@ class Motion(Stage):
 
 
 class Keyframes(Stage):
-    """``config.keyframes`` frames per shot, all shots of a video in one call: ``dpp_select`` (the
-    greedy MAP of a DPP over the frame embeddings) or MMR with ``greedy_select`` (relevance: cosine to
-    the shot's mean embedding; lam 0.5). Frames with a zero embedding (flat frames) are never picked by
-    "dpp"; a shot with fewer frames than asked for gives all of them.
+    """``config.keyframes`` frames per shot, all shots of a video in one call. Both methods score a
+    frame's typicality: t = cosine of its embedding to the shot's mean unit embedding.
+
+    "dpp": ``dpp_select`` (the greedy MAP of a DPP) with quality q = (1 + t) / 2, so the first pick is
+    the most typical frame and each next one trades typicality for dissimilarity to those picked;
+    frames with a zero embedding (flat frames) or t = -1 are never picked. "mmr": ``greedy_select``
+    with relevance t and lam 0.5. A shot with fewer frames than asked for gives all of them.
 
     Adds ``keyframes`` int64 [S, k]: analysed-frame indices sorted by time, -1 padded.
     """
@@ -491,15 +494,23 @@ class Keyframes(Stage):
         valid = offsets[None] < length[:, None]  # [S, L]
         frame = (shots[:, :1] + offsets[None]).clamp_max(x.shape[0] - 1)
         xs = torch.where(valid[..., None], x[frame], torch.zeros((), dtype=x.dtype, device=x.device))  # [S, L, C]
+        typical = self.typicality(xs, length)
         if self.config.keyframe_method == "dpp":
-            idx, _ = dpp_select(xs, k, quality=valid.to(x.dtype))
+            quality = torch.where(valid, (1 + typical) / 2, torch.zeros((), dtype=x.dtype, device=x.device))
+            idx, _ = dpp_select(xs, k, quality=quality)
         else:
-            unit = xs / xs.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-            centre = unit.sum(1) / length[:, None].to(x.dtype)
-            relevance = torch.where(valid, _cosine(xs, centre[:, None]), torch.full((), -math.inf, device=x.device))
+            relevance = torch.where(valid, typical, torch.full((), -math.inf, device=x.device))
             idx = greedy_select(relevance[:, None], k, x=xs, lam=0.5)[:, 0]
         idx = idx.long()
         return torch.where(idx >= 0, idx + shots[:, :1], idx)
+
+    @staticmethod
+    def typicality(xs: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+        """float [S, L, C] zero-padded frames of S shots, int [S] lengths -> [S, L]: each frame's cosine
+        to its shot's mean unit embedding."""
+        unit = xs / xs.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        centre = unit.sum(1) / length[:, None].to(xs.dtype)
+        return _cosine(xs, centre[:, None])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -548,6 +559,49 @@ class Duplicates(Stage):
                 duplicate_of[i] = int(idx)
                 group[0, i] = 1
         return duplicate_of
+
+
+def corpus_duplicates(shots, threshold: float, device: str = "auto"):
+    """Near-duplicate shots across videos, from the rows of many videos (a ``pyarrow.Table`` with the
+    columns video, shot, duplicate_of, embedding and error, as ``vidtok.curate.read_shots`` gives).
+
+    Videos are visited in path order; the originals of each (its shots with duplicate_of = -1) are
+    compared in one ``match`` call with the originals of the videos before it, which streams them and
+    never forms the shots-by-originals matrix. A shot at cosine >= threshold to one of them repeats
+    it; the others join the originals. Work: O(shots x originals x 256) over the corpus.
+
+    Returns a ``pyarrow.Table`` with one row per repeating shot: video, shot, duplicate_of_video,
+    duplicate_of_shot, similarity.
+    """
+    import pyarrow as pa
+
+    device = _device(device)
+    columns = shots.select(["video", "shot", "duplicate_of", "embedding", "error"]).to_pydict()
+    per_video: dict = {}
+    for video, shot, dup, emb, error in zip(*columns.values()):
+        if error is None and dup == -1:
+            per_video.setdefault(video, []).append((shot, emb))
+    out = {"video": [], "shot": [], "duplicate_of_video": [], "duplicate_of_shot": [], "similarity": []}
+    originals = torch.zeros(0, THUMB * THUMB, device=device)
+    owners: list = []  # (video, shot) of each row of originals
+    for video in sorted(per_video):
+        numbers = [shot for shot, _ in per_video[video]]
+        emb = torch.tensor([e for _, e in per_video[video]], dtype=torch.float32, device=device)
+        repeat = torch.zeros(len(numbers), dtype=torch.bool, device=device)
+        if len(owners):
+            score, idx = match(emb[None], originals[None])
+            repeat = score[0] >= threshold
+            for i in torch.nonzero(repeat).flatten().tolist():
+                out["video"].append(video)
+                out["shot"].append(numbers[i])
+                out["duplicate_of_video"].append(owners[int(idx[0, i])][0])
+                out["duplicate_of_shot"].append(owners[int(idx[0, i])][1])
+                out["similarity"].append(float(score[0, i]))
+        originals = torch.cat([originals, emb[~repeat]])
+        owners += [(video, n) for n, r in zip(numbers, repeat.tolist()) if not r]
+    schema = pa.schema([("video", pa.string()), ("shot", pa.int32()), ("duplicate_of_video", pa.string()),
+                        ("duplicate_of_shot", pa.int32()), ("similarity", pa.float32())])
+    return pa.table(out, schema=schema)
 
 
 class Analyze(Stage):

@@ -17,6 +17,7 @@ __all__ = ["done", "read_shots", "schema", "shot_table", "video_key", "write_tab
 
 SHOTS_DIR = "shots"
 IMAGES_DIR = "keyframes"
+DUPLICATES_FILE = "duplicates.parquet"
 
 
 def schema():
