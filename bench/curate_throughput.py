@@ -9,13 +9,14 @@ keyframes): 3 x COPIES videos, 502 x COPIES decoded frames.
 
 Pipeline runs: one local Ray (num_cpus=2, as this machine has 2 cores), started once and not timed;
 each run curates the whole corpus into a fresh folder. "wall" is the curate() call: actor start-up
-(each actor imports torch and vidtok and makes its first vidtok op call) plus the work; "steady" is
-the rate between the first and the last video written. Stage seconds come from the records (time
+(each actor imports torch and vidtok and makes its first vidtok op call) plus the work; "after the first" is
+the rate between the first and the last video written (start-up excluded). Stage seconds come from the records (time
 inside each stage, summed over videos): decode = PyAV decoding and RGB conversion to the analysis size;
 decode ops = the frame embeddings and patch_delta on each chunk; analyze = shots, motion, keyframes,
 duplicates.
 
-Eager equivalents, in this process on the same frames and features (best of REPEATS):
+Eager equivalents, in this process (one torch thread, as a Ray worker) on the same frames and features
+(best of REPEATS):
 - motion: ``(frames[1:] - frames[:-1]).abs()`` in float, averaged per patch, vs ``patch_delta``;
 - shots: ``F.cosine_similarity`` of consecutive embeddings, cut below the threshold, a Python loop for
   the minimum length, vs ``frame_scores`` + ``scene_boundaries``;
@@ -192,6 +193,9 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
+    # one torch thread here, as in every Ray worker (Ray sets OMP_NUM_THREADS to the actor's CPUs): the
+    # one-process baseline and the eager comparisons then use what one decoder has
+    torch.set_num_threads(1)
     config = Config()
     lines = ["# vidtok.curate throughput", ""]
     load_before = _load()
@@ -236,8 +240,8 @@ def main() -> None:
 
         lines += [
             f"Machine: {_cpu()}, {os.cpu_count()} threads, shared with other jobs (load average before: "
-            f"{load_before}; after: {_load()}). torch {torch.__version__}, ray {ray.__version__}, "
-            f"{args.repeats} runs each, median (min-max).",
+            f"{load_before}; after: {_load()}). torch {torch.__version__} (one thread per process), "
+            f"ray {ray.__version__}, {args.repeats} runs each, median (min-max).",
             "",
             f"Corpus: {len(corpus)} videos ({args.copies} copies of {', '.join(CLIPS)}), {frames} decoded frames, "
             f"analysed at 224 pixels wide (bigbuckbunny {analysis_size(720, 1280, config)}, bikes "
@@ -245,7 +249,7 @@ def main() -> None:
             "",
             "## Pipeline",
             "",
-            "| run | wall s | videos/s | frames/s | steady videos/s | steady frames/s |",
+            "| run | wall s | videos/s | frames/s | videos/s after the first | frames/s after the first |",
             "|---|---|---|---|---|---|",
             f"| one process, no Ray | {_spread(one)} | {_spread([len(corpus) / w for w in one])} | "
             f"{_spread([frames / w for w in one])} | | |",

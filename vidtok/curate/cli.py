@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"cosine of shot embeddings from which a shot is a near-duplicate (default {d.duplicate_threshold})")
     parser.add_argument("--images", choices=("jpg", "png"), default=None, help="also write every keyframe as an image")
     parser.add_argument("--address", default=None, help="join this Ray cluster (e.g. auto, ray://head:10001)")
-    parser.add_argument("--workers", type=int, default=None, help="decoders at once (default: Ray scales 1 to the CPUs)")
+    parser.add_argument("--workers", type=int, default=None, help="decoders at once (default: one per CPU, at most one per video)")
     parser.add_argument("--gpu-fraction", type=float, default=0.25, help="GPU share per stage when there are GPUs (default 0.25)")
     parser.add_argument("--retry-errors", action="store_true", help="curate again the videos whose result is an error row")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="Ray Data's progress (default on)")

@@ -200,13 +200,13 @@ def curate(
         out: results folder: ``out/shots/<video key>.parquet`` (``vidtok.curate.table.schema``),
             ``out/duplicates.parquet`` (shots that repeat a shot of another video, ``corpus_duplicates``,
             recomputed over the whole folder at the end of every run), and ``out/keyframes/<video key>/``
-            images when ``images`` is set. Videos that already have a
-            file there are skipped (with ``retry_errors``, those whose file is an error row are redone).
+            images when ``images`` is set. Videos that already have a file there are skipped (with
+            ``retry_errors``, those whose file is an error row are redone).
         config: the stages' settings (``Config``).
         address: a Ray cluster to join ("auto", "ray://host:10001", ...); None: the Ray this process
             already has, or a local one started here (and stopped at the end).
-        workers: decoders running at once (actors of one CPU each); None: 1 up to the cluster's CPUs,
-            as Ray Data's autoscaling decides.
+        workers: decoders running at once (actors of one CPU each); None: one per CPU of the cluster
+            (at most one per video).
         gpu_fraction: GPU share of each decoder and of the analysis when the cluster has GPUs.
         images: "jpg" or "png" to write every keyframe as an image at the source size.
         progress: Ray Data's progress bars.
@@ -221,7 +221,8 @@ def curate(
         import ray
         from ray.data import ActorPoolStrategy, DataContext
     except ImportError as exc:
-        raise ImportError(f"vidtok.curate runs on Ray Data and writes Parquet: pip install \"ray[data]\" pyarrow ({exc})") from exc
+        raise ImportError(f"vidtok.curate runs on Ray Data and writes Parquet: pip install \"ray[data]\" pyarrow "
+                          f"({exc})") from exc
 
     config = config or Config()
     if images is not None and images not in ("jpg", "png"):
@@ -251,13 +252,8 @@ def curate(
             # a video whose worker keeps dying fails its block: count it as that video's error, go on
             context.max_errored_blocks, context.enable_progress_bars = -1, progress
             gpus = gpu_fraction if ray.cluster_resources().get("GPU", 0) > 0 else 0
-            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-            def pool():
-                # one video in flight per actor: a video that kills its worker takes no queued neighbour down
-                # with it (each death costs every in-flight video one of its retries)
-                sizes = dict(size=workers) if workers else dict(min_size=1, max_size=cpus)
-                return ActorPoolStrategy(**sizes, max_tasks_in_flight_per_actor=1)
-
+            # a fixed pool: with one video in flight per decoder (below) Ray Data's autoscaler never grows one
+            size = workers or min(len(todo), max(1, int(ray.cluster_resources().get("CPU", 1))))
             args = (config.to_dict(),)
             # one video per block: a worker that dies takes one video down, not its neighbours
             ds = ray.data.from_items([{"video": v} for v in todo], override_num_blocks=len(todo))
@@ -265,14 +261,18 @@ def curate(
                 # Ray 2.60 has no named parameter for max_task_retries (bounded retries of a dying actor's
                 # task); its ray_remote_args route works and warns
                 warnings.simplefilter("ignore", DeprecationWarning)
-                ds = ds.map_batches(decode_stage, fn_constructor_args=args, batch_size=1, compute=pool(),
+                # one video in flight per decoder: a video that kills its worker takes no queued neighbour
+                # down with it (each death costs every in-flight video one of its retries)
+                ds = ds.map_batches(decode_stage, fn_constructor_args=args, batch_size=1,
+                                    compute=ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1),
                                     num_cpus=1, num_gpus=gpus, max_task_retries=RETRIES)
                 # the analysis works on features, not pixels: it reserves no CPU, so it never waits for a decoder's
                 ds = ds.map_batches(Analyze, fn_constructor_args=args, batch_size=1, compute=ActorPoolStrategy(size=1),
                                     num_cpus=0, num_gpus=gpus, max_task_retries=RETRIES)
                 if images:
                     ds = ds.map_batches(KeyframeImages, fn_constructor_args=(*args, images), batch_size=1,
-                                        compute=pool(), num_cpus=1, max_task_retries=RETRIES)
+                                        compute=ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1),
+                                        num_cpus=1, max_task_retries=RETRIES)
             for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
                 write(from_batch(batch))
         finally:

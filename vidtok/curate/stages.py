@@ -155,7 +155,6 @@ class Stage:
     it. A record that already carries an error passes through untouched."""
 
     name = "stage"  # in error messages and the record's seconds_<name> timing
-    fields: tuple = ()  # the record fields this stage adds
 
     def __init__(self, config: Config | dict | None = None):
         self.config = config if isinstance(config, Config) else Config.from_dict(config or {})
@@ -214,8 +213,6 @@ class Decode(Stage):
 
     name = "decode"
 
-    fields = ("source_fps", "source_frames", "duration", "height", "width", "frame_index", "frame_time",
-              "embedding", "motion_delta")
 
     def __init__(self, config: Config | dict | None = None):
         super().__init__(config)
@@ -356,7 +353,6 @@ class Shots(Stage):
 
     name = "shots"
 
-    fields = ("shots",)
 
     def empty(self, record: dict) -> dict:
         return {"shots": np.zeros((0, 2), np.int64)}
@@ -421,7 +417,6 @@ class Motion(Stage):
 
     name = "motion"
 
-    fields = ("motion", "motion_peak", "motion_patches", "moving")
 
     def empty(self, record: dict) -> dict:
         return {"motion": np.zeros(0, np.float32), "motion_peak": np.zeros(0, np.float32),
@@ -473,7 +468,6 @@ class Keyframes(Stage):
 
     name = "keyframes"
 
-    fields = ("keyframes",)
 
     def empty(self, record: dict) -> dict:
         return {"keyframes": np.zeros((0, self.config.keyframes), np.int64)}
@@ -530,7 +524,6 @@ class Duplicates(Stage):
 
     name = "duplicates"
 
-    fields = ("shot_embedding", "duplicate_of")
 
     def empty(self, record: dict) -> dict:
         return {"shot_embedding": np.zeros((0, THUMB * THUMB), np.float32), "duplicate_of": np.zeros(0, np.int64)}
@@ -664,7 +657,6 @@ class KeyframeImages(Stage):
 
     name = "keyframe_images"
 
-    fields = ("keyframe_images",)
 
     def __init__(self, config: Config | dict | None = None, fmt: str = "jpg"):
         super().__init__(config)
