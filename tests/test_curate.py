@@ -46,18 +46,22 @@ def clips(tmp_path_factory):
     bad = folder / "bad"
     bad.mkdir()
     (bad / "empty.mp4").write_bytes(b"")
-    (bad / "corrupt.mp4").write_bytes(os.urandom(4000))
+    garbage = np.random.default_rng(0).bytes
+    (bad / "corrupt.mp4").write_bytes(garbage(4000))
     (bad / "text.mp4").write_text("not a video")
     # a container with a video stream and no frame (a YUV4MPEG2 header alone)
     (bad / "zero_frames.y4m").write_text("YUV4MPEG2 W64 H64 F8:1 Ip A1:1 C420jpeg\n")
     whole = paths["cut"].read_bytes()
     (bad / "truncated.mp4").write_bytes(whole[: len(whole) // 2])  # the index (moov) is at the end: gone
+    n = len(whole)  # a sound index over garbage frames
+    (bad / "garbled.mp4").write_bytes(whole[: n // 4] + garbage(n // 4) + whole[n // 2:])
     return {k: str(v) for k, v in paths.items()} | {"bad": str(bad), "folder": str(folder)}
 
 
 BAD_REASONS = {
     "empty.mp4": "cannot open", "corrupt.mp4": "cannot open", "text.mp4": "cannot open",
-    "zero_frames.y4m": "no decodable video frames", "truncated.mp4": "cannot open", "missing.mp4": "no such video file",
+    "zero_frames.y4m": "no decodable video frames", "truncated.mp4": "cannot open", "garbled.mp4": "cannot decode",
+    "missing.mp4": "no such video file",
 }
 
 
@@ -72,11 +76,16 @@ def _real(name):
 # stages, one process
 
 
-def test_decode_matches_read_video_and_never_depends_on_the_chunk():
+def test_decode_matches_read_video_and_never_depends_on_the_chunk(monkeypatch):
     path = _real("bikes.mp4")
     config = Config(width=64, fps=10, max_frames=12)
     one = Decode(config).features(path)
+    stacked = []  # the frames the decoder holds at once: what np.stack gathers into a chunk
+    stack = np.stack
+    monkeypatch.setattr(np, "stack", lambda arrays, *a, **k: stacked.append(len(arrays)) or stack(arrays, *a, **k))
     chunked = Decode(Config(width=64, fps=10, max_frames=12, chunk=5)).features(path)
+    monkeypatch.undo()
+    assert stacked == [5, 5, 2]
     for key in ("frame_index", "frame_time", "embedding", "motion_delta"):
         np.testing.assert_array_equal(one[key], chunked[key], err_msg=key)
     # the same frames read_video gives at that rate and size (27 x 64 rounds to 32 x 64 for 16-pixel patches)
@@ -321,7 +330,7 @@ def _rows_by_video(out) -> dict:
 
 def test_pipeline_equals_one_process(pipeline_run):
     videos, out, summary = pipeline_run
-    assert len(summary.results) == 14 and summary.skipped == 0 and summary.errors == 7
+    assert len(summary.results) == 15 and summary.skipped == 0 and summary.errors == 8
     by_video = _rows_by_video(out)
     assert sorted(by_video) == sorted(find_videos(videos))
     for video, got in by_video.items():
@@ -333,7 +342,7 @@ def test_pipeline_equals_one_process(pipeline_run):
         _same_rows(got, shot_table(curate_video(video, SMALL), SMALL).to_pydict(), video)
     assert by_video[_real("bikes.mp4")]["start_frame"] == [0, 30]  # bikes.mp4 cuts before its frame 30
     table = summary.table()
-    assert all(name in table for name in BAD_REASONS) and "14 videos curated (7 errors)" in table
+    assert all(name in table for name in BAD_REASONS) and "15 videos curated (8 errors)" in table
 
 
 def test_shots_repeated_across_videos(pipeline_run, clips):
@@ -378,9 +387,9 @@ def test_cli_resumes_and_reports_bad_arguments(pipeline_run, capsys):
     args = ["curate", *videos, "--out", str(out), "--width", "64", "--max-frames", "40", "--workers", "1", "--no-progress"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("video ") and "0 videos curated (0 errors), 14 already done" in printed, printed
+    assert printed.startswith("video ") and "0 videos curated (0 errors), 15 already done" in printed, printed
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
     # --retry-errors would redo exactly the error rows
-    assert len(done(out)) == 14 and len(done(out) - done(out, with_errors=False)) == 7
+    assert len(done(out)) == 15 and len(done(out) - done(out, with_errors=False)) == 8
     assert main(["curate", videos[0], "--out", str(out), "--fps", "0"]) == 2
     assert "vidtok curate: error: Config.fps must be > 0, got 0.0" in capsys.readouterr().err
