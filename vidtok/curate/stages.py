@@ -12,6 +12,7 @@ the table (``shot_table``) reports source frame numbers and seconds.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -241,8 +242,6 @@ class Decode(Stage):
 
         Raises FileNotFoundError, or ValueError for a file with no decodable video frame.
         """
-        import os
-
         import av
 
         c = self.config
