@@ -54,7 +54,7 @@ def clips(tmp_path_factory):
     whole = paths["cut"].read_bytes()
     (bad / "truncated.mp4").write_bytes(whole[: len(whole) // 2])  # the index (moov) is at the end: gone
     n = len(whole)  # a sound index over garbage frames
-    (bad / "garbled.mp4").write_bytes(whole[: n // 4] + garbage(n // 4) + whole[n // 2:])
+    (bad / "garbled.mp4").write_bytes(whole[: n // 4] + garbage(n // 2 - n // 4) + whole[n // 2:])
     return {k: str(v) for k, v in paths.items()} | {"bad": str(bad), "folder": str(folder)}
 
 
