@@ -147,6 +147,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices, and which backends can run here (and why not)")
     sub.add_parser("example", help="run paired_similarity on synthetic video tokens with every runnable backend")
+    from vidtok.curate.cli import add_arguments as curate_arguments
+    curate_arguments(sub.add_parser("curate", help="shots, motion, keyframes and duplicates of a video corpus on Ray Data"))
     aot = sub.add_parser("aot", help="compile every Triton kernel for sm_80/sm_90 (no GPU needed), print resources")
     aot.add_argument("--report", help="also write the table to this file")
     aot.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
@@ -189,6 +191,10 @@ def main(argv=None) -> int:
         from vidtok.info import report
 
         print(report())
+    elif args.command == "curate":
+        from vidtok.curate.cli import main as curate_main
+
+        return curate_main(args)
     elif args.command == "aot":
         from vidtok.aot import main as aot_main
 
