@@ -1,4 +1,4 @@
-"""Command line: ``python -m vidtok info | example | aot | bench | demo``."""
+"""Command line: ``python -m vidtok info | example | aot | bench | demo | curate``."""
 
 from __future__ import annotations
 
