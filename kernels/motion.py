@@ -39,9 +39,10 @@ import triton.language as tl
 from .common import TRITON_DTYPES, AotCase, on_tensor_device
 
 INF = tl.constexpr(float("inf"))
-# A patch lives in one register tile of BLOCK_R x BLOCK_W elements, both powers of two (BLOCK_R >= the
-# ts x C x ph rows, or C x ph for RLT's rule; BLOCK_W >= pw). 16x16 RGB patches use 64 x 16, 32x32
-# RGB 128 x 32, 14x14 RGB 64 x 16.
+# A patch of at most MAX_ELEMENTS pixels (ts x C x ph x pw, or C x ph x pw for RLT's rule) lives in one
+# register tile of BLOCK_R x BLOCK_W elements, both powers of two (BLOCK_R >= its ts x C x ph rows,
+# BLOCK_W >= pw; at most 2 x MAX_ELEMENTS). 16x16 RGB patches use 64 x 16, 14x14 RGB 64 x 16, 32x32 RGB
+# 128 x 32.
 MAX_ELEMENTS = 4096
 # reduce name -> the kernels' REDUCE ("rlt" is a mean |d| over other frames)
 REDUCE_CODES = {"mean_abs": 0, "l2": 1, "max_abs": 2, "rlt": 0}
@@ -65,8 +66,8 @@ def tile_shape(rows: int, cols: int) -> tuple[int, int]:
 
 
 def num_warps(tile: tuple[int, int], per_thread: int) -> int:
-    """Warps for a tile whose threads hold <= per_thread of its elements each, 1 to 8."""
-    return max(1, min(8, tile[0] * tile[1] // (32 * per_thread)))
+    """Warps for a tile whose threads hold <= per_thread of its elements each, 1 to 16."""
+    return max(1, min(16, tile[0] * tile[1] // (32 * per_thread)))
 
 
 def gate_per_thread(dtype: torch.dtype) -> int:
@@ -84,10 +85,8 @@ SEARCH_PER_THREAD = 8
 
 
 def _tile_reasons(rows: int, cols: int, what: str) -> list[str]:
-    tile = tile_shape(rows, cols)
-    if tile[0] * tile[1] > MAX_ELEMENTS:
-        return [f"the Triton kernel holds a {what} in registers as a tile of at most {MAX_ELEMENTS} elements "
-                f"(rows and columns each rounded up to a power of two), got {rows} x {cols} -> {tile[0]} x {tile[1]}"]
+    if rows * cols > MAX_ELEMENTS:
+        return [f"the Triton kernel holds a {what} in registers: at most {MAX_ELEMENTS} elements, got {rows * cols}"]
     return []
 
 
@@ -449,9 +448,11 @@ def _gate_signature(ty: str, compensated: bool, contiguous: bool) -> dict:
 
 def _gate_configs() -> list[tuple[int, int, str, bool]]:
     """(pw, ts, reduce, contiguous) of RGB square patches: every AOT width with one-frame slices,
-    tubelets of 2 and RLT's rule; the other reductions and a strided view at width 16."""
+    tubelets of 2 and RLT's rule; the other reductions and a strided view at width 16; width 33, whose
+    tile is the largest a patch of MAX_ELEMENTS pixels can need."""
     configs = [(pw, ts, reduce, True) for pw in AOT_WIDTHS for ts, reduce in ((1, "mean_abs"), (2, "mean_abs"), (2, "rlt"))]
     configs += [(16, 1, "l2", True), (16, 1, "max_abs", True), (16, 1, "mean_abs", False)]
+    configs.append((33, 1, "mean_abs", True))  # the largest tile: 99 x 33 pixels in 128 x 64
     return configs
 
 
@@ -460,9 +461,9 @@ def _aot_cases() -> list[AotCase]:
     for dtype, ty in {torch.uint8: "u8", **TRITON_DTYPES}.items():
         for pw, ts, reduce, contiguous in _gate_configs():
             rows = patch_rows(3, pw, ts, reduce)
-            tile = tile_shape(rows, pw)
-            if tile[0] * tile[1] > MAX_ELEMENTS:
+            if rows * pw > MAX_ELEMENTS:
                 continue  # refused by motion_gate_reasons
+            tile = tile_shape(rows, pw)
             consts = {"REDUCE": REDUCE_CODES[reduce], "IS_INT": dtype == torch.uint8, "PW": pw,
                       "BLOCK_R": tile[0], "BLOCK_W": tile[1]}
             if contiguous:
