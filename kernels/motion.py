@@ -5,9 +5,10 @@ One program owns one patch column (b, i, j) and walks through the T' slices of t
 held as a 2-D tile of rows x PW pixels: row r is (frame in tubelet, channel, pixel row) = r in
 row-major order, and the PW pixels of a row are contiguous in a video with unit column stride. PW
 is a compile-time constant (one specialisation per patch width), so each row is read with vector
-loads as wide as its alignment allows: 16 bytes (16 uint8 or 4 fp32 pixels) per load for widths
-that are multiples of 16 pixels in frames whose width is a multiple of 16, 8 bytes for width 8. The
-per-row index arithmetic (divisions by C and ph) runs once, before the walk.
+loads as wide as its alignment allows: 16 bytes per load (16 uint8 or 4 fp32 pixels) when the row's
+bytes and the frame's strides are multiples of 16 (Triton specialises a stride divisible by 16 at
+launch): uint8 or fp32 patches 16 wide in frames 224 wide; uint8 width 8 reads 8 bytes per load,
+width 14 two. The per-row index arithmetic (divisions by C and ph) runs once, before the walk.
 
 The walk is software-pipelined: slice k + 1 is loaded (its address does not depend on any decision)
 while slice k is reduced to a delta and decided, so every program keeps two slices of loads in
@@ -25,9 +26,10 @@ scans the (2r + 1)^2 displaced blocks of the reference slice, re-read from the v
 so L1/L2 serve most of them; their column offsets are arbitrary, so they are byte-aligned loads)
 instead of one reference tile in registers, keeping the best in scalars.
 
-Warps: a thread holds at most 64 bytes of each tile (4 vectors of 16 bytes), so a 16x16 RGB uint8
-patch is one warp and its reductions are warp shuffles without barriers. Resources from
-`python -m vidtok aot` and the notes in bench/NOTES.md (motion section).
+Warps: in the gate a thread holds 32 uint8 pixels of a tile (two 16-byte vectors) or 16 wider
+elements (see gate_per_thread), so a 16x16 RGB uint8 patch is one warp and its reductions need no
+barrier. Resources from `python -m vidtok aot`; instruction counts and predictions in bench/NOTES.md
+(motion section).
 """
 
 from __future__ import annotations
