@@ -123,21 +123,14 @@ def _patch_tile(x_ptr, b, i, j, C, ph, rows, s_b, s_t, s_c, s_h, s_w,
 
 @triton.jit
 def _widen(a, IS_INT: tl.constexpr):
-    """int32 for uint8, else fp32."""
+    """int32 for uint8 (differences and sums of them stay exact), else fp32. Pixels are widened once
+    per load: differencing raw bytes makes LLVM repack them into 16-bit pairs for every use."""
     if IS_INT:
         return a.to(tl.int32)
     else:
         return a.to(tl.float32)
 
 
-@triton.jit
-def _abs_difference(a, b, IS_INT: tl.constexpr):
-    """|a - b|: int32 for uint8 (exact; taken as max - min on the bytes, which stay packed 4 to a
-    register), else fp32."""
-    if IS_INT:
-        return (tl.maximum(a, b) - tl.minimum(a, b)).to(tl.int32)
-    else:
-        return tl.abs(a.to(tl.float32) - b.to(tl.float32))
 
 
 @triton.jit
@@ -218,7 +211,7 @@ def _motion_gate_kernel(
         else:
             cand = cur
 
-        delta = _reduce_delta(_abs_difference(_widen(cur, IS_INT), ref, IS_INT), REDUCE, count)
+        delta = _reduce_delta(tl.abs(_widen(cur, IS_INT) - ref), REDUCE, count)
         delta = tl.where(k == 0, INF, delta)
         keep, last = _decide_and_store(delta, k, last, out, hw, spatial, threshold, refresh_every, max_run,
                                        keep_ptr, delta_ptr, run_ptr, carry_ptr)
@@ -257,7 +250,7 @@ def _motion_gate_mc_kernel(
     last = 0
     out = b.to(tl.int64) * Tq * hw + spatial
     for k in range(0, Tq):
-        cur = nxt
+        cur = _widen(nxt, IS_INT)
         nxt = tl.load(shown + tl.minimum(k + 1, Tq - 1).to(tl.int64) * step, mask=mask, other=0)
         src = tl.where(last_kept != 0, last, tl.maximum(k - 1, 0))
         src_tile = first + src.to(tl.int64) * step
@@ -271,7 +264,7 @@ def _motion_gate_mc_kernel(
                 inside = (y0 + dy >= 0) & (y0 + dy + ph <= H) & (x0 + dx >= 0) & (x0 + dx + PW <= W)
                 inside_rows = (zero_rows + inside.to(tl.int32)) != 0
                 cand = tl.load(src_tile + dy * s_h + dx * s_w, mask=mask & inside_rows[:, None], other=0)
-                dc = _reduce_delta(_abs_difference(cur, cand, IS_INT), REDUCE, count)
+                dc = _reduce_delta(tl.abs(cur - _widen(cand, IS_INT)), REDUCE, count)
                 l1 = tl.abs(dy) + tl.abs(dx)
                 # candidates run row-major, so on equal delta and |m| the earlier (lower index) stays
                 better = inside & ((dc < best) | ((dc == best) & (l1 < best_l1)))
@@ -368,8 +361,8 @@ def _block_match_kernel(
     zero_rows = tl.zeros([BLOCK_P], dtype=tl.int32)
     y0 = i * BLOCK
     x0 = j * BLOCK
-    cur = tl.load(cur_ptr + b.to(tl.int64) * c_b + (y0 + y).to(tl.int64)[:, None] * c_h
-                  + (x0 + x).to(tl.int64)[None, :] * c_w, mask=mask, other=0)
+    cur = _widen(tl.load(cur_ptr + b.to(tl.int64) * c_b + (y0 + y).to(tl.int64)[:, None] * c_h
+                         + (x0 + x).to(tl.int64)[None, :] * c_w, mask=mask, other=0), IS_INT)
     ref_tile = ref_ptr + b.to(tl.int64) * r_b + (y0 + y).to(tl.int64)[:, None] * r_h + (x0 + x).to(tl.int64)[None, :] * r_w
     best = INF
     best_l1 = 4 * radius + 1
@@ -382,7 +375,7 @@ def _block_match_kernel(
             inside_rows = (zero_rows + inside.to(tl.int32)) != 0
             cand = tl.load(ref_tile + dy * r_h + dx * r_w, mask=mask & inside_rows[:, None], other=0)
             # uint8: an exact int32 sum, then one correctly rounded conversion
-            sad = tl.sum(tl.sum(_abs_difference(cur, cand, IS_INT), axis=1), axis=0).to(tl.float32)
+            sad = tl.sum(tl.sum(tl.abs(cur - _widen(cand, IS_INT)), axis=1), axis=0).to(tl.float32)
             l1 = tl.abs(dy) + tl.abs(dx)
             better = inside & ((sad < best) | ((sad == best) & (l1 < best_l1)))
             best = tl.where(better, sad, best)
