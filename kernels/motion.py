@@ -21,11 +21,13 @@ compensated one 97-128 (E = 4096 tiles at 16 warps), no spills on sm_80 or sm_90
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .common import TRITON_DTYPES, AotCase, on_tensor_device
+from .common import TRITON_DTYPES, AotCase, meta, on_tensor_device
 
 INF = tl.constexpr(float("inf"))
 # A patch (ts * C * ph * pw elements, or C * ph * pw for RLT's rule) lives in one register tile of
@@ -372,42 +374,45 @@ def block_size(elements: int) -> int:
     raise ValueError(f"a patch of {elements} elements does not fit the {MAX_ELEMENTS}-element register tile")
 
 
+# Realistic inputs of the AOT cases: 16 frames of 224 x 224 video, each patch shape that reaches one
+# register tile size (elements -> BLOCK_E): grey 16 x 16 (256), grey 16 x 16 tubelet 2 (512), RGB
+# 16 x 16 (768 -> 1024), RGB 16 x 16 tubelet 2 (1536 -> 2048), RGB 32 x 32 (3072 -> 4096); the video
+# contiguous [B, T, C, H, W] or decoded channels-last ([B, T, H, W, C] permuted). The gate runs with
+# motion_gate's defaults (compare to the last kept slice, mean |d|, no refresh or run cap), the
+# compensated one with search radius 2; block_match at blocks 8, 16 (its default, radius 8), 32 and
+# 64 on one grey frame, contiguous or one channel of a channels-last RGB frame.
+AOT_T, AOT_SIZE = 16, 224
+AOT_PATCHES = {"E256": (1, 16, 1), "E512": (1, 16, 2), "E1024": (3, 16, 1), "E2048": (3, 16, 2), "E4096": (3, 32, 1)}
+AOT_DTYPES = {**TRITON_DTYPES, torch.uint8: "u8"}
+
+
+def _aot_video(C: int, dtype: torch.dtype, layout: str) -> torch.Tensor:
+    if layout == "contiguous":
+        return meta(1, AOT_T, C, AOT_SIZE, AOT_SIZE, dtype=dtype)
+    return meta(1, AOT_T, AOT_SIZE, AOT_SIZE, C, dtype=dtype).permute(0, 1, 4, 2, 3)
+
+
+def _aot_frame(dtype: torch.dtype, layout: str) -> torch.Tensor:
+    if layout == "contiguous":
+        return meta(1, AOT_SIZE, AOT_SIZE, dtype=dtype)
+    return meta(1, AOT_SIZE, AOT_SIZE, 3, dtype=dtype)[..., 0]
+
+
 def _aot_cases() -> list[AotCase]:
     cases = []
-    dtypes = {**{d: t for d, t in TRITON_DTYPES.items()}, torch.uint8: "u8"}
-    for dtype, ty in dtypes.items():
-        for block in BLOCK_SIZES:
-            for unit_stride in (True, False):  # contiguous rows (the launch specialises s_w = 1) and a view
-                stride_w = {"s_w": "constexpr"} if unit_stride else {"s_w": "i64"}
-                unit = {"s_w": 1} if unit_stride else {}
-                cases.append(AotCase(
-                    f"motion_gate-{ty}-E{block}-{'contiguous' if unit_stride else 'strided'}", _motion_gate_kernel,
-                    {"x_ptr": f"*{ty}", "keep_ptr": "*i8", "delta_ptr": "*fp32", "run_ptr": "*i32", "carry_ptr": "*i32",
-                     "Tq": "i32", "h": "i32", "w": "i32", "ts": "i32", "C": "i32", "ph": "i32", "pw": "i32", "E": "i32",
-                     "s_b": "i64", "s_t": "i64", "s_c": "i64", "s_h": "i64", **stride_w,
-                     "threshold": "fp32", "refresh_every": "i32", "max_run": "i32", "last_kept": "i32", "rlt": "i32",
-                     "reduce_mode": "i32", "IS_INT": "constexpr", "BLOCK_E": "constexpr"},
-                    {**unit, "IS_INT": dtype == torch.uint8, "BLOCK_E": block}, num_warps=_num_warps(block)))
-                cases.append(AotCase(
-                    f"motion_gate_mc-{ty}-E{block}-{'contiguous' if unit_stride else 'strided'}", _motion_gate_mc_kernel,
-                    {"x_ptr": f"*{ty}", "keep_ptr": "*i8", "delta_ptr": "*fp32", "run_ptr": "*i32", "carry_ptr": "*i32",
-                     "motion_ptr": "*i16", "Tq": "i32", "h": "i32", "w": "i32", "ts": "i32", "C": "i32", "ph": "i32",
-                     "pw": "i32", "E": "i32", "H": "i32", "W": "i32",
-                     "s_b": "i64", "s_t": "i64", "s_c": "i64", "s_h": "i64", **stride_w,
-                     "threshold": "fp32", "refresh_every": "i32", "max_run": "i32", "last_kept": "i32", "rlt": "i32",
-                     "reduce_mode": "i32", "radius": "i32", "IS_INT": "constexpr", "BLOCK_E": "constexpr"},
-                    {**unit, "IS_INT": dtype == torch.uint8, "BLOCK_E": block}, num_warps=_num_warps(block)))
-        for block in BLOCK_SIZES:
-            for unit_stride in (True, False):
-                stride_w = {"c_w": "constexpr", "r_w": "constexpr"} if unit_stride else {"c_w": "i64", "r_w": "i64"}
-                unit = {"c_w": 1, "r_w": 1} if unit_stride else {}
-                cases.append(AotCase(
-                    f"block_match-{ty}-E{block}-{'contiguous' if unit_stride else 'strided'}", _block_match_kernel,
-                    {"cur_ptr": f"*{ty}", "ref_ptr": f"*{ty}", "motion_ptr": "*i16", "cost_ptr": "*fp32",
-                     "h": "i32", "w": "i32", "H": "i32", "W": "i32", "block": "i32", "radius": "i32",
-                     "c_b": "i64", "c_h": "i64", "c_w": stride_w["c_w"], "r_b": "i64", "r_h": "i64", "r_w": stride_w["r_w"],
-                     "IS_INT": "constexpr", "BLOCK_E": "constexpr"},
-                    {**unit, "IS_INT": dtype == torch.uint8, "BLOCK_E": block}, num_warps=_num_warps(block)))
+    for dtype, ty in AOT_DTYPES.items():
+        threshold = 8.0 if dtype == torch.uint8 else 8.0 / 255
+        for layout in ("contiguous", "channels_last"):
+            for tile, (C, p, ts) in AOT_PATCHES.items():
+                video = _aot_video(C, dtype, layout)
+                gate = (video, p, p, threshold, "last_kept", ts, "mean_abs", 0, 0)
+                cases += [
+                    AotCase(f"motion_gate-{ty}-{tile}-{layout}", functools.partial(motion_gate, *gate)),
+                    AotCase(f"motion_gate_mc-{ty}-{tile}-{layout}", functools.partial(motion_gate_compensated, *gate, 2)),
+                ]
+            for block in (8, 16, 32, 64):
+                frame = _aot_frame(dtype, layout)
+                cases.append(AotCase(f"block_match-{ty}-B{block}-{layout}", functools.partial(block_match, frame, frame, block, 8)))
     return cases
 
 
