@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-# Triton signature type of each dtype the kernels take, for ahead-of-time compiles.
+# Triton's short name of each dtype the kernels take (as in its signatures), for AOT case names.
 TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 

@@ -5,12 +5,13 @@ tensors of a realistic input), catches each Triton launch instead of running it,
 launch the way Triton's launcher would: the same constexprs and num_warps, and Triton's own
 specialisation of the argument values (16-byte aligned pointers and integers divisible by 16 get
 ``tt.divisibility = 16``, integers equal to 1 become constants). It prints one row per kernel and
-architecture: registers, stack (spilled registers: the kernels make no calls and keep no local
-arrays), shared memory, whether the loops issue tensor-core MMAs (wgmma on sm_90, mma.sync) and
-asynchronous copies (cp.async, cp.async.bulk, TMA) in the PTX, the matching SASS instructions, and
-whether the kernel fits the SM (``problems``). The kernels inside vidtok._C follow, read from its
-cubins. cuobjdump comes with the triton wheel. tests/test_aot.py fails on any kernel over a limit.
-Must run with TRITON_INTERPRET unset: the interpreter flag reroutes code generation.
+architecture: registers, stack bytes (spilled registers: ptxas puts spills in the stack frame, and
+cuobjdump's LOCAL column stays 0), shared memory, whether the loops issue tensor-core MMAs (wgmma on
+sm_90, mma.sync) and asynchronous copies (cp.async, cp.async.bulk, TMA) in the PTX, the matching SASS
+instructions on sm_90, and why the kernel does not fit the SM (``problems``). The kernels inside
+vidtok._C follow, read from its cubins. cuobjdump comes with the triton wheel. tests/test_aot.py
+fails on a kernel over a limit unless it lists it as known. Must run with TRITON_INTERPRET unset: the
+interpreter flag reroutes code generation.
 """
 
 from __future__ import annotations
@@ -91,11 +92,19 @@ def launches(case) -> list[tuple]:
 
 def _specialise(kernel, args, kwargs, backend):
     """(signature, constexprs, attrs, options) exactly as triton.runtime.jit's launch builds them."""
-    from triton.runtime.jit import create_function_from_signature
+    try:
+        from triton.runtime.jit import create_function_from_signature
 
+        pack_args = kernel._pack_args
+    except (ImportError, AttributeError) as exc:
+        import triton
+
+        raise RuntimeError(f"vidtok.aot specialises like triton.runtime.jit's launch (create_function_from_signature, "
+                           f"JITFunction._pack_args; written against triton 3.8); triton {triton.__version__} "
+                           f"lays it out differently: {exc}") from exc
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    options, signature, constexprs, attrs = pack_args(backend, kwargs, bound, specialization, options)
     return signature, constexprs, attrs, options
 
 
@@ -251,7 +260,23 @@ def all_resources(workers: int | None = None) -> list[Resources]:
 
 
 def markdown(rows: list[Resources]) -> str:
+    import triton
+
+    over = [r for r in rows if r.problems]
+    limits = ", ".join(f"{limit // 1024} KB on sm_{arch}" for arch, limit in ARCHS.items())
     lines = [
+        "# Kernel resources (`python -m vidtok aot`)",
+        "",
+        "Every Triton kernel as its launcher launches it on a realistic input (the AOT_CASES of "
+        f"vidtok.kernels), compiled by triton {triton.__version__} for sm_80 and sm_90 with that launch's "
+        "specialisation (\"specialised\": arguments marked divisible by 16 / integers made the constant 1), "
+        "then the kernels of vidtok._C. Stack bytes are spilled registers. \"in loops\": instructions inside "
+        "a loop of the PTX (wgmma, mma.sync; cp.async, cp.async.bulk, TMA); SASS instruction counts on "
+        f"sm_90 where the PTX has either. Limits: {MAX_REGISTERS} registers, no spills, shared memory {limits}.",
+        "",
+        f"Over a limit: {len(over)} of {len(rows)} rows." if over else f"All {len(rows)} rows fit.",
+        *(f"- **{r.case} / {r.kernel} / {r.arch}**: {'; '.join(r.problems)}" for r in over),
+        "",
         "| case | kernel | arch | warps | stages | specialised | registers | stack (spills) B | shared B "
         "| MMA in loops | async copies in loops | SASS | fits |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
