@@ -230,7 +230,7 @@ run_fake() {  # run_fake NAME KIND
 }
 
 {
-    echo "vidtok GPU session: commit $(cat .commit 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo unknown), $(date -u +%FT%TZ), budget ${BUDGET}s"
+    echo "vidtok GPU run: commit $(cat .commit 2>/dev/null || git rev-parse HEAD 2>/dev/null || echo unknown), $(date -u +%FT%TZ), budget ${BUDGET}s"
     [ "$FAKE" = 1 ] && echo "FAKE run (VIDTOK_GPU_SESSION_FAKE=1): only preflight and imports are real"
 } | tee -a "$SUMMARY"
 

@@ -1,4 +1,5 @@
-"""The benchmark tooling works end to end: `python -m vidtok bench --quick` runs the suite and renders it."""
+"""The benchmark tooling works end to end: `python -m vidtok bench --quick` runs the suite and renders it,
+and bench/gpu_session.sh's plumbing (budget split, SIGINT cut-off, packing, summary) runs without a GPU."""
 
 import json
 import os
