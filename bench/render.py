@@ -4,8 +4,9 @@
     python bench/render.py --merge OUT.json IN.json [IN.json ...]
 
 ``--merge`` first writes OUT.json: the benchmarks of every IN.json (runs of parts of bench/ on one
-device, e.g. bench/gpu_session.sh's stages) under the first one's machine and commit info, then
-renders OUT.json. For each JSON file: <name>.md (one table per benchmark group: median time, achieved GB/s, fraction
+device, e.g. bench/gpu_session.sh's stages, one JSON each) under the first one's machine and commit
+info, then renders OUT.json; an IN.json that is not a complete run is left out with a message.
+For each JSON file: <name>.md (one table per benchmark group: median time, achieved GB/s, fraction
 of the device's measured copy bandwidth, speed-up over the eager baseline of the same group) and
 <name>.png (the same speed-ups as bars).
 """
@@ -86,8 +87,21 @@ def chart(path: Path, out: Path) -> None:
 
 
 def merge(out: Path, paths: list[Path]) -> None:
-    """Write ``out``: the first JSON of ``paths`` with the benchmarks of all of them."""
-    runs = [json.loads(p.read_text()) for p in paths]
+    """Write ``out``: the first JSON of ``paths`` with the benchmarks of all of them. A file that is
+    not a benchmark run (a run killed while writing it) is left out with a message, not fatal."""
+    runs = []
+    for path in paths:
+        try:
+            run = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"--merge: left out {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        if not isinstance(run, dict) or not {"machine_info", "benchmarks"} <= run.keys():
+            print(f"--merge: left out {path}: not a pytest-benchmark run", file=sys.stderr)
+            continue
+        runs.append(run)
+    if not runs:
+        raise SystemExit("--merge: none of the inputs is a benchmark run")
     devices = {run["machine_info"].get("vidtok_device") for run in runs}
     if len(devices) != 1:
         raise SystemExit(f"--merge takes runs of one device, got {sorted(map(str, devices))}")

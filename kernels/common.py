@@ -3,29 +3,33 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-# Triton signature type of each dtype the kernels take, for ahead-of-time compiles.
+# Triton's short name of each dtype the kernels take (as in its signatures), for AOT case names.
 TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 @dataclass(frozen=True)
 class AotCase:
-    """One kernel configuration a launcher can choose, described well enough to compile it offline.
+    """One realistic call of a kernel launcher, for ahead-of-time compiles (``python -m vidtok aot``).
 
-    signature maps every argument name to a Triton type ("*bf16", "i32", "constexpr", ...);
-    constexprs gives the values of the constexpr ones. An integer argument that the launch specialises
-    to the constant 1 (a unit stride) appears as a constexpr equal to 1.
+    ``launch()`` calls a launcher of this package on meta tensors: the shapes, strides and addresses
+    (16-byte aligned, as every fresh allocation) of a real input, without memory or a GPU. Every
+    Triton kernel it launches is compiled with exactly what that launch hands Triton: the launcher's
+    constexprs and num_warps, and Triton's own specialisation of the argument values (pointers and
+    integers divisible by 16 marked so, integers equal to 1 made constants).
     """
 
     name: str
-    kernel: object
-    signature: dict
-    constexprs: dict = field(default_factory=dict)
-    num_warps: int = 4
-    num_stages: int = 3
+    launch: Callable[[], object]
+
+
+def meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A tensor without memory, for ``AotCase.launch``: real shape, strides and alignment."""
+    return torch.empty(shape, dtype=dtype, device="meta")
 
 
 def on_tensor_device(launcher):

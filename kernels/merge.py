@@ -9,13 +9,15 @@ about N * lag / BLOCK_N programs later, so the second read hits L2: one HBM pass
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from vidtok.reference import merge as reference
 
-from .common import TRITON_DTYPES, AotCase, on_tensor_device
+from .common import TRITON_DTYPES, AotCase, meta, on_tensor_device
 
 EPS = tl.constexpr(1e-8)  # F.cosine_similarity's default eps
 # One configuration each. BLOCK_C = 128 elements is 256 contiguous bytes per token row in 16-bit.
@@ -160,27 +162,29 @@ def paired_similarity_backward(grad_out: torch.Tensor, x: torch.Tensor, lag: int
     return grad_x
 
 
+# Realistic inputs of the AOT cases: ViT-B/16 tokens of 16 frames at 224 x 224 (14 x 14 per frame, 768
+# channels), contiguous or a view with every other channel (last stride 2).
+AOT_T, AOT_GRID, AOT_C = 16, (14, 14), 768
+
+
+def _aot_tokens(*shape: int, dtype: torch.dtype, layout: str) -> torch.Tensor:
+    if layout == "contiguous":
+        return meta(*shape, dtype=dtype)
+    return meta(*shape[:-1], 2 * shape[-1], dtype=dtype)[..., ::2]
+
+
+def _paired_similarity_both(x: torch.Tensor, lag: int) -> None:
+    paired_similarity_backward(paired_similarity(x, lag), x, lag)
+
+
 def _aot_cases() -> list[AotCase]:
-    cases = []
-    for dtype, ty in TRITON_DTYPES.items():
-        for unit_stride in (True, False):  # contiguous channels (the fast path) and a general view
-            stride_c = {"s_c": "constexpr"} if unit_stride else {"s_c": "i64"}
-            unit = {"s_c": 1} if unit_stride else {}
-            tag = f"{ty}-{'contiguous' if unit_stride else 'strided'}"
-            cfg = FWD_CONFIG
-            cases.append(AotCase(
-                f"paired_similarity_fwd-{tag}", _paired_similarity_fwd_kernel,
-                {"x_ptr": f"*{ty}", "out_ptr": "*fp32", "T_out": "i32", "N": "i32", "C": "i32", "lag": "i32",
-                 "s_b": "i64", "s_t": "i64", "s_n": "i64", **stride_c, "BLOCK_N": "constexpr", "BLOCK_C": "constexpr"},
-                {**unit, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_C": cfg["BLOCK_C"]}, num_warps=cfg["num_warps"]))
-            cfg = BWD_CONFIG
-            cases.append(AotCase(
-                f"paired_similarity_bwd-{tag}", _paired_similarity_bwd_kernel,
-                {"x_ptr": f"*{ty}", "grad_out_ptr": "*fp32", "grad_x_ptr": f"*{ty}", "T": "i32", "N": "i32",
-                 "C": "i32", "lag": "i32", "s_b": "i64", "s_t": "i64", "s_n": "i64", **stride_c,
-                 "BLOCK_N": "constexpr", "BLOCK_C": "constexpr"},
-                {**unit, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_C": cfg["BLOCK_C"]}, num_warps=cfg["num_warps"]))
-    return cases
+    n = AOT_GRID[0] * AOT_GRID[1]
+    return [
+        AotCase(f"paired_similarity-{ty}-{layout}",
+                functools.partial(_paired_similarity_both, _aot_tokens(1, AOT_T, n, AOT_C, dtype=dtype, layout=layout), 1))
+        for dtype, ty in TRITON_DTYPES.items()
+        for layout in ("contiguous", "strided")
+    ]
 
 
 AOT_CASES = _aot_cases()
@@ -300,26 +304,26 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _aot_bipartite(metric: torch.Tensor, r: int) -> None:
+    bipartite_assignment(metric, r, 0, "keep")  # defined below
+
+
 def _match_aot_cases() -> list[AotCase]:
+    # The three ways vidtok calls match: ToMe's alternating split of one frame sequence (rows of a
+    # and b every other token), frame t against frame t - 1 (temporal_merge without a radius), and
+    # group ids (per-frame matching of the public op).
+    n = AOT_T * AOT_GRID[0] * AOT_GRID[1]
+    per_frame = AOT_GRID[0] * AOT_GRID[1]
     cases = []
-    cfg = MATCH_CONFIG
     for dtype, ty in TRITON_DTYPES.items():
-        for unit_stride in (True, False):  # contiguous rows (the fast path) and a general view
-            for groups in (False, True):
-                sig = {"a_ptr": f"*{ty}", "b_ptr": f"*{ty}", "ag_ptr": "*i32", "bg_ptr": "*i32", "score_ptr": "*fp32",
-                       "idx_ptr": "*i32", "M": "i32", "K": "i32", "D": "i32",
-                       "s_ab": "i64", "s_am": "i64", "s_ad": "i64", "s_bb": "i64", "s_bk": "i64", "s_bd": "i64",
-                       "s_agb": "i64", "s_agm": "i64", "s_bgb": "i64", "s_bgk": "i64",
-                       "HAS_GROUPS": "constexpr", "PRECISION": "constexpr",
-                       "BLOCK_M": "constexpr", "BLOCK_K": "constexpr", "BLOCK_D": "constexpr"}
-                consts = {"HAS_GROUPS": groups, "PRECISION": _dot_precision(dtype),
-                          "BLOCK_M": cfg["BLOCK_M"], "BLOCK_K": cfg["BLOCK_K"], "BLOCK_D": cfg["BLOCK_D"]}
-                unit = ["s_ad", "s_bd"] + (["s_agm", "s_bgk"] if groups else [])
-                if unit_stride:
-                    sig.update({name: "constexpr" for name in unit})
-                    consts.update({name: 1 for name in unit})
-                tag = f"{ty}-{'contiguous' if unit_stride else 'strided'}{'-groups' if groups else ''}"
-                cases.append(AotCase(f"match-{tag}", _match_kernel, sig, consts, num_warps=cfg["num_warps"]))
+        tokens = meta(1, n, AOT_C, dtype=dtype)
+        frames = meta(AOT_T - 1, per_frame, AOT_C, dtype=dtype)
+        groups = meta(1, n, dtype=torch.int32)
+        cases += [
+            AotCase(f"match-{ty}-bipartite", functools.partial(_aot_bipartite, tokens, n // 3)),
+            AotCase(f"match-{ty}-frames", functools.partial(match, frames, frames, None, None)),
+            AotCase(f"match-{ty}-groups", functools.partial(match, tokens, tokens, groups, groups)),
+        ]
     return cases
 
 
@@ -410,20 +414,19 @@ def merge_tokens(x: torch.Tensor, size: torch.Tensor, index: torch.Tensor, origi
 
 
 def _merge_tokens_aot_cases() -> list[AotCase]:
-    cases = []
-    cfg = MERGE_CONFIG
-    for dtype, ty in TRITON_DTYPES.items():
-        for mode, code in MERGE_MODE_CODES.items():
-            sig = {"x_ptr": f"*{ty}", "size_ptr": "*fp32", "perm_ptr": "*i32", "start_ptr": "*i32", "origin_ptr": "*i32",
-                   "out_ptr": f"*{ty}", "size_out_ptr": "*fp32", "N": "i32", "L": "i32", "C": "i32",
-                   "s_xb": "i64", "s_xn": "i64", "s_xc": "constexpr", "s_sb": "i64", "s_sn": "constexpr",
-                   "MODE": "constexpr", "BLOCK_S": "constexpr", "BLOCK_C": "constexpr"}
-            consts = {"s_xc": 1, "s_sn": 1, "MODE": code, "BLOCK_S": cfg["BLOCK_S"], "BLOCK_C": cfg["BLOCK_C"]}
-            cases.append(AotCase(f"merge_tokens-{ty}-{mode}", _merge_tokens_kernel, sig, consts, num_warps=cfg["num_warps"]))
-        sig = dict(cases[-1].signature, s_xc="i64", s_sn="i64")  # a general view of x and size
-        consts = {"MODE": 0, "BLOCK_S": cfg["BLOCK_S"], "BLOCK_C": cfg["BLOCK_C"]}
-        cases.append(AotCase(f"merge_tokens-{ty}-wmean-strided", _merge_tokens_kernel, sig, consts, num_warps=cfg["num_warps"]))
-    return cases
+    # ToMe's bipartite merge of 16 frames' tokens down to two thirds, every mode; wmean also on a view
+    n = AOT_T * AOT_GRID[0] * AOT_GRID[1]
+    kept = n - n // 3
+    index, origin = meta(1, n, dtype=torch.int32), meta(1, kept, dtype=torch.int32)
+    size = meta(1, n, dtype=torch.float32)
+    return [
+        AotCase(f"merge_tokens-{ty}-{mode}{'' if layout == 'contiguous' else '-strided'}",
+                functools.partial(merge_tokens, _aot_tokens(1, n, AOT_C, dtype=dtype, layout=layout), size, index, origin, mode))
+        for dtype, ty in TRITON_DTYPES.items()
+        for mode in MERGE_MODE_CODES
+        for layout in ("contiguous", "strided")
+        if layout == "contiguous" or mode == "wmean"
+    ]
 
 
 AOT_CASES = AOT_CASES + _merge_tokens_aot_cases()
@@ -513,18 +516,13 @@ def window_links(x: torch.Tensor, lag: int, radius: int, grid: tuple[int, int]):
 
 
 def _window_links_aot_cases() -> list[AotCase]:
-    cases = []
-    cfg = WINDOW_CONFIG
-    for dtype, ty in TRITON_DTYPES.items():
-        for unit_stride in (True, False):
-            sig = {"x_ptr": f"*{ty}", "score_ptr": "*fp32", "idx_ptr": "*i32", "T_out": "i32", "N": "i32", "C": "i32",
-                   "lag": "i32", "h": "i32", "w": "i32", "radius_h": "i32", "radius_w": "i32",
-                   "s_b": "i64", "s_t": "i64", "s_n": "i64", "s_c": "constexpr" if unit_stride else "i64",
-                   "BLOCK_N": "constexpr", "BLOCK_C": "constexpr"}
-            consts = {**({"s_c": 1} if unit_stride else {}), "BLOCK_N": cfg["BLOCK_N"], "BLOCK_C": cfg["BLOCK_C"]}
-            tag = f"{ty}-{'contiguous' if unit_stride else 'strided'}"
-            cases.append(AotCase(f"window_links-{tag}", _window_links_kernel, sig, consts, num_warps=cfg["num_warps"]))
-    return cases
+    n = AOT_GRID[0] * AOT_GRID[1]
+    return [
+        AotCase(f"window_links-{ty}-{layout}",
+                functools.partial(window_links, _aot_tokens(1, AOT_T, n, AOT_C, dtype=dtype, layout=layout), 1, 2, AOT_GRID))
+        for dtype, ty in TRITON_DTYPES.items()
+        for layout in ("contiguous", "strided")
+    ]
 
 
 AOT_CASES = AOT_CASES + _window_links_aot_cases()

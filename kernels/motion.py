@@ -34,11 +34,13 @@ barrier. Resources from `python -m vidtok aot`; instruction counts and predictio
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .common import TRITON_DTYPES, AotCase, on_tensor_device
+from .common import TRITON_DTYPES, AotCase, meta, on_tensor_device
 
 INF = tl.constexpr(float("inf"))
 # A patch of at most MAX_ELEMENTS pixels (ts x C x ph x pw, or C x ph x pw for RLT's rule) lives in one
@@ -294,10 +296,10 @@ def _gate_launch(video: torch.Tensor, ph: int, pw: int, ts: int, reduce: str):
     Tq, h, w = T // ts, H // ph, W // pw
     rows = patch_rows(C, ph, ts, reduce)
     block_r, block_w = tile = tile_shape(rows, pw)
-    meta = dict(REDUCE=REDUCE_CODES[reduce], IS_INT=video.dtype == torch.uint8, PW=pw, BLOCK_R=block_r, BLOCK_W=block_w)
+    consts = dict(REDUCE=REDUCE_CODES[reduce], IS_INT=video.dtype == torch.uint8, PW=pw, BLOCK_R=block_r, BLOCK_W=block_w)
     shape = (B, Tq, h, w)
     outputs = tuple(torch.empty(shape, device=video.device, dtype=d) for d in (torch.int8, torch.float32, torch.int32, torch.int32))
-    return Tq, h, w, rows, tile, meta, outputs
+    return Tq, h, w, rows, tile, consts, outputs
 
 
 @on_tensor_device
@@ -308,14 +310,14 @@ def motion_gate_compensated(
     """``motion_gate`` plus motion int16 ``[B, T', h, w, 2]``; semantics:
     vidtok.reference.motion.motion_gate_compensated."""
     B, T, C, H, W = video.shape
-    Tq, h, w, rows, tile, meta, (keep, delta, run, carry) = _gate_launch(video, ph, pw, ts, reduce)
+    Tq, h, w, rows, tile, consts, (keep, delta, run, carry) = _gate_launch(video, ph, pw, ts, reduce)
     motion = torch.empty((B, Tq, h, w, 2), device=video.device, dtype=torch.int16)
     if keep.numel() > 0:
         _motion_gate_mc_kernel[(B * h * w,)](
             video, keep, delta, run, carry, motion,
             Tq, h, w, ts, C, ph, rows, H, W, *video.stride(),
             float(threshold), refresh_every, max_run, int(compare_to == "last_kept"), int(reduce == "rlt"), radius,
-            **meta, num_warps=num_warps(tile, SEARCH_PER_THREAD),
+            **consts, num_warps=num_warps(tile, SEARCH_PER_THREAD),
         )
     return keep.view(torch.bool), delta, run, carry, motion
 
@@ -328,13 +330,13 @@ def motion_gate(
     """(keep bool, delta fp32, run_length int32, carry int32) ``[B, T', h, w]``; video
     ``[B, T, C, H, W]`` uint8/fp32/fp16/bf16, any strides. Semantics: vidtok.reference.motion."""
     B, T, C, H, W = video.shape
-    Tq, h, w, rows, tile, meta, (keep, delta, run, carry) = _gate_launch(video, ph, pw, ts, reduce)
+    Tq, h, w, rows, tile, consts, (keep, delta, run, carry) = _gate_launch(video, ph, pw, ts, reduce)
     if keep.numel() > 0:
         _motion_gate_kernel[(B * h * w,)](
             video, keep, delta, run, carry,
             Tq, h, w, ts, C, ph, rows, *video.stride(),
             float(threshold), refresh_every, max_run, int(compare_to == "last_kept"),
-            RLT=reduce == "rlt", **meta, num_warps=num_warps(tile, gate_per_thread(video.dtype)),
+            RLT=reduce == "rlt", **consts, num_warps=num_warps(tile, gate_per_thread(video.dtype)),
         )
     return keep.view(torch.bool), delta, run, carry
 
@@ -415,74 +417,47 @@ def block_match(cur: torch.Tensor, ref: torch.Tensor, block: int, radius: int) -
 
 
 # ---------------------------------------------------------------------------------------------------
-# Ahead-of-time cases: the configurations the launchers pick for the patch and block sizes in use.
-# A contiguous video has unit column stride (Triton specialises an integer argument equal to 1 to the
-# constant 1) and strides below 2^31 (i32); the strided cases take a general view (channels-last
-# frames: column stride C).
-
-
-def _gate_signature(ty: str, compensated: bool, contiguous: bool) -> dict:
-    stride = "i32" if contiguous else "i64"
-    sig = {"x_ptr": f"*{ty}", "keep_ptr": "*i8", "delta_ptr": "*fp32", "run_ptr": "*i32", "carry_ptr": "*i32"}
-    if compensated:
-        sig["motion_ptr"] = "*i16"
-    sig.update({name: "i32" for name in ("Tq", "h", "w", "ts", "C", "ph", "rows")})
-    if compensated:
-        sig.update(H="i32", W="i32")
-    sig.update({name: stride for name in ("s_b", "s_t", "s_c", "s_h")})
-    sig.update(s_w="constexpr" if contiguous else stride, threshold="fp32", refresh_every="i32", max_run="i32",
-               last_kept="i32")
-    if compensated:
-        sig.update(rlt="i32", radius="i32")
-    sig["REDUCE"] = "constexpr"
-    if not compensated:
-        sig["RLT"] = "constexpr"
-    sig.update(IS_INT="constexpr", PW="constexpr", BLOCK_R="constexpr", BLOCK_W="constexpr")
-    return sig
+# Ahead-of-time cases: the launchers called on meta tensors of realistic inputs, so each compile has the
+# specialisation a launch gets (vidtok.aot). RGB square patches of every AOT width with one-frame slices,
+# tubelets of 2 and RLT's rule; the other reductions and a channels-last video (a general view) at width
+# 16; width 33, whose tile is the largest a patch of MAX_ELEMENTS pixels can need. Videos are 16 frames
+# of about 224 x 224 (a multiple of the patch). block_match at blocks 8, 16 (its default, radius 8) and
+# 32 on a grey frame, and at 16 on one channel of a channels-last RGB frame.
+AOT_T = 16
+AOT_DTYPES = {**TRITON_DTYPES, torch.uint8: "u8"}
 
 
 def _gate_configs() -> list[tuple[int, int, str, bool]]:
-    """(pw, ts, reduce, contiguous) of RGB square patches: every AOT width with one-frame slices,
-    tubelets of 2 and RLT's rule; the other reductions and a strided view at width 16; width 33, whose
-    tile is the largest a patch of MAX_ELEMENTS pixels can need."""
+    """(pw, ts, reduce, contiguous) of the gate cases."""
     configs = [(pw, ts, reduce, True) for pw in AOT_WIDTHS for ts, reduce in ((1, "mean_abs"), (2, "mean_abs"), (2, "rlt"))]
     configs += [(16, 1, "l2", True), (16, 1, "max_abs", True), (16, 1, "mean_abs", False)]
     configs.append((33, 1, "mean_abs", True))  # the largest tile: 99 x 33 pixels in 128 x 64
     return configs
 
 
+def _aot_video(size: int, dtype: torch.dtype, contiguous: bool) -> torch.Tensor:
+    if contiguous:
+        return meta(1, AOT_T, 3, size, size, dtype=dtype)
+    return meta(1, AOT_T, size, size, 3, dtype=dtype).permute(0, 1, 4, 2, 3)
+
+
 def _aot_cases() -> list[AotCase]:
     cases = []
-    for dtype, ty in {torch.uint8: "u8", **TRITON_DTYPES}.items():
+    for dtype, ty in AOT_DTYPES.items():
+        threshold = 8.0 if dtype == torch.uint8 else 8.0 / 255
         for pw, ts, reduce, contiguous in _gate_configs():
-            rows = patch_rows(3, pw, ts, reduce)
-            if rows * pw > MAX_ELEMENTS:
+            if patch_rows(3, pw, ts, reduce) * pw > MAX_ELEMENTS:
                 continue  # refused by motion_gate_reasons
-            tile = tile_shape(rows, pw)
-            consts = {"REDUCE": REDUCE_CODES[reduce], "IS_INT": dtype == torch.uint8, "PW": pw,
-                      "BLOCK_R": tile[0], "BLOCK_W": tile[1]}
-            if contiguous:
-                consts["s_w"] = 1
-            tag = f"{ty}-p{pw}-ts{ts}-{reduce}-{'contiguous' if contiguous else 'strided'}"
-            cases.append(AotCase(f"motion_gate-{tag}", _motion_gate_kernel, _gate_signature(ty, False, contiguous),
-                                 {**consts, "RLT": reduce == "rlt"}, num_warps=num_warps(tile, gate_per_thread(dtype))))
+            video = _aot_video(pw * round(224 / pw), dtype, contiguous)
+            gate = (video, pw, pw, threshold, "last_kept", ts, reduce, 0, 0)
+            tag = f"{ty}-p{pw}-ts{ts}-{reduce}-{'contiguous' if contiguous else 'channels_last'}"
+            cases.append(AotCase(f"motion_gate-{tag}", functools.partial(motion_gate, *gate)))
             if reduce != "rlt":  # the compensated kernel takes RLT's rule as a runtime flag
-                cases.append(AotCase(f"motion_gate_mc-{tag}", _motion_gate_mc_kernel,
-                                     _gate_signature(ty, True, contiguous), consts,
-                                     num_warps=num_warps(tile, SEARCH_PER_THREAD)))
+                cases.append(AotCase(f"motion_gate_mc-{tag}", functools.partial(motion_gate_compensated, *gate, 2)))
         for block, contiguous in ((8, True), (16, True), (32, True), (16, False)):
-            tile = tile_shape(block, block)
-            stride = "i32" if contiguous else "i64"
-            sig = {"cur_ptr": f"*{ty}", "ref_ptr": f"*{ty}", "motion_ptr": "*i16", "cost_ptr": "*fp32",
-                   "h": "i32", "w": "i32", "H": "i32", "W": "i32", "radius": "i32",
-                   "c_b": stride, "c_h": stride, "c_w": "constexpr" if contiguous else stride,
-                   "r_b": stride, "r_h": stride, "r_w": "constexpr" if contiguous else stride,
-                   "IS_INT": "constexpr", "BLOCK": "constexpr", "BLOCK_P": "constexpr"}
-            consts = {"IS_INT": dtype == torch.uint8, "BLOCK": block, "BLOCK_P": tile[0]}
-            if contiguous:
-                consts.update(c_w=1, r_w=1)
-            cases.append(AotCase(f"block_match-{ty}-b{block}-{'contiguous' if contiguous else 'strided'}",
-                                 _block_match_kernel, sig, consts, num_warps=num_warps(tile, SEARCH_PER_THREAD)))
+            frame = meta(1, 224, 224, dtype=dtype) if contiguous else meta(1, 224, 224, 3, dtype=dtype)[..., 0]
+            tag = f"{ty}-b{block}-{'contiguous' if contiguous else 'channels_last'}"
+            cases.append(AotCase(f"block_match-{tag}", functools.partial(block_match, frame, frame, block, 8)))
     return cases
 
 

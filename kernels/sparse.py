@@ -11,11 +11,15 @@ reference max (no NaN); it ends with l = 0 and writes O = 0 and LSE = -inf.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from .common import TRITON_DTYPES, AotCase, on_tensor_device
+from vidtok.reference.sparse import PlanTensors
+
+from .common import TRITON_DTYPES, AotCase, meta, on_tensor_device
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -385,49 +389,35 @@ def sparse_attention_backward(grad_out, grad_lse, q, k, v, kv_log_size, out, lse
     return dq, dk, dv, dls.sum(1) if has_ls else None
 
 
-def _signature(kernel, ty: str) -> dict:
-    """Triton types of every argument of one of this module's kernels, by its name."""
-    sig = {}
-    for name in kernel.arg_names:
-        if name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"):
-            sig[name] = f"*{ty}"
-        elif name in ("ls_ptr", "lse_ptr", "delta_ptr", "dls_ptr"):
-            sig[name] = "*fp32"
-        elif name.endswith("_ptr") or name in ("col_idx", "entry_bits", "row_idx", "entry_bits_t"):
-            sig[name] = "*i32"
-        elif name in ("qk_scale", "scale"):
-            sig[name] = "fp32"
-        elif name.endswith("_d") or name == "sls_n" or name.isupper() and name not in ("N", "H", "D", "GROUP", "Hk"):
-            sig[name] = "constexpr"
-        elif name.startswith("s") and name[1:3] in ("q_", "k_", "v_", "ls"):
-            sig[name] = "i64"
-        else:
-            sig[name] = "i32"
-    return sig
+def _aot_forward_backward(q, k, v, kv_log_size, tiles, block_q: int, block_k: int, scale: float) -> None:
+    out, lse = sparse_attention(q, k, v, kv_log_size, tiles, block_q, block_k, scale)
+    sparse_attention_backward(out, None, q, k, v, kv_log_size, out, lse, tiles, block_q, block_k, scale)
+
+
+def _aot_plan(B: int, N: int, block_q: int, block_k: int, partial: int) -> PlanTensors:
+    """Plan tensors of the shapes build_plan gives (for ahead-of-time compiles: no values needed)."""
+    nq, nk = -(-N // block_q), -(-N // block_k)
+    pairs = B * nq * nk // 8  # an eighth of the tile pairs computed
+    i32 = functools.partial(meta, dtype=torch.int32)
+    return PlanTensors(i32(B, nq, nk), i32(2 + partial, block_q, -(-block_k // 32)), i32(B * nq + 1), i32(pairs),
+                       i32(pairs), i32(B * nk + 1), i32(pairs), i32(pairs))
 
 
 def _aot_cases() -> list[AotCase]:
-    # The heaviest variant (D = 128 with kv_log_size) at every tile size the benchmarks use, and the
-    # lightest (D = 64, 64x64, no log size); unit head-dim strides, as the launch specialises them.
-    # 16-bit only: on GPUs float32 runs on the reference backend (vidtok.sparse.sparse_attention).
-    cases = []
+    # The benchmarks' shape (16 x 24 x 24 = 9,216 tokens, B = 1, H = 16, contiguous [B, H, N, D]):
+    # the heaviest variant (D = 128 with kv_log_size) at every tile size the benchmarks use, and the
+    # lightest (D = 64, 64 x 64, no log size); forward and backward. 16-bit only: on GPUs float32 runs
+    # on the reference backend (vidtok.sparse.sparse_attention).
+    B, H, N = 1, 16, 16 * 24 * 24
     variants = [((64, 64), 128, True), ((128, 64), 128, True), ((128, 128), 128, True), ((64, 64), 64, False)]
-    kernels = {"fwd": _sparse_attention_fwd_kernel, "bwd_dq": _sparse_attention_bwd_dq_kernel,
-               "bwd_dkdv": _sparse_attention_bwd_dkdv_kernel}
+    cases = []
     for dtype in (torch.float16, torch.bfloat16):
-        ty = TRITON_DTYPES[dtype]
         for (BQ, BK), D, has_ls in variants:
-            SK = _key_block(BK)
-            consts = {"sq_d": 1, "sk_d": 1, "sv_d": 1, "sls_n": 1, "HAS_LS": has_ls, "IEEE": False,
-                      "BQ": BQ, "BK": BK, "SK": SK, "BD": D, "W": BK // 32}
-            per_kernel = {"fwd": ({}, _num_warps(BQ, SK, D)),
-                          "bwd_dq": ({"SQ": _dq_rows(BQ)}, _num_warps(_dq_rows(BQ), SK, D)),
-                          "bwd_dkdv": ({"SQ": _dkdv_rows(BQ)}, _num_warps(SK, _dkdv_rows(BQ), D))}
-            for what, kernel in kernels.items():
-                extra, warps = per_kernel[what]
-                cases.append(AotCase(
-                    f"sparse_attention_{what}-{ty}-q{BQ}k{BK}-d{D}{'-logsize' if has_ls else ''}",
-                    kernel, _signature(kernel, ty), {**consts, **extra}, num_warps=warps))
+            q, k, v = (meta(B, H, N, D, dtype=dtype) for _ in range(3))
+            ls = meta(B, N) if has_ls else None
+            cases.append(AotCase(
+                f"sparse_attention-{TRITON_DTYPES[dtype]}-q{BQ}k{BK}-d{D}{'-logsize' if has_ls else ''}",
+                functools.partial(_aot_forward_backward, q, k, v, ls, _aot_plan(B, N, BQ, BK, 64), BQ, BK, D**-0.5)))
     return cases
 
 

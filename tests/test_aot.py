@@ -1,11 +1,14 @@
-"""Every Triton kernel configuration compiles for sm_80 and sm_90 without a GPU, within the hardware's
-limits, and the CUDA C++ module (when built) has no register spills.
+"""Every Triton kernel, compiled as its launcher really launches it on a realistic input (Triton's own
+specialisation of the argument values: divisibility by 16, constants equal to 1), fits sm_80 and
+sm_90: at most 255 registers, no spills, shared memory within the SM's limit; the CUDA C++ module
+(when built) has no spills either.
 
 The compiles run in a separate interpreter with TRITON_INTERPRET=0 (`python -m vidtok aot`): the
 interpreter flag this test session sets would reroute code generation. Set VIDTOK_AOT_REPORT=path to
 keep the Markdown table.
 """
 
+import ast
 import json
 import os
 import subprocess
@@ -19,6 +22,26 @@ pytest.importorskip("triton")
 from vidtok.aot import ARCHS, MAX_REGISTERS, aot_cases  # noqa: E402
 
 CASES = list(aot_cases())
+KERNELS = Path(__file__).resolve().parents[1] / "kernels"
+
+# Configurations that launchers pick today and that do not fit: (case, arch) -> what is wrong. Each is
+# marked in bench/results/aot_resources.md and expected to fail here until its kernel is reshaped; a
+# fixed one fails this test (strict xfail) until its line is removed.
+OVER_LIMIT = {
+    ("match-fp32-bipartite", "sm_90"): "match spills 16 B",
+    ("match-fp32-frames", "sm_90"): "match spills 16 B",
+    ("match-fp32-groups", "sm_90"): "match spills 16 B",
+    ("sparse_attention-fp16-q64k64-d128-logsize", "sm_80"): "sparse_attention_fwd spills 8 B",
+    ("sparse_attention-fp16-q128k64-d128-logsize", "sm_90"): "sparse_attention_bwd_dkdv spills 112 B",
+    ("sparse_attention-fp16-q128k128-d128-logsize", "sm_80"): "sparse_attention_fwd spills 8 B",
+    ("sparse_attention-fp16-q128k128-d128-logsize", "sm_90"): "sparse_attention_bwd_dkdv spills 120 B",
+    ("sparse_attention-fp16-q64k64-d64", "sm_80"): "sparse_attention_bwd_dkdv spills 8 B",
+    ("sparse_attention-bf16-q64k64-d128-logsize", "sm_80"): "sparse_attention_fwd spills 8 B",
+    ("sparse_attention-bf16-q128k64-d128-logsize", "sm_90"): "sparse_attention_bwd_dkdv spills 112 B",
+    ("sparse_attention-bf16-q128k128-d128-logsize", "sm_80"): "sparse_attention_fwd spills 8 B",
+    ("sparse_attention-bf16-q128k128-d128-logsize", "sm_90"): "sparse_attention_bwd_dkdv spills 120 B",
+    ("sparse_attention-bf16-q64k64-d64", "sm_80"): "sparse_attention_bwd_dkdv spills 8 B",
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +60,51 @@ def resources():
     return rows
 
 
+def _launched_kernels() -> set[str]:
+    """Names of the kernels launched in kernels/*.py (``name[grid](...)``), read from the source."""
+    names = set()
+    for path in KERNELS.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript) and isinstance(node.func.value, ast.Name):
+                names.add(node.func.value.id.strip("_").removesuffix("_kernel"))
+    return names
+
+
 def test_every_kernel_module_declares_its_configurations():
     assert CASES, "kernels/ declares no AOT_CASES"
     names = [c.name for c in CASES]
     assert len(names) == len(set(names)), "AOT case names must be unique"
 
 
+def test_every_launched_kernel_is_compiled(resources):
+    compiled = {row["kernel"] for row in resources if row["num_warps"] is not None}
+    missing = _launched_kernels() - compiled
+    assert not missing, f"kernels that no AOT case launches: {sorted(missing)}"
+
+
+def test_compiles_carry_the_launch_specialisation(resources):
+    """Every launch passes 16-byte aligned tensors (divisibility hints), and the contiguous cases a unit
+    stride (a constant 1): a compile without them would describe a kernel that never runs."""
+    for row in (r for r in resources if r["num_warps"] is not None):
+        divisible, ones = (int(part.split()[-1]) for part in row["hints"].split("/"))
+        assert divisible > 0, row
+        if "contiguous" in row["case"]:
+            assert ones > 0, row
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_triton_kernel_fits(case, arch, resources):
-    (row,) = [r for r in resources if r["kernel"] == case.name and r["arch"] == f"sm_{arch}"]
-    assert row["local_bytes"] == 0, f"{case.name} spills {row['local_bytes']} bytes to local memory on sm_{arch}"
-    assert row["registers"] <= MAX_REGISTERS
-    assert row["shared_bytes"] <= ARCHS[arch], f"{case.name} needs {row['shared_bytes']} B of shared memory"
+def test_triton_kernel_fits(case, arch, resources, request):
+    rows = [r for r in resources if r["case"] == case.name and r["arch"] == f"sm_{arch}"]
+    assert rows, f"{case.name} compiled nothing for sm_{arch}"
+    if known := OVER_LIMIT.get((case.name, f"sm_{arch}")):
+        request.applymarker(pytest.mark.xfail(reason=f"over a limit, to be reshaped: {known}", strict=True))
+    for row in rows:
+        what = f"{case.name} {row['kernel']} on sm_{arch}"
+        assert row["registers"] <= MAX_REGISTERS, f"{what}: {row['registers']} registers"
+        assert row["stack_bytes"] == 0 and row["local_bytes"] == 0, (
+            f"{what} spills {row['stack_bytes']} B (stack) + {row['local_bytes']} B (local)")
+        assert row["shared_bytes"] <= ARCHS[arch], f"{what} needs {row['shared_bytes']} B of shared memory"
 
 
 def test_cuda_module_has_no_spills(resources):
@@ -57,7 +112,8 @@ def test_cuda_module_has_no_spills(resources):
     rows = [r for r in resources if r["num_warps"] is None]
     assert rows, "no kernels found in vidtok._C"
     for row in rows:
-        assert row["local_bytes"] == 0, f"{row['kernel']} spills {row['local_bytes']} bytes"
+        assert row["stack_bytes"] == 0 and row["local_bytes"] == 0, (
+            f"{row['kernel']} spills {row['stack_bytes']} B (stack) + {row['local_bytes']} B (local)")
 
 
 def test_cuda_module_links_neither_libtorch_nor_a_shared_cuda_runtime():

@@ -5,9 +5,8 @@ the approximate instructions Triton emits for ``/`` and ``tl.sqrt``; and the mot
 16-pixel uint8 patch row with one 16-byte load.
 
 The Triton interpreter computes IEEE division either way, so only the compiled code shows these. The
-compiles run in a separate interpreter with TRITON_INTERPRET=0 (this session sets it), with the
-specialisation a launch gives contiguous tensors: pointers and the integer arguments that are
-multiples of 16 marked divisible by 16.
+compiles (vidtok.aot, with the specialisation each launch really gets) run in a separate interpreter
+with TRITON_INTERPRET=0.
 """
 
 import json
@@ -21,43 +20,35 @@ import pytest
 
 pytest.importorskip("triton")
 
-# (module, AOT case name): the kernels with a promise of agreement, one configuration each (the
-# compensated gate shares the gate's reduction, merge_tokens' mean its weighted mean's division)
+# AOT cases of the kernels with a promise of agreement, one configuration each (the compensated gate
+# shares the gate's reduction, merge_tokens' mean its weighted mean's division; the paired_similarity
+# case launches the forward and the backward)
 AGREEING = [
-    ("merge", "paired_similarity_fwd-fp32-contiguous"),
-    ("merge", "paired_similarity_bwd-fp32-contiguous"),
-    ("merge", "match-fp32-contiguous"),
-    ("merge", "merge_tokens-fp32-wmean"),
-    ("merge", "window_links-fp32-contiguous"),
-    ("select", "frame_scores-fp32-query-contiguous"),
-    ("motion", "motion_gate-u8-p16-ts1-mean_abs-contiguous"),
-    ("motion", "motion_gate-u8-p16-ts1-l2-contiguous"),
+    "paired_similarity-fp32-contiguous",
+    "match-fp32-frames",
+    "merge_tokens-fp32-wmean",
+    "window_links-fp32-contiguous",
+    "frame_scores-fp32-query4-contiguous",
+    "motion_gate-u8-p16-ts1-mean_abs-contiguous",
+    "motion_gate-u8-p16-ts1-l2-contiguous",
 ]
 APPROXIMATE = ("div.full.f32", "div.approx", "sqrt.approx", "rcp.approx", "rsqrt.approx")
-# what a contiguous 224 x 224 RGB clip gives a launch (the divisible ones get the hint)
-SAMPLE_ARGUMENTS = {"s_b": 16 * 3 * 224 * 224, "s_t": 3 * 224 * 224, "s_c": 224 * 224, "s_h": 224, "ph": 16, "rows": 48}
 
+# vidtok.aot compiles each case with the specialisation its launch gets (a separate interpreter: this
+# session sets TRITON_INTERPRET=1, which reroutes code generation)
 COMPILE = textwrap.dedent("""
-    import importlib, json, re, sys
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import json, re, sys
+    from vidtok import aot
 
-    wanted, sample = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+    wanted = set(json.loads(sys.argv[1]))
     out = {}
-    for module, name in wanted:
-        (case,) = [c for c in importlib.import_module(f"vidtok.kernels.{module}").AOT_CASES if c.name == name]
-        attrs = {}
-        for index, arg in enumerate(case.kernel.arg_names):
-            kind = case.signature.get(arg, "constexpr")
-            if kind.startswith("*") or (kind != "constexpr" and sample.get(arg, 1) % 16 == 0):
-                attrs[(index,)] = [["tt.divisibility", 16]]
-        source = ASTSource(case.kernel, signature=case.signature, constexprs=case.constexprs, attrs=attrs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": case.num_warps, "num_stages": case.num_stages})
-        ptx = compiled.asm["ptx"]
-        out[name] = {"ops": sorted(set(re.findall(r"\\b(?:div|sqrt|rcp|rsqrt)\\.[a-z0-9.]+", ptx))),
-                     "loads": sorted(set(re.findall(r"ld\\.global[a-z0-9.]*", ptx)))}
+    for case in aot.aot_cases():
+        if case.name in wanted:
+            for kernel, compiled in aot.compiled_launches(case, 90):
+                ptx = compiled.asm["ptx"]
+                out[f"{case.name}/{kernel}"] = {
+                    "ops": sorted(set(re.findall(r"\\b(?:div|sqrt|rcp|rsqrt)\\.[a-z0-9.]+", ptx))),
+                    "loads": sorted(set(re.findall(r"ld\\.global[a-z0-9.]*", ptx)))}
     print(json.dumps(out))
 """)
 
@@ -66,21 +57,26 @@ COMPILE = textwrap.dedent("""
 def compiled():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run(
-        [sys.executable, "-c", COMPILE, json.dumps(AGREEING), json.dumps(SAMPLE_ARGUMENTS)],
+        [sys.executable, "-c", COMPILE, json.dumps(AGREEING)],
         capture_output=True, text=True, env=env, timeout=900, cwd=Path.home(),
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout)
+    out = json.loads(result.stdout)
+    assert {key.split("/")[0] for key in out} == set(AGREEING), f"AOT cases not found: {set(AGREEING) - set(out)}"
+    return out
 
 
-@pytest.mark.parametrize("module,name", AGREEING, ids=[name for _, name in AGREEING])
-def test_division_and_square_root_are_ieee(module, name, compiled):
-    ops = compiled[name]["ops"]
-    assert not [op for op in ops if op.startswith(APPROXIMATE)], f"{name} uses approximate float ops: {ops}"
-    assert any(op.startswith(("div.rn.f32", "sqrt.rn.f32")) for op in ops), f"{name}: no IEEE division or square root: {ops}"
+@pytest.mark.parametrize("name", AGREEING)
+def test_division_and_square_root_are_ieee(name, compiled):
+    for kernel, found in compiled.items():
+        if kernel.split("/")[0] != name:
+            continue
+        ops = found["ops"]
+        assert not [op for op in ops if op.startswith(APPROXIMATE)], f"{kernel} uses approximate float ops: {ops}"
+        assert any(op.startswith(("div.rn.f32", "sqrt.rn.f32")) for op in ops), f"{kernel}: no IEEE division or square root: {ops}"
 
 
 def test_motion_gate_reads_uint8_patch_rows_with_16_byte_loads(compiled):
-    loads = compiled["motion_gate-u8-p16-ts1-mean_abs-contiguous"]["loads"]
+    loads = compiled["motion_gate-u8-p16-ts1-mean_abs-contiguous/motion_gate"]["loads"]
     assert "ld.global.v4.b32" in loads, loads
     assert not [op for op in loads if op.endswith((".b8", ".u8", ".b16", ".u16"))], loads
