@@ -148,3 +148,111 @@ def _aot_cases() -> list[AotCase]:
 
 
 AOT_CASES = _aot_cases()
+
+
+# ---------------------------------------------------------------------------------------------------
+# topk_per_frame: exactly budgets[b, t] tokens of every frame, the highest scores first, ties to the
+# lower index; NaN ranks below every number (only reachable inside vidtok.allow_nan()).
+#
+# One program per frame holds its N scores in registers (N <= MAX_N). Each score becomes a signed
+# int32 key that orders as the float does: the float32 bits, with the 31 low bits flipped for
+# negative numbers (-0.0 is made +0.0 first, so they tie as they compare; NaN becomes INT32_MIN,
+# below -inf's key). The k-th largest key is found by bisection over the int32 range: 32 passes that
+# each count the keys >= the midpoint (a register reduction, no memory traffic). Keys above it are
+# kept; of the keys equal to it, the first k - (count above) in index order (a prefix count). The
+# kept tokens' flat positions go to index[b, offset[b, t] + rank], offset being the frame's place
+# in its video (an exclusive prefix sum of the budgets). Memory: one read of the scores, one byte of
+# keep per token and 4 bytes per kept token.
+
+MAX_N = 4096
+TOPK_BLOCKS = (256, 1024, 4096)  # the BLOCK_N a launch picks: the smallest that holds N
+
+
+def _topk_warps(block_n: int) -> int:
+    # 8 keys per thread up to 256 tokens (one warp: the 32 counting reductions are warp shuffles);
+    # 16 per thread beyond (4 and 8 warps).
+    return 1 if block_n <= 256 else block_n // 256
+
+
+@triton.jit
+def _topk_per_frame_kernel(
+    s_ptr, k_ptr, off_ptr, keep_ptr, idx_ptr,
+    T, N, capacity, ss_b, ss_t,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // T
+    t = pid % T
+    offs = tl.arange(0, BLOCK_N)
+    valid = offs < N
+    x = tl.load(s_ptr + b.to(tl.int64) * ss_b + t.to(tl.int64) * ss_t + offs, mask=valid, other=0.0).to(tl.float32)
+    x = tl.where(x == 0.0, 0.0, x)  # -0.0 -> +0.0
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    key = tl.where(x != x, -2147483648, key)
+    k = tl.load(k_ptr + pid)
+
+    # largest lo with count(key >= lo) >= k (k = 0 ends at INT32_MAX, above every key: nothing kept)
+    lo = tl.full((), -2147483648, tl.int64)
+    hi = tl.full((), 2147483647, tl.int64)
+    for _ in range(32):
+        mid = lo + (hi - lo + 1) // 2
+        count = tl.sum(((key.to(tl.int64) >= mid) & valid).to(tl.int32), axis=0)
+        enough = count >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+
+    wide = key.to(tl.int64)
+    above = (wide > lo) & valid
+    tied = (wide == lo) & valid
+    need = k - tl.sum(above.to(tl.int32), axis=0)
+    keep = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= need))
+    tl.store(keep_ptr + pid.to(tl.int64) * N + offs, keep.to(tl.int8), mask=valid)
+
+    rank = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    slot = tl.load(off_ptr + pid) + rank
+    dest = idx_ptr + b.to(tl.int64) * capacity + slot
+    tl.store(dest, t * N + offs, mask=keep & (slot < capacity))
+
+
+def topk_per_frame_reasons(scores: torch.Tensor, budgets: torch.Tensor, capacity: int) -> list[str]:
+    N = scores.shape[-1]
+    if N > MAX_N:
+        return [f"the Triton kernel holds a frame's tokens in registers, N <= {MAX_N}, got N = {N}"]
+    return []
+
+
+@on_tensor_device
+def topk_per_frame(scores: torch.Tensor, budgets: torch.Tensor, capacity: int):
+    """(keep bool [B, T, N], index int32 [B, capacity]); scores of any strides (a view whose token
+    dim is not contiguous is copied first)."""
+    B, T, N = scores.shape
+    keep = torch.zeros((B, T, N), device=scores.device, dtype=torch.uint8)
+    index = torch.full((B, capacity), -1, device=scores.device, dtype=torch.int32)
+    if B * T * N == 0:
+        return keep.view(torch.bool), index
+    if scores.stride(-1) != 1:
+        scores = scores.contiguous()
+    k = budgets.to(device=scores.device, dtype=torch.int32).contiguous()
+    offsets = (k.to(torch.int64).cumsum(1) - k).contiguous()  # each frame's first slot in its video's index
+    block = next(size for size in TOPK_BLOCKS if size >= N)
+    _topk_per_frame_kernel[(B * T,)](
+        scores, k, offsets, keep, index, T, N, capacity, scores.stride(0), scores.stride(1),
+        BLOCK_N=block, num_warps=_topk_warps(block),
+    )
+    return keep.view(torch.bool), index
+
+
+def _topk_aot_cases() -> list[AotCase]:
+    cases = []
+    for ty in TRITON_DTYPES.values():
+        for block in TOPK_BLOCKS:
+            cases.append(AotCase(
+                f"topk_per_frame-{ty}-{block}", _topk_per_frame_kernel,
+                {"s_ptr": f"*{ty}", "k_ptr": "*i32", "off_ptr": "*i64", "keep_ptr": "*i8", "idx_ptr": "*i32",
+                 "T": "i32", "N": "i32", "capacity": "i32", "ss_b": "i64", "ss_t": "i64", "BLOCK_N": "constexpr"},
+                {"BLOCK_N": block}, num_warps=_topk_warps(block)))
+    return cases
+
+
+AOT_CASES = AOT_CASES + _topk_aot_cases()

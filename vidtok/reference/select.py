@@ -391,3 +391,197 @@ def uniform_indices(T: int, k: int, mode: str = "linspace", device=None) -> torc
     else:
         raise ValueError(f"mode must be 'linspace', 'numpy' or 'center', got {mode!r}")
     return out.to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exact token budgets: integer budgets per frame, the top-k tokens of every frame, segment ops.
+
+
+def _water_fill(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """float64 [B, T]: a_t = clamp(lam * w_t, lo_t, hi_t) with lam >= 0 chosen so that sum_t a_t = total.
+
+    Needs sum lo <= total <= sum over w > 0 of hi + sum over w = 0 of lo. S(lam) = sum_t a_t is
+    continuous, non-decreasing and piecewise linear: writing S = C + lam * W, frame t adds (C -= lo_t,
+    W += w_t) at its breakpoint lo_t / w_t and (C += hi_t, W -= w_t) at hi_t / w_t. Sorting the 2T
+    breakpoints and taking cumulative sums gives S at every breakpoint; lam lies on the first segment
+    where S reaches total. No loop and no host sync: a sort, two cumulative sums and a gather.
+    """
+    B, T = w.shape
+    positive = w > 0
+    safe_w = torch.where(positive, w, torch.ones_like(w))
+    never = torch.full_like(w, float("inf"))
+    at = torch.cat([torch.where(positive, lo / safe_w, never), torch.where(positive, hi / safe_w, never)], 1)
+    d_const = torch.cat([torch.where(positive, -lo, 0.0), torch.where(positive, hi, 0.0)], 1)
+    d_slope = torch.cat([torch.where(positive, w, 0.0), torch.where(positive, -w, 0.0)], 1)
+    at, order = torch.sort(at, dim=1, stable=True)
+    const = lo.sum(1, keepdim=True) + d_const.gather(1, order).cumsum(1)
+    slope = d_slope.gather(1, order).cumsum(1)
+    # S just after each breakpoint; breakpoints at +inf (zero weights) are never reached
+    finite = torch.isfinite(at)
+    reach = torch.where(finite, const + slope * torch.where(finite, at, 0.0), float("inf"))
+    # prepend lam = 0, where S = sum lo and the slope is 0
+    at = torch.cat([torch.zeros_like(at[:, :1]), at], 1)
+    const = torch.cat([lo.sum(1, keepdim=True), const], 1)
+    slope = torch.cat([torch.zeros_like(slope[:, :1]), slope], 1)
+    reach = torch.cat([lo.sum(1, keepdim=True), reach], 1)
+    # first breakpoint j where S >= total: lam on the segment before it (S = const + slope * lam there)
+    j = (reach < total[:, None]).sum(1, keepdim=True)
+    before = (j - 1).clamp(min=0)
+    c, s, a0 = const.gather(1, before), slope.gather(1, before), at.gather(1, before)
+    lam = torch.where((j > 0) & (s > 0), (total[:, None] - c) / torch.where(s > 0, s, 1.0), a0)
+    lam = torch.where(j == 0, torch.zeros_like(lam), lam)
+    return torch.minimum(torch.maximum(lam * w, lo), hi)
+
+
+def round_to_total(a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """int64 [B, T]: integers within [lo, hi] summing exactly to total, by the largest remainder:
+    every frame gets floor(a_t), then the d = total - sum floor(a) units left go one each to the d
+    frames with the largest remainders a_t - floor(a_t) that are below hi (ties to the lower index).
+    Floating-point error could only make d negative; then the frames above lo with the smallest
+    remainders give one back (ties: the higher index gives first)."""
+    base = torch.minimum(torch.maximum(torch.floor(a), lo), hi)
+    rem = a - base
+    d = total - base.sum(1).round().long()  # [B]
+    # one more unit: largest remainder first, lower index on ties (stable sort)
+    up_key = torch.where(base < hi, rem, -1.0)
+    up_rank = _ranks(up_key, descending=True)
+    up = (up_rank < d[:, None]) & (base < hi)
+    # one unit fewer (only after rounding error): smallest remainder first, the higher index on ties
+    down_key = torch.where(base > lo, rem, 2.0).flip(1)
+    down_rank = _ranks(down_key, descending=False).flip(1)
+    down = (down_rank < (-d)[:, None]) & (base > lo)
+    return base.long() + up.long() - down.long()
+
+
+def _ranks(key: torch.Tensor, descending: bool) -> torch.Tensor:
+    """int64 rank of every element of each row in a stable sort (0 = first)."""
+    order = torch.sort(key, dim=1, descending=descending, stable=True).indices
+    ranks = torch.empty_like(order)
+    return ranks.scatter_(1, order, torch.arange(key.shape[1], device=key.device).expand_as(order))
+
+
+def allocate_budget(
+    scores: torch.Tensor,
+    total: torch.Tensor,
+    min_per_frame: torch.Tensor,
+    max_per_frame: torch.Tensor,
+    mode: str,
+    temperature: float,
+) -> torch.Tensor:
+    """int64 ``[B, T]`` budgets in [min_per_frame, max_per_frame] summing to ``total[b]`` in every row.
+
+    Weights: "proportional" w = scores (>= 0), "softmax" w = softmax(scores / temperature) over the
+    frames, "uniform" w = 1. The real allocation a_t = clamp(lam * w_t, min_t, max_t) meets the total
+    exactly (``_water_fill``); when the frames of positive weight cannot absorb the total even at their
+    maximum, they get their maximum and the frames of zero weight share the rest evenly. Integers come
+    from ``round_to_total`` (largest remainder, ties to the lower index). Computed in float64.
+    """
+    s = scores.to(torch.float64)
+    lo, hi = min_per_frame.to(torch.float64), max_per_frame.to(torch.float64)
+    tot = total.to(torch.float64)
+    if mode == "uniform":
+        w = torch.ones_like(s)
+    elif mode == "softmax":  # a NaN frame (inside vidtok.allow_nan()) weighs 0
+        w = torch.softmax(torch.where(torch.isnan(s), float("-inf"), s) / temperature, dim=1).nan_to_num(0.0)
+    else:
+        w = s.nan_to_num(0.0)
+    positive = w > 0
+    reach = torch.where(positive, hi, lo).sum(1)  # the most the positive weights can absorb
+    first = _water_fill(w, lo, hi, torch.minimum(tot, reach))
+    # the rest spread evenly over the zero-weight frames, the positive ones at their maximum
+    rest = _water_fill((~positive).to(torch.float64), torch.where(positive, hi, lo), hi, tot)
+    a = torch.where((tot > reach)[:, None], rest, first)
+    return round_to_total(a, lo, hi, total.long())
+
+
+def _topk_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """int64 rank of every token of each row in the order higher score first, then the lower index,
+    NaN after every number (-inf included); -0.0 and 0.0 are equal."""
+    s = scores.to(accumulation_dtype(scores.dtype)) if scores.is_floating_point() else scores
+    nan = torch.isnan(s)
+    filled = torch.where(nan, torch.full_like(s, float("-inf")), s)
+    order = torch.sort(filled, dim=-1, descending=True, stable=True).indices
+    # then NaN last, keeping that order among the others (a second stable sort)
+    order = order.gather(-1, torch.sort(nan.gather(-1, order).to(torch.int8), dim=-1, stable=True).indices)
+    ranks = torch.empty_like(order)
+    return ranks.scatter_(-1, order, torch.arange(s.shape[-1], device=s.device).expand_as(order))
+
+
+def topk_per_frame(scores: torch.Tensor, budgets: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep bool ``[B, T, N]``, index int32 ``[B, capacity]``).
+
+    keep[b, t] holds the budgets[b, t] tokens of frame t ranked first (``_topk_ranks``: higher score,
+    then lower index; NaN last). index[b] lists the kept tokens' flat positions t * N + n in (t, n)
+    order, then -1 up to ``capacity`` (which must be at least every video's kept count).
+    """
+    B, T, N = scores.shape
+    keep = _topk_ranks(scores) < budgets.to(torch.int64)[..., None]
+    flat = keep.reshape(B, T * N)
+    rank = torch.where(flat, flat.long().cumsum(1) - 1, capacity)  # dropped tokens go to a scratch column
+    index = torch.full((B, capacity + 1), -1, dtype=torch.int64, device=scores.device)
+    index.scatter_(1, rank.clamp(max=capacity), torch.arange(T * N, device=scores.device).expand(B, T * N))
+    return keep, index[:, :capacity].to(torch.int32)
+
+
+def segment_reduce(x: torch.Tensor, segment_id: torch.Tensor, reduce: str, num_segments: int) -> torch.Tensor:
+    """``[B, S, *rest]``: the frames of x ``[B, T, *rest]`` with segment_id[b, t] = s reduced into row s
+    ("sum", "mean" or "max"); frames with segment_id < 0 or >= S are ignored; a segment without
+    frames gives 0. Sums accumulate in fp32 (fp64 for fp64 x), cast back to x's dtype."""
+    B, T = segment_id.shape
+    rest = x.shape[2:]
+    acc = accumulation_dtype(x.dtype)
+    seg = segment_id.long()
+    inside = (seg >= 0) & (seg < num_segments)
+    slot = torch.where(inside, seg, num_segments)  # out-of-range frames land in a scratch row
+    index = slot.view(B, T, *([1] * len(rest))).expand(B, T, *rest)
+    xf = x.to(acc)
+    if reduce == "max":
+        out = xf.new_full((B, num_segments + 1, *rest), float("-inf"))
+        out = out.scatter_reduce(1, index, xf, "amax", include_self=True)
+    else:
+        out = xf.new_zeros((B, num_segments + 1, *rest)).scatter_add(1, index, xf)
+    count = torch.zeros(B, num_segments + 1, dtype=acc, device=x.device).scatter_add(1, slot, torch.ones_like(slot, dtype=acc))
+    count = count.view(B, num_segments + 1, *([1] * len(rest)))
+    if reduce == "mean":
+        out = out / count.clamp_min(1)
+    out = torch.where(count > 0, out, torch.zeros((), dtype=acc, device=x.device))
+    return out[:, :num_segments].to(x.dtype)
+
+
+def segment_bounds(segment_id: torch.Tensor, num_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, length) int64 ``[B, S]`` of every segment of non-decreasing ids (-1 padding ignored):
+    the first frame and the number of frames of segment s (0, 0 for an empty segment)."""
+    B, T = segment_id.shape
+    seg = segment_id.long()
+    inside = (seg >= 0) & (seg < num_segments)
+    slot = torch.where(inside, seg, num_segments)
+    t = torch.arange(T, device=seg.device).expand(B, T)
+    length = torch.zeros(B, num_segments + 1, dtype=torch.int64, device=seg.device).scatter_add(1, slot, inside.long())
+    start = torch.full((B, num_segments + 1), T, dtype=torch.int64, device=seg.device)
+    start = start.scatter_reduce(1, slot, t, "amin", include_self=True)
+    start = torch.where(length > 0, start, 0)
+    return start[:, :num_segments], length[:, :num_segments]
+
+
+def segment_pool(x: torch.Tensor, segment_id: torch.Tensor, m: int, num_segments: int) -> torch.Tensor:
+    """``[B, S, m, *rest]``: segment s of x ``[B, T, *rest]`` (its frames start, ..., start + L - 1)
+    average-pooled to m slots as ``torch.nn.functional.adaptive_avg_pool1d`` does: slot i is the
+    mean of local frames floor(i * L / m) ... ceil((i + 1) * L / m) - 1 (overlapping slots repeat a
+    frame when L < m). An empty segment gives zeros. Prefix sums in fp64, cast back to x's dtype."""
+    B, T = segment_id.shape
+    rest = x.shape[2:]
+    start, length = segment_bounds(segment_id, num_segments)  # [B, S]
+    i = torch.arange(m, device=x.device)
+    lo = start[..., None] + (i * length[..., None]) // m  # [B, S, m]
+    hi = start[..., None] + ((i + 1) * length[..., None] + m - 1) // m
+    prefix = torch.cat([x.new_zeros((B, 1, *rest), dtype=torch.float64), x.to(torch.float64).cumsum(1)], 1)  # [B, T + 1, ...]
+    flat = prefix.reshape(B, T + 1, -1)
+
+    def at(pos):
+        return flat.gather(1, pos.reshape(B, -1, 1).expand(B, pos[0].numel(), flat.shape[-1]))
+
+    count = (hi - lo).clamp_min(1).reshape(B, -1, 1).to(torch.float64)
+    mean = (at(hi) - at(lo)) / count
+    present = (length > 0)[..., None].expand(B, num_segments, m).reshape(B, -1, 1)
+    mean = torch.where(present, mean, 0.0)
+    return mean.reshape(B, num_segments, m, *rest).to(x.dtype)
