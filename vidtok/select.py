@@ -407,7 +407,7 @@ def scene_boundaries(
     return _scene_boundaries_op(adjacent, method, threshold, k, min_len, window, min_change, lengths, chosen)
 
 
-def segment_topk(scores: torch.Tensor, seg_id: torch.Tensor, k_per_segment: int) -> torch.Tensor:
+def segment_topk(scores: torch.Tensor, seg_id: torch.Tensor, k_per_segment: int, *, num_segments: int | None = None) -> torch.Tensor:
     """The ``k_per_segment`` highest-scoring frames of every segment (AKS leaves, one anchor per event).
 
     Args:
@@ -415,11 +415,13 @@ def segment_topk(scores: torch.Tensor, seg_id: torch.Tensor, k_per_segment: int)
             ValueError (inside ``vidtok.allow_nan()``: never selected).
         seg_id: int ``[B, T]`` segment ids (``scene_boundaries``); frames with seg_id < 0 are skipped.
         k_per_segment: >= 1; a segment with fewer eligible frames gives all of them.
+        num_segments: S, a static size (ids >= S are skipped, as in ``segment_reduce``); None reads
+            seg_id.max() + 1 on the host (a data-dependent size).
 
     Returns:
         int32 ``[B, S * k_per_segment]`` (``[B, Q, ...]`` for 3-D scores) sorted by time and padded with
-        -1, S = seg_id.max() + 1. Ties to the lower index. S is read on the host (a data-dependent size):
-        plain PyTorch, not a custom op.
+        -1. Ties to the lower index. Plain PyTorch, not a custom op; with num_segments it compiles
+        with static shapes.
     """
     _check_2d_or_3d("scores", scores, "[B, T] or [B, Q, T]")
     check_tensor("seg_id", seg_id, rank=2, layout="[B, T]", dtypes=_INT_DTYPES)
@@ -428,7 +430,9 @@ def segment_topk(scores: torch.Tensor, seg_id: torch.Tensor, k_per_segment: int)
     check_int("k_per_segment", k_per_segment, low=1, high=2**31 - 1)
     check_same_device(scores=scores, seg_id=seg_id)
     check_no_nan("segment_topk", "scores", scores)
-    return reference.segment_topk(scores, seg_id, k_per_segment)
+    if num_segments is not None:
+        check_int("num_segments", num_segments, low=0, high=2**31 - 1)
+    return reference.segment_topk(scores, seg_id, k_per_segment, num_segments)
 
 
 def uniform_indices(T: int, k: int, *, mode: str = "linspace", device: str | torch.device | None = None) -> torch.Tensor:

@@ -335,20 +335,22 @@ def scene_boundaries(
     return seg
 
 
-def segment_topk(scores: torch.Tensor, seg_id: torch.Tensor, k_per_segment: int) -> torch.Tensor:
+def segment_topk(scores: torch.Tensor, seg_id: torch.Tensor, k_per_segment: int, num_segments: int | None = None) -> torch.Tensor:
     """The k_per_segment highest-scoring frames of every segment (ties to the lower index).
 
     scores [B, T] or [B, Q, T]; seg_id int [B, T] (from scene_boundaries: non-decreasing, -1 =
-    padding). Frames with seg_id < 0 or a non-finite score are skipped. Returns int32 [B, S * k]
-    (or [B, Q, S * k]) sorted by time and padded with -1, where S = seg_id.max() + 1 over the batch:
-    a data-dependent size read on the host.
+    padding). Frames with seg_id < 0 or >= S, or a non-finite score, are skipped. Returns int32
+    [B, S * k] (or [B, Q, S * k]) sorted by time and padded with -1, where S = num_segments, or
+    seg_id.max() + 1 over the batch when None: a data-dependent size read on the host.
     """
     squeeze = scores.dim() == 2
     s = scores[:, None, :] if squeeze else scores
     B, Q, T = s.shape
     seg = seg_id.long()[:, None, :].expand(B, Q, T)
-    S = max(int(seg_id.max()) + 1, 0) if seg_id.numel() else 0
-    ok = (seg >= 0) & torch.isfinite(s)
+    if num_segments is None:
+        num_segments = max(int(seg_id.max()) + 1, 0) if seg_id.numel() else 0
+    S = num_segments
+    ok = (seg >= 0) & (seg < S) & torch.isfinite(s)
     key_score = torch.where(ok, s.to(_acc(s)), torch.full_like(s, float("-inf"), dtype=_acc(s)))
     # stable sorts: by descending score, then by segment -> within a segment, best first, lower index on ties
     by_score = torch.sort(key_score, dim=-1, descending=True, stable=True).indices
@@ -397,40 +399,40 @@ def uniform_indices(T: int, k: int, mode: str = "linspace", device=None) -> torc
 # Exact token budgets: integer budgets per frame, the top-k tokens of every frame, segment ops.
 
 
+def _fill(lam: torch.Tensor, w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """clamp(lam * w, lo, hi) per frame, lam [B, 1] (may be +inf); a frame of weight 0 stays at lo."""
+    return torch.where(w > 0, torch.minimum(torch.maximum(lam * w, lo), hi), lo)
+
+
 def _water_fill(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     """float64 [B, T]: a_t = clamp(lam * w_t, lo_t, hi_t) with lam >= 0 chosen so that sum_t a_t = total.
 
     Needs sum lo <= total <= sum over w > 0 of hi + sum over w = 0 of lo. S(lam) = sum_t a_t is
-    continuous, non-decreasing and piecewise linear: writing S = C + lam * W, frame t adds (C -= lo_t,
-    W += w_t) at its breakpoint lo_t / w_t and (C += hi_t, W -= w_t) at hi_t / w_t. Sorting the 2T
-    breakpoints and taking cumulative sums gives S at every breakpoint; lam lies on the first segment
-    where S reaches total. No loop and no host sync: a sort, two cumulative sums and a gather.
+    continuous, non-decreasing and linear between the breakpoints lo_t / w_t and hi_t / w_t. A
+    bisection over the sorted breakpoints (log2(2T) steps, each summing S directly, so weights of
+    very different sizes lose nothing to cancellation) finds the last breakpoint lam_j with
+    S(lam_j) <= total; on the segment after it S grows with slope W = the weight of the frames not
+    clamped there, so lam = lam_j + (total - S(lam_j)) / W. No host sync: the step count is a shape.
     """
     B, T = w.shape
     positive = w > 0
     safe_w = torch.where(positive, w, torch.ones_like(w))
     never = torch.full_like(w, float("inf"))
-    at = torch.cat([torch.where(positive, lo / safe_w, never), torch.where(positive, hi / safe_w, never)], 1)
-    d_const = torch.cat([torch.where(positive, -lo, 0.0), torch.where(positive, hi, 0.0)], 1)
-    d_slope = torch.cat([torch.where(positive, w, 0.0), torch.where(positive, -w, 0.0)], 1)
-    at, order = torch.sort(at, dim=1, stable=True)
-    const = lo.sum(1, keepdim=True) + d_const.gather(1, order).cumsum(1)
-    slope = d_slope.gather(1, order).cumsum(1)
-    # S just after each breakpoint; breakpoints at +inf (zero weights) are never reached
-    finite = torch.isfinite(at)
-    reach = torch.where(finite, const + slope * torch.where(finite, at, 0.0), float("inf"))
-    # prepend lam = 0, where S = sum lo and the slope is 0
-    at = torch.cat([torch.zeros_like(at[:, :1]), at], 1)
-    const = torch.cat([lo.sum(1, keepdim=True), const], 1)
-    slope = torch.cat([torch.zeros_like(slope[:, :1]), slope], 1)
-    reach = torch.cat([lo.sum(1, keepdim=True), reach], 1)
-    # first breakpoint j where S >= total: lam on the segment before it (S = const + slope * lam there)
-    j = (reach < total[:, None]).sum(1, keepdim=True)
-    before = (j - 1).clamp(min=0)
-    c, s, a0 = const.gather(1, before), slope.gather(1, before), at.gather(1, before)
-    lam = torch.where((j > 0) & (s > 0), (total[:, None] - c) / torch.where(s > 0, s, 1.0), a0)
-    lam = torch.where(j == 0, torch.zeros_like(lam), lam)
-    return torch.minimum(torch.maximum(lam * w, lo), hi)
+    enter, leave = torch.where(positive, lo / safe_w, never), torch.where(positive, hi / safe_w, never)
+    at = torch.sort(torch.cat([torch.zeros_like(w[:, :1]), enter, leave], 1), dim=1).values  # [B, 2T + 1], at[:, 0] = 0 where S = sum lo <= total
+    goal = total[:, None]
+    first = torch.zeros(B, 1, dtype=torch.int64, device=w.device)
+    last = torch.full((B, 1), 2 * T, dtype=torch.int64, device=w.device)
+    for _ in range(max(2 * T, 1).bit_length()):  # largest j with S(at_j) <= total
+        mid = (first + last + 1) // 2
+        ok = _fill(at.gather(1, mid), w, lo, hi).sum(1, keepdim=True) <= goal
+        first, last = torch.where(ok, mid, first), torch.where(ok, last, mid - 1)
+    lam_j = at.gather(1, first)
+    reached = _fill(lam_j, w, lo, hi).sum(1, keepdim=True)
+    free = (enter <= lam_j) & (leave > lam_j)  # not clamped just after lam_j (the breakpoints' own floats)
+    slope = torch.where(free, w, 0.0).sum(1, keepdim=True)
+    lam = torch.where(slope > 0, lam_j + (goal - reached) / torch.where(slope > 0, slope, 1.0), lam_j)
+    return _fill(lam, w, lo, hi)
 
 
 def round_to_total(a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
