@@ -152,12 +152,11 @@ AOT_CASES = _aot_cases()
 
 # ---------------------------------------------------------------------------------------------------
 # topk_per_frame: exactly budgets[b, t] tokens of every frame, the highest scores first, ties to the
-# lower index; NaN ranks below every number (only reachable inside vidtok.allow_nan()).
+# lower index; NaN ranks as -inf (only reachable inside vidtok.allow_nan()), as the reference's sort.
 #
 # One program per frame holds its N scores in registers (N <= MAX_N). Each score becomes a signed
 # int32 key that orders as the float does: the float32 bits, with the 31 low bits flipped for
-# negative numbers (-0.0 is made +0.0 first, so they tie as they compare; NaN becomes INT32_MIN,
-# below -inf's key). The k-th largest key is found by bisection over the int32 range: 32 passes that
+# negative numbers (-0.0 is made +0.0 and NaN -inf first, so they tie as they compare). The k-th largest key is found by bisection over the int32 range: 32 passes that
 # each count the keys >= the midpoint (a register reduction, no memory traffic). Keys above it are
 # kept; of the keys equal to it, the first k - (count above) in index order (a prefix count). The
 # kept tokens' flat positions go to index[b, offset[b, t] + rank], offset being the frame's place
@@ -169,8 +168,8 @@ TOPK_BLOCKS = (256, 1024, 4096)  # the BLOCK_N a launch picks: the smallest that
 
 
 def _topk_warps(block_n: int) -> int:
-    # 8 keys per thread up to 256 tokens (one warp: the 32 counting reductions are warp shuffles);
-    # 16 per thread beyond (4 and 8 warps).
+    # 8 keys per thread: one warp up to 256 tokens (the 32 counting reductions are warp shuffles
+    # only), 4 warps for 1024 and 16 for 4096 (50-64 registers, no spills: `python -m vidtok aot`).
     return 1 if block_n <= 256 else block_n // 256
 
 
@@ -187,9 +186,9 @@ def _topk_per_frame_kernel(
     valid = offs < N
     x = tl.load(s_ptr + b.to(tl.int64) * ss_b + t.to(tl.int64) * ss_t + offs, mask=valid, other=0.0).to(tl.float32)
     x = tl.where(x == 0.0, 0.0, x)  # -0.0 -> +0.0
+    x = tl.where(x != x, float("-inf"), x)  # NaN ranks as -inf
     bits = x.to(tl.int32, bitcast=True)
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    key = tl.where(x != x, -2147483648, key)
     k = tl.load(k_ptr + pid)
 
     # largest lo with count(key >= lo) >= k (k = 0 ends at INT32_MAX, above every key: nothing kept)

@@ -249,13 +249,13 @@ def test_allocate_budget_opcheck_and_compile():
 
 
 def _topk_oracle(scores, budgets):
-    """Token by token: sort each frame by (NaN last, higher score, lower index), keep the first k."""
+    """Token by token: sort each frame by (higher score, lower index), NaN as -inf; keep the first k."""
     B, T, N = scores.shape
     keep = torch.zeros(B, T, N, dtype=torch.bool)
     for b in range(B):
         for t in range(T):
-            row = scores[b, t].double().tolist()
-            order = sorted(range(N), key=lambda n: (math.isnan(row[n]), 0.0 if math.isnan(row[n]) else -row[n], n))
+            row = [float("-inf") if math.isnan(v) else v for v in scores[b, t].double().tolist()]
+            order = sorted(range(N), key=lambda n: (-row[n], n))
             keep[b, t, order[: int(budgets[b, t])]] = True
     index = []
     for b in range(B):
@@ -309,6 +309,18 @@ def test_topk_per_frame_edges(device, dtype, backend):
     _check_against_oracle(wide[..., ::2], budgets[1:, :2], None, backend)
 
 
+def test_topk_per_frame_cpu_backend_long_frames(nan_allowed):
+    """The cpu backend's per-frame threshold path (N >= LOOP_FROM_N), ties and NaN included."""
+    from vidtok.cpu.select import LOOP_FROM_N
+
+    N = LOOP_FROM_N + 37
+    scores = _tied_scores(2, 3, N, seed=8)
+    scores[1, 2, ::7] = float("nan")
+    budgets = torch.tensor([[0, N, 1], [N // 2, 17, N - 3]])
+    _check_against_oracle(scores, budgets, None, "cpu")
+    _check_against_oracle(scores.half(), budgets, None, "cpu")
+
+
 def test_topk_per_frame_random_float64_reference():
     g = torch.Generator().manual_seed(11)
     scores = torch.randn(3, 4, 50, generator=g, dtype=torch.float64)
@@ -317,10 +329,12 @@ def test_topk_per_frame_random_float64_reference():
 
 
 @pytest.mark.parametrize("device,dtype,backend", backend_cases("topk_per_frame", dtypes=(torch.float32,)))
-def test_topk_per_frame_nan_ranks_last(device, dtype, backend, nan_allowed):
-    s = torch.tensor([[[float("nan"), float("-inf"), 1.0, float("nan"), 0.5]]], device=device)
+def test_topk_per_frame_nan_ranks_as_minus_inf(device, dtype, backend, nan_allowed):
+    s = torch.tensor([[[float("nan"), float("-inf"), 1.0, float("nan"), 0.5, -5.0]]], device=device)
     out = vidtok.topk_per_frame(s, torch.tensor([[4]], device=device), backend=backend)
-    assert out.index.tolist() == [[0, 1, 2, 4]]  # -inf before the first NaN, which beats the second
+    assert out.index.tolist() == [[0, 2, 4, 5]]  # the finite ones, then the first of the -inf tier (a NaN)
+    out = vidtok.topk_per_frame(s, torch.tensor([[5]], device=device), backend=backend)
+    assert out.index.tolist() == [[0, 1, 2, 4, 5]]
 
 
 @given(data=st.data(), B=st.integers(1, 3), T=st.integers(1, 5), N=st.integers(1, 40))

@@ -5,9 +5,16 @@ relevance to the question, similarity of consecutive frames, then a selection ru
 each stage batched over videos and queries, deterministically (ties: higher gain, then the lower
 frame index), with every selection returned as int32 indices sorted by time and padded with -1.
 
-frame_scores, greedy_select, dpp_select and scene_boundaries are ``torch.library.custom_op``s in the
-``vidtok`` namespace whose last argument is the backend chosen in Python (``vidtok._backend`` says
-which backends each has). ``segment_topk`` and ``uniform_indices`` are plain PyTorch functions.
+The same hot path holds exact token budgets: the serving engines' counts (``evs_count``,
+``vidcom2_count``: host-side arithmetic on the grid), integer budgets per frame that sum exactly to a
+total (``allocate_budget``) and the top-k tokens of every frame under such budgets
+(``topk_per_frame``), so a prompt's size is known before any encoder runs.
+
+frame_scores, greedy_select, dpp_select, scene_boundaries, allocate_budget and topk_per_frame are
+``torch.library.custom_op``s in the ``vidtok`` namespace whose last argument is the backend chosen in
+Python (``vidtok._backend`` says which backends each has). ``segment_topk``, ``segment_reduce``,
+``segment_pool``, ``clip_select`` and ``uniform_indices`` are plain PyTorch functions (clip_select
+over greedy_select).
 """
 
 from __future__ import annotations
@@ -657,8 +664,8 @@ def topk_per_frame(
     Args:
         scores: ``[B, T, N]`` float token scores (float32/float16/bfloat16; float64 on the reference),
             any strides. Higher is kept first; -inf ranks below every finite score. NaN is a
-            ValueError; inside ``vidtok.allow_nan()`` NaN ranks below -inf (kept only when a budget
-            exceeds the other tokens of its frame). -0.0 and 0.0 are equal.
+            ValueError; inside ``vidtok.allow_nan()`` NaN ranks as -inf (kept only when a budget
+            exceeds the finite tokens of its frame, lower index first). -0.0 and 0.0 are equal.
         budgets: int32/int64 ``[B, T]``, 0 <= budgets <= N (e.g. from ``allocate_budget``). Values
             out of range are a ValueError (a device-side assert on GPUs).
         capacity: columns of ``index``, at least every video's total budget; None reads the largest

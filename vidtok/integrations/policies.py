@@ -314,7 +314,7 @@ class EVS:
 
     Cosines accumulate in fp32 (vLLM computes them in the features' dtype), so near-ties can rank
     differently from vLLM on bf16 features; the count is identical. NaN features are a ValueError
-    (inside ``vidtok.allow_nan()`` a NaN score ranks last).
+    (inside ``vidtok.allow_nan()`` a NaN score ranks as -inf).
     """
 
     def __init__(self, q: float, *, per_frame: bool = False, backend: str | None = None):

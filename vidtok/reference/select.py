@@ -496,33 +496,33 @@ def allocate_budget(
     return round_to_total(a, lo, hi, total.long())
 
 
-def _topk_ranks(scores: torch.Tensor) -> torch.Tensor:
-    """int64 rank of every token of each row in the order higher score first, then the lower index,
-    NaN after every number (-inf included); -0.0 and 0.0 are equal."""
-    s = scores.to(accumulation_dtype(scores.dtype)) if scores.is_floating_point() else scores
-    nan = torch.isnan(s)
-    filled = torch.where(nan, torch.full_like(s, float("-inf")), s)
-    order = torch.sort(filled, dim=-1, descending=True, stable=True).indices
-    # then NaN last, keeping that order among the others (a second stable sort)
-    order = order.gather(-1, torch.sort(nan.gather(-1, order).to(torch.int8), dim=-1, stable=True).indices)
-    ranks = torch.empty_like(order)
-    return ranks.scatter_(-1, order, torch.arange(s.shape[-1], device=s.device).expand_as(order))
-
-
 def topk_per_frame(scores: torch.Tensor, budgets: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(keep bool ``[B, T, N]``, index int32 ``[B, capacity]``).
 
-    keep[b, t] holds the budgets[b, t] tokens of frame t ranked first (``_topk_ranks``: higher score,
-    then lower index; NaN last). index[b] lists the kept tokens' flat positions t * N + n in (t, n)
-    order, then -1 up to ``capacity`` (which must be at least every video's kept count).
+    keep[b, t] holds the first budgets[b, t] tokens of frame t in a stable descending sort of its
+    scores: the higher score, then the lower index; NaN sorts as -inf, -0.0 as 0.0. index[b] lists
+    the kept tokens' flat positions t * N + n in (t, n) order, then -1 up to ``capacity`` (which must
+    be at least every video's kept count). One sort, one scatter and one prefix sum; no host sync.
     """
     B, T, N = scores.shape
-    keep = _topk_ranks(scores) < budgets.to(torch.int64)[..., None]
-    flat = keep.reshape(B, T * N)
-    rank = torch.where(flat, flat.long().cumsum(1) - 1, capacity)  # dropped tokens go to a scratch column
-    index = torch.full((B, capacity + 1), -1, dtype=torch.int64, device=scores.device)
-    index.scatter_(1, rank.clamp(max=capacity), torch.arange(T * N, device=scores.device).expand(B, T * N))
-    return keep, index[:, :capacity].to(torch.int32)
+    s = scores.to(accumulation_dtype(scores.dtype))
+    s = torch.where(torch.isnan(s), float("-inf"), s)
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    first = torch.arange(N, device=s.device) < budgets.to(torch.int64)[..., None]  # the head of each sorted row
+    keep = torch.zeros_like(first).scatter_(-1, order, first)
+    return keep, kept_index(keep, capacity)
+
+
+def kept_index(keep: torch.Tensor, capacity: int) -> torch.Tensor:
+    """int32 ``[B, capacity]``: the flat positions t * N + n of the kept tokens of keep ``[B, T, N]`` in
+    (t, n) order, then -1 (a prefix sum and a scatter, never ``nonzero``)."""
+    B = keep.shape[0]
+    flat = keep.reshape(B, -1)
+    slot = torch.where(flat, flat.cumsum(1) - 1, capacity)  # dropped tokens go to a scratch column
+    index = torch.full((B, capacity + 1), -1, dtype=torch.int32, device=keep.device)
+    positions = torch.arange(flat.shape[1], dtype=torch.int32, device=keep.device).expand_as(flat)
+    index.scatter_(1, slot.clamp(max=capacity), positions)
+    return index[:, :capacity].contiguous()
 
 
 def segment_reduce(x: torch.Tensor, segment_id: torch.Tensor, reduce: str, num_segments: int) -> torch.Tensor:
