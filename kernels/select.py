@@ -160,8 +160,9 @@ AOT_CASES = _aot_cases()
 # each count the keys >= the midpoint (a register reduction, no memory traffic). Keys above it are
 # kept; of the keys equal to it, the first k - (count above) in index order (a prefix count). The
 # kept tokens' flat positions go to index[b, offset[b, t] + rank], offset being the frame's place
-# in its video (an exclusive prefix sum of the budgets). Memory: one read of the scores, one byte of
-# keep per token and 4 bytes per kept token.
+# in its video (from the budgets' prefix sum, the one other launch), and the last frame of each video
+# writes the -1 padding after its video's total. Memory: one read of the scores, one byte of keep per
+# token, 4 bytes per index slot.
 
 MAX_N = 4096
 TOPK_BLOCKS = (256, 1024, 4096)  # the BLOCK_N a launch picks: the smallest that holds N
@@ -175,7 +176,7 @@ def _topk_warps(block_n: int) -> int:
 
 @triton.jit
 def _topk_per_frame_kernel(
-    s_ptr, k_ptr, off_ptr, keep_ptr, idx_ptr,
+    s_ptr, k_ptr, cum_ptr, keep_ptr, idx_ptr,
     T, N, capacity, ss_b, ss_t,
     BLOCK_N: tl.constexpr,
 ):
@@ -189,7 +190,7 @@ def _topk_per_frame_kernel(
     x = tl.where(x != x, float("-inf"), x)  # NaN ranks as -inf
     bits = x.to(tl.int32, bitcast=True)
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    k = tl.load(k_ptr + pid)
+    k = tl.load(k_ptr + pid).to(tl.int32)
 
     # largest lo with count(key >= lo) >= k (k = 0 ends at INT32_MAX, above every key: nothing kept)
     lo = tl.full((), -2147483648, tl.int64)
@@ -209,9 +210,14 @@ def _topk_per_frame_kernel(
     tl.store(keep_ptr + pid.to(tl.int64) * N + offs, keep.to(tl.int8), mask=valid)
 
     rank = tl.cumsum(keep.to(tl.int32), axis=0) - 1
-    slot = tl.load(off_ptr + pid) + rank
-    dest = idx_ptr + b.to(tl.int64) * capacity + slot
-    tl.store(dest, t * N + offs, mask=keep & (slot < capacity))
+    end = tl.load(cum_ptr + pid)  # the video's kept tokens up to and including this frame
+    slot = end - k + rank
+    row = idx_ptr + b.to(tl.int64) * capacity
+    tl.store(row + slot, t * N + offs, mask=keep & (slot < capacity))
+    if t == T - 1:  # the video's padding after its total
+        for start in range(end, capacity, BLOCK_N):
+            pad = start + offs
+            tl.store(row + pad, tl.full([BLOCK_N], -1, tl.int32), mask=pad < capacity)
 
 
 def topk_per_frame_reasons(scores: torch.Tensor, budgets: torch.Tensor, capacity: int) -> list[str]:
@@ -226,17 +232,17 @@ def topk_per_frame(scores: torch.Tensor, budgets: torch.Tensor, capacity: int):
     """(keep bool [B, T, N], index int32 [B, capacity]); scores of any strides (a view whose token
     dim is not contiguous is copied first)."""
     B, T, N = scores.shape
-    keep = torch.zeros((B, T, N), device=scores.device, dtype=torch.uint8)
-    index = torch.full((B, capacity), -1, device=scores.device, dtype=torch.int32)
+    keep = torch.empty((B, T, N), device=scores.device, dtype=torch.uint8)  # every token is written
     if B * T * N == 0:
-        return keep.view(torch.bool), index
+        return keep.view(torch.bool), torch.full((B, capacity), -1, device=scores.device, dtype=torch.int32)
+    index = torch.empty((B, capacity), device=scores.device, dtype=torch.int32)  # every slot is written
     if scores.stride(-1) != 1:
         scores = scores.contiguous()
-    k = budgets.to(device=scores.device, dtype=torch.int32).contiguous()
-    offsets = (k.to(torch.int64).cumsum(1) - k).contiguous()  # each frame's first slot in its video's index
+    k = budgets.to(device=scores.device, dtype=torch.int64).contiguous()
+    cum = k.cumsum(1)  # where each frame's slots end in its video's index
     block = next(size for size in TOPK_BLOCKS if size >= N)
     _topk_per_frame_kernel[(B * T,)](
-        scores, k, offsets, keep, index, T, N, capacity, scores.stride(0), scores.stride(1),
+        scores, k, cum, keep, index, T, N, capacity, scores.stride(0), scores.stride(1),
         BLOCK_N=block, num_warps=_topk_warps(block),
     )
     return keep.view(torch.bool), index
@@ -248,7 +254,7 @@ def _topk_aot_cases() -> list[AotCase]:
         for block in TOPK_BLOCKS:
             cases.append(AotCase(
                 f"topk_per_frame-{ty}-{block}", _topk_per_frame_kernel,
-                {"s_ptr": f"*{ty}", "k_ptr": "*i32", "off_ptr": "*i64", "keep_ptr": "*i8", "idx_ptr": "*i32",
+                {"s_ptr": f"*{ty}", "k_ptr": "*i64", "cum_ptr": "*i64", "keep_ptr": "*i8", "idx_ptr": "*i32",
                  "T": "i32", "N": "i32", "capacity": "i32", "ss_b": "i64", "ss_t": "i64", "BLOCK_N": "constexpr"},
                 {"BLOCK_N": block}, num_warps=_topk_warps(block)))
     return cases

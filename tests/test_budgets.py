@@ -304,6 +304,7 @@ def test_topk_per_frame_edges(device, dtype, backend):
     base = _tied_scores(3, 2, 9, seed=4).to(device)
     budgets = torch.tensor([[3, 0, 9], [1, 8, 4]], device=device)
     _check_against_oracle(base.transpose(0, 1), budgets, 14, backend)
+    _check_against_oracle(base.transpose(0, 1), budgets, 600, backend)  # padding longer than a block of tokens
     wide = torch.zeros(1, 2, 18, device=device)
     wide[..., ::2] = base[:1]
     _check_against_oracle(wide[..., ::2], budgets[1:, :2], None, backend)

@@ -187,7 +187,7 @@ def test_drop_static_generate_prefill_sees_fewer_tokens(patched):
     # labels shrink with the prompt: the loss is the one of the compressed sequence
     labels = kw["input_ids"].masked_fill(kw["input_ids"] >= IMAGE, -100)
     dropped = torch.zeros(L, dtype=torch.bool)
-    dropped[video[h * w :]] = True
+    dropped[video[h * w : T * h * w]] = True  # LLaVA-OneVision keeps its trailing image_newline
     kept = labels[0, ~dropped]  # dropped ones are -100
     with torch.no_grad():
         loss = model(**kw, labels=labels).loss
