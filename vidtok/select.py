@@ -522,14 +522,14 @@ def _check_values(name: str, bad: torch.Tensor, expected: str, values: torch.Ten
         require(~bad.any(), f"{name} must be {expected}")
 
 
-def _int_budget(name: str, value, shape: tuple, device, *, optional_default=None) -> torch.Tensor:
+def _int_budget(name: str, value, shape: tuple, device) -> torch.Tensor:
     """An int argument or an int tensor of ``shape`` as an int64 tensor of that shape."""
     if isinstance(value, torch.Tensor):
         if value.is_floating_point() or value.dtype == torch.bool or value.is_complex():
             raise TypeError(f"{name} must be an int or an int32/int64 tensor {list(shape)}, got {value.dtype}")
         if tuple(value.shape) != shape:
             raise ValueError(f"{name} must be an int or a tensor of shape {list(shape)}, got shape {list(value.shape)}")
-        if value.device != torch.device(device) and value.device.type != torch.device(device).type:
+        if value.device != device:
             raise ValueError(f"{name} must be on {device} (the scores' device), got {value.device}")
         return value.to(device=device, dtype=torch.int64)
     if isinstance(value, bool) or not isinstance(value, int):
@@ -707,7 +707,7 @@ def _num_segments(segment_id: torch.Tensor, num_segments) -> int:
     return check_int("num_segments", num_segments, low=0, high=2**31 - 1)
 
 
-def _check_segments(x, segment_id, what: str) -> tuple[int, int]:
+def _check_segments(x, segment_id) -> tuple[int, int]:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor [B, T, ...], got {type(x).__name__}")
     if x.dim() < 2:
@@ -741,7 +741,7 @@ def segment_reduce(x: torch.Tensor, segment_id: torch.Tensor, reduce: str = "mea
         ``scatter_reduce``; for "max", tied maxima share the gradient equally, as
         ``torch.scatter_reduce``; its CUDA backward uses atomic adds).
     """
-    _check_segments(x, segment_id, "segment_reduce")
+    _check_segments(x, segment_id)
     if reduce not in SEGMENT_REDUCES:
         raise ValueError(f"reduce must be one of {SEGMENT_REDUCES}, got {reduce!r}")
     return reference.segment_reduce(x, segment_id, reduce, _num_segments(segment_id, num_segments))
@@ -765,7 +765,7 @@ def segment_pool(x: torch.Tensor, segment_id: torch.Tensor, m: int, *, num_segme
         ``adaptive_avg_pool1d``'s bins (a segment shorter than m repeats frames); an empty segment
         gives zeros. Prefix sums in float64, no loop over segments. Differentiable in x.
     """
-    B, T = _check_segments(x, segment_id, "segment_pool")
+    B, T = _check_segments(x, segment_id)
     check_int("m", m, low=1, high=2**31 - 1)
     if T > 1:
         a, b = segment_id[:, :-1].long(), segment_id[:, 1:].long()
