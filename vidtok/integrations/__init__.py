@@ -6,7 +6,8 @@
   exact-count ``EVS(q)`` (the serving engines' rule) and ``Budget(total)`` (``allocate_budget`` +
   ``topk_per_frame``), whose token counts are known from the grid before any encoder runs.
 - ``vidtok.integrations.transformers``: ``apply(model, policy)`` / ``remove(model)`` for Hugging Face
-  Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision; ``apply_sparse_attention(model, layout, spec)`` /
+  Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision (``video_token_counts``: the prompt tokens of each
+  video from the config alone); ``apply_sparse_attention(model, layout, spec)`` /
   ``remove_sparse_attention(model)``: ``vidtok.sparse_attention`` in the attention layers of any model
   that dispatches through transformers' AttentionInterface (VideoMAE, ViViT, V-JEPA 2, ViT, ...).
 - ``vidtok.integrations.timm``: ``apply_tome(model, r)`` / ``remove(model)``, ToMe token merging

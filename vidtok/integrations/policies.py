@@ -6,14 +6,14 @@ The contract every policy follows (``vidtok.integrations.transformers.apply`` ca
 
 - ``features``: one video's visual tokens as the language model will see them, ``[T*h*w, C]``
   (float32, float16 or bfloat16), in (t, h, w) row-major order.
-- ``grid``: ``(T, h, w)`` as Python ints, the LLM-side grid: for Qwen2-VL / Qwen2.5-VL the grid after
+- ``grid``: ``(T, h, w)`` as Python ints, the LLM-side grid: for Qwen2-VL / Qwen2.5-VL / Qwen3-VL the grid after
   the 2x2 patch merger (``video_grid_thw // (1, 2, 2)``, T counting temporal patches of 2 frames); for
   LLaVA-OneVision ``(frames, ceil(p/2), ceil(p/2))`` after its bilinear pooling, without the trailing
   ``image_newline`` token (the integration keeps that one).
 - ``features_out``: ``[L', C]`` with ``0 < L' <= T*h*w``, same dtype and device: the tokens kept or
   merged, in the order the language model reads them.
 - ``origin``: int64 ``[L']``, strictly increasing: the flat (t, h, w) index each output token stands
-  at. The integration gives output token i the prompt slot and, for Qwen2-VL, the 3-D M-RoPE position
+  at. The integration gives output token i the prompt slot and, for Qwen-VL, the 3-D M-RoPE position
   ``(t, h, w)`` of input token ``origin[i]``; a merged token reports the index of the token that
   represents its group.
 
