@@ -147,3 +147,115 @@ def _aot_cases() -> list[AotCase]:
 
 
 AOT_CASES = _aot_cases()
+
+
+# ---------------------------------------------------------------------------------------------------
+# topk_per_frame: exactly budgets[b, t] tokens of every frame, the highest scores first, ties to the
+# lower index; NaN ranks as -inf (only reachable inside vidtok.allow_nan()), as the reference's sort.
+#
+# One program per frame holds its N scores in registers (N <= MAX_N). Each score becomes a signed
+# int32 key that orders as the float does: the float32 bits, with the 31 low bits flipped for
+# negative numbers (-0.0 is made +0.0 and NaN -inf first, so they tie as they compare). The k-th largest key is found by bisection over the int32 range: 32 passes that
+# each count the keys >= the midpoint (a register reduction, no memory traffic). Keys above it are
+# kept; of the keys equal to it, the first k - (count above) in index order (a prefix count). The
+# kept tokens' flat positions go to index[b, offset[b, t] + rank], offset being the frame's place
+# in its video (from the budgets' prefix sum, the one other launch), and the last frame of each video
+# writes the -1 padding after its video's total. Memory: one read of the scores, one byte of keep per
+# token, 4 bytes per index slot.
+
+MAX_N = 4096
+TOPK_BLOCKS = (256, 1024, 4096)  # the BLOCK_N a launch picks: the smallest that holds N
+
+
+def _topk_warps(block_n: int) -> int:
+    # 8 keys per thread: one warp up to 256 tokens (the 32 counting reductions are warp shuffles
+    # only), 4 warps for 1024 and 16 for 4096 (50-64 registers, no spills: `python -m vidtok aot`).
+    return 1 if block_n <= 256 else block_n // 256
+
+
+@triton.jit
+def _topk_per_frame_kernel(
+    s_ptr, k_ptr, cum_ptr, keep_ptr, idx_ptr,
+    T, N, capacity, ss_b, ss_t,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // T
+    t = pid % T
+    offs = tl.arange(0, BLOCK_N)
+    valid = offs < N
+    x = tl.load(s_ptr + b.to(tl.int64) * ss_b + t.to(tl.int64) * ss_t + offs, mask=valid, other=0.0).to(tl.float32)
+    x = tl.where(x == 0.0, 0.0, x)  # -0.0 -> +0.0
+    x = tl.where(x != x, float("-inf"), x)  # NaN ranks as -inf
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    k = tl.load(k_ptr + pid).to(tl.int32)
+
+    # largest lo with count(key >= lo) >= k (k = 0 ends at INT32_MAX, above every key: nothing kept)
+    lo = tl.full((), -2147483648, tl.int64)
+    hi = tl.full((), 2147483647, tl.int64)
+    for _ in range(32):
+        mid = lo + (hi - lo + 1) // 2
+        count = tl.sum(((key.to(tl.int64) >= mid) & valid).to(tl.int32), axis=0)
+        enough = count >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+
+    wide = key.to(tl.int64)
+    above = (wide > lo) & valid
+    tied = (wide == lo) & valid
+    need = k - tl.sum(above.to(tl.int32), axis=0)
+    keep = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= need))
+    tl.store(keep_ptr + pid.to(tl.int64) * N + offs, keep.to(tl.int8), mask=valid)
+
+    rank = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    end = tl.load(cum_ptr + pid)  # the video's kept tokens up to and including this frame
+    slot = end - k + rank
+    row = idx_ptr + b.to(tl.int64) * capacity
+    tl.store(row + slot, t * N + offs, mask=keep & (slot < capacity))
+    if t == T - 1:  # the video's padding after its total
+        for start in range(end, capacity, BLOCK_N):
+            pad = start + offs
+            tl.store(row + pad, tl.full([BLOCK_N], -1, tl.int32), mask=pad < capacity)
+
+
+def topk_per_frame_reasons(scores: torch.Tensor, budgets: torch.Tensor, capacity: int) -> list[str]:
+    N = scores.shape[-1]
+    if N > MAX_N:
+        return [f"the Triton kernel holds a frame's tokens in registers, N <= {MAX_N}, got N = {N}"]
+    return []
+
+
+@on_tensor_device
+def topk_per_frame(scores: torch.Tensor, budgets: torch.Tensor, capacity: int):
+    """(keep bool [B, T, N], index int32 [B, capacity]); scores of any strides (a view whose token
+    dim is not contiguous is copied first)."""
+    B, T, N = scores.shape
+    keep = torch.empty((B, T, N), device=scores.device, dtype=torch.uint8)  # every token is written
+    if B * T * N == 0:
+        return keep.view(torch.bool), torch.full((B, capacity), -1, device=scores.device, dtype=torch.int32)
+    index = torch.empty((B, capacity), device=scores.device, dtype=torch.int32)  # every slot is written
+    if scores.stride(-1) != 1:
+        scores = scores.contiguous()
+    k = budgets.to(device=scores.device, dtype=torch.int64).contiguous()
+    cum = k.cumsum(1)  # where each frame's slots end in its video's index
+    block = next(size for size in TOPK_BLOCKS if size >= N)
+    _topk_per_frame_kernel[(B * T,)](
+        scores, k, cum, keep, index, T, N, capacity, scores.stride(0), scores.stride(1),
+        BLOCK_N=block, num_warps=_topk_warps(block),
+    )
+    return keep.view(torch.bool), index
+
+
+def _topk_aot_cases() -> list[AotCase]:
+    """The launcher on meta tensors: 8 videos of 256 frames, N tokens per frame reaching each BLOCK_N
+    (196 ViT patches, 576 SigLIP tokens, 4096), a quarter of the tokens kept."""
+    cases = []
+    for dtype, ty in TRITON_DTYPES.items():
+        for N in (196, 576, MAX_N):
+            scores, budgets = meta(8, 256, N, dtype=dtype), meta(8, 256, dtype=torch.int64)
+            cases.append(AotCase(f"topk_per_frame-{ty}-n{N}", functools.partial(topk_per_frame, scores, budgets, 256 * N // 4)))
+    return cases
+
+
+AOT_CASES = AOT_CASES + _topk_aot_cases()

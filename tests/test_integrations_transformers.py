@@ -1,4 +1,4 @@
-"""vidtok.integrations.transformers on tiny random-weight Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision.
+"""vidtok.integrations.transformers on tiny random-weight Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision.
 
 Fully offline: models are built from configs (no downloads, no processors); prompts are built by hand
 from the video placeholder token ids, and pixel inputs have the shapes the processors would give.
@@ -15,8 +15,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from vidtok.integrations import DropStatic, KeepAll, MergeTemporal, SelectFrames  # noqa: E402
+from vidtok.integrations import EVS, Budget, DropStatic, KeepAll, MergeTemporal, SelectFrames  # noqa: E402
 from vidtok.integrations import transformers as vt  # noqa: E402
+import vidtok  # noqa: E402
 from vidtok.integrations.policies import check_output  # noqa: E402
 
 VOCAB, PAD, BOS, EOS = 128, 0, 1, 2
@@ -26,13 +27,15 @@ TEXT = dict(
     vocab_size=VOCAB, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, max_position_embeddings=512,
 )
 MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "llava_onevision"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision"]
+TIMESTAMP = 30  # Qwen3-VL: one text token before each temporal patch stands for its "<t seconds>"
 NEW_TOKENS = 3
 
 
 class Case:
     """A tiny model of one family and the inputs its processor would produce for a prompt with one video
-    per row: ``[BOS, 5, V_START, <video placeholders>, V_END, 6, 7]``."""
+    per row: ``[BOS, 5, V_START, <video placeholders>, V_END, 6, 7]``; Qwen3-VL puts a timestamp token
+    and its own V_START ... V_END around each temporal patch's placeholders, as its processor does."""
 
     def __init__(self, family: str):
         self.family = family
@@ -53,6 +56,14 @@ class Case:
                 image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=V_START, vision_end_token_id=V_END,
             )
             self.model = transformers.Qwen2_5_VLForConditionalGeneration(config)
+        elif family == "qwen3_vl":
+            config = transformers.Qwen3VLConfig(
+                vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+                                   out_hidden_size=64, num_position_embeddings=16, deepstack_visual_indexes=[0]),
+                text_config=dict(TEXT, head_dim=16, rope_parameters=dict(MROPE, mrope_interleaved=True)),
+                image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=V_START, vision_end_token_id=V_END,
+            )
+            self.model = transformers.Qwen3VLForConditionalGeneration(config)
         else:
             config = transformers.LlavaOnevisionConfig(
                 vision_config=transformers.SiglipVisionConfig(
@@ -77,10 +88,16 @@ class Case:
         frames = torch.randn(3, 3, 32, 32, generator=g)
         return frames[:1].expand(3, -1, -1, -1).clone() if static else frames
 
+    def video_ids(self, T: int = 3) -> list[int]:
+        """The placeholder span of one video of T temporal patches (2x2 LLM tokens each)."""
+        if self.family == "qwen3_vl":
+            return sum(([TIMESTAMP + t, V_START] + [VIDEO] * 4 + [V_END] for t in range(T)), [])
+        return [V_START] + [VIDEO] * (4 * T + (0 if self.qwen else 1)) + [V_END]
+
     def inputs(self, statics: list[bool], seed: int = 0, image: bool = False) -> dict:
         """One video per row (static or not); ``image`` (Qwen only) puts a 4x4-patch image before it."""
         picture = [V_START] + [IMAGE] * 4 + [V_END] if image else []
-        ids = torch.tensor([[BOS, 5] + picture + [V_START] + [VIDEO] * self.tokens + [V_END, 6, 7]] * len(statics))
+        ids = torch.tensor([[BOS, 5] + picture + self.video_ids() + [6, 7]] * len(statics))
         videos = [self.video(s, seed + i) for i, s in enumerate(statics)]
         kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
         if self.qwen:
@@ -162,14 +179,16 @@ def test_drop_static_generate_prefill_sees_fewer_tokens(patched):
     with torch.no_grad(), Recorder(model) as rec:
         out = model(**kw)
     assert rec.lengths == [L - (T - 1) * h * w]  # a static video keeps frame 0 only
+    video = (kw["input_ids"][0] == VIDEO).nonzero().squeeze(1)
     assert out.logits.shape[1] == L - (T - 1) * h * w
     assert isinstance(out.video_outputs, vt.CompressedVideoOutput)
     assert out.video_outputs.grid == (case.grid,)
     assert torch.equal(out.video_outputs.origin[0], torch.arange(h * w))
     # labels shrink with the prompt: the loss is the one of the compressed sequence
     labels = kw["input_ids"].masked_fill(kw["input_ids"] >= IMAGE, -100)
-    first = int((kw["input_ids"][0] == VIDEO).nonzero()[0])
-    kept = torch.cat([labels[0, : first + h * w], labels[0, first + T * h * w :]])  # dropped ones are -100
+    dropped = torch.zeros(L, dtype=torch.bool)
+    dropped[video[h * w : T * h * w]] = True  # LLaVA-OneVision keeps its trailing image_newline
+    kept = labels[0, ~dropped]  # dropped ones are -100
     with torch.no_grad():
         loss = model(**kw, labels=labels).loss
     expected = torch.nn.functional.cross_entropy(out.logits[0, :-1], kept[1:], ignore_index=-100)
@@ -431,3 +450,137 @@ def test_vidtok_policies_generate_with_fewer_tokens(patched, policy):
         seq = case.generate(kw)
     assert rec.lengths == [expected] + [1] * (NEW_TOKENS - 1)
     assert torch.equal(seq[:, :L], kw["input_ids"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# exact counts: predicted from the config before encoding, equal after, for every policy
+
+
+def _varied_inputs(case, Ts: list[int], seed: int = 0) -> dict:
+    """One video per row of Ts[i] temporal patches (LLaVA: frames, equal in a batch), rows left-padded."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [[BOS, 5] + case.video_ids(T) + [6, 7] for T in Ts]
+    width = max(map(len, rows))
+    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    kw = dict(input_ids=ids, attention_mask=mask)
+    if case.qwen:
+        kw["pixel_values_videos"] = torch.randn(16 * sum(Ts), 96, generator=g)
+        kw["video_grid_thw"] = torch.tensor([[T, 4, 4] for T in Ts])
+        kw["mm_token_type_ids"] = (ids == VIDEO).long() * 2
+        if case.family == "qwen2_5_vl":
+            kw["second_per_grid_ts"] = torch.tensor([2.0] * len(Ts))
+    else:
+        kw["pixel_values_videos"] = torch.randn(len(Ts), Ts[0], 3, 32, 32, generator=g)
+    return kw
+
+
+COUNTED = [KeepAll(), EVS(0.5), EVS(0.7, per_frame=True), Budget(5), Budget(ratio=0.5, allocate="softmax", token_score="change"),
+           MergeTemporal(r=3), SelectFrames(2, method="uniform")]
+
+
+@pytest.mark.parametrize("policy", COUNTED, ids=repr)
+def test_count_predicted_before_encoding_is_the_count_after(patched, policy):
+    """For every exact-count policy, batch sizes 1 and 2 and videos of different lengths: the counts
+    vt.video_token_counts gives from the config alone are the tokens each video keeps, and the
+    prefill that reaches the language model has exactly that many placeholders."""
+    case, model = patched, patched.model
+    vt.apply(model, policy)
+    for Ts in ([3, 2], [2]) if case.qwen else ([3, 3], [2]):
+        kw = _varied_inputs(case, Ts, seed=len(Ts))
+        if case.qwen:
+            predicted = vt.video_token_counts(model, policy, video_grid_thw=kw["video_grid_thw"])
+        else:
+            predicted = vt.video_token_counts(model.config, policy, num_frames=Ts)
+        tail = 0 if case.qwen else 1
+        full = [4 * T + tail for T in Ts]
+        assert all(isinstance(c, int) for c in predicted)
+        with torch.no_grad(), Recorder(model) as rec:
+            out = model(**kw)
+        assert [o.numel() + tail for o in out.video_outputs.origin] == predicted
+        lengths = kw["attention_mask"].shape[1] - torch.tensor(full) + torch.tensor(predicted)
+        assert rec.lengths == [int(lengths.max())]
+        if case.family == "qwen3_vl":
+            (deep,) = out.video_outputs.deepstack_features
+            assert [d.shape[0] for d in deep] == predicted
+        if len(Ts) == 1:
+            continue  # generate() on the batch of two
+        with Recorder(model) as rec:
+            seq = case.generate(kw)
+        assert rec.lengths == [int(lengths.max())] + [1] * (NEW_TOKENS - 1)
+        assert torch.equal(seq[:, : kw["input_ids"].shape[1]], kw["input_ids"])
+
+
+def test_count_mismatch_never_reaches_the_model(patched):
+    case, model = patched, patched.model
+
+    class Miscounted(KeepAll):
+        def num_tokens(self, grid):
+            return super().num_tokens(grid) - 1
+
+    vt.apply(model, Miscounted())
+    kw = case.inputs([False])
+    with Recorder(model) as rec, pytest.raises(ValueError, match="predicted 11 from the grid"):
+        case.generate(kw)
+    assert rec.lengths == []
+    # data-dependent policies have no prediction, and are still checked for consistency with the prompt
+    assert vt.video_token_counts(model, DropStatic(0.9), **(
+        {"video_grid_thw": kw["video_grid_thw"]} if case.qwen else {"num_frames": 3})) == [None]
+
+
+def test_video_token_counts_errors():
+    config = transformers.Qwen2VLConfig()
+    with pytest.raises(ValueError, match="pass video_grid_thw for Qwen-VL models"):
+        vt.video_token_counts(config, KeepAll(), num_frames=3)
+    with pytest.raises(TypeError, match="model_type 'qwen2'"):
+        vt.video_token_counts(transformers.Qwen2Config(**TEXT), KeepAll(), num_frames=3)
+    assert vt.video_token_counts(config, EVS(0.75), video_grid_thw=torch.tensor([[16, 28, 28], [1, 28, 28]])) == [
+        vidtok.evs_count(196, 16, 0.75), 196]
+
+
+def test_exact_count_policies_oracles():
+    """EVS against a transcription of vLLM's compute_retention_mask; EVS(per_frame) and Budget against
+    allocate_budget + per-frame loops."""
+    g = torch.Generator().manual_seed(9)
+    T, h, w, C = 6, 3, 4, 16
+    x = torch.randn(T, h * w, C, generator=g)
+    x[2] = x[1] + 1e-3 * torch.randn(h * w, C, generator=g)  # a near-static frame
+    features = x.reshape(-1, C)
+    for q in (0.3, 0.75, 0.9):
+        # vLLM: 1 - cos against the previous frame, 255 on frame 0, global stable argsort, the first K
+        dis = 1 - torch.nn.functional.cosine_similarity(x[1:].double(), x[:-1].double(), dim=-1)
+        dis = torch.cat([torch.full((1, h * w), 255.0, dtype=torch.float64), dis]).reshape(-1)
+        K = vidtok.evs_count(h * w, T, q)
+        expected = torch.argsort(dis, descending=True, stable=True)[:K].sort().values
+        out, origin = EVS(q)(features, (T, h, w))
+        assert torch.equal(origin, expected) and torch.equal(out, features[origin])
+        per = EVS(q, per_frame=True)
+        counts = per.frame_counts((T, h, w))
+        lo = torch.tensor([[h * w] + [0] * (T - 1)])
+        assert counts == vidtok.allocate_budget(torch.zeros(1, T), K, min_per_frame=lo, max_per_frame=h * w,
+                                                mode="uniform")[0].tolist()
+        origin = per(features, (T, h, w))[1]
+        assert torch.bincount(origin // (h * w), minlength=T).tolist() == counts
+        for t in range(1, T):
+            mine = origin[origin // (h * w) == t] % (h * w)
+            order = sorted(range(h * w), key=lambda n: (-float(dis[t * h * w + n]), n))[: counts[t]]
+            assert mine.tolist() == sorted(order)
+    policy = Budget(20, allocate="proportional")
+    budgets = policy.budgets(features, (T, h, w))
+    assert int(budgets.sum()) == 20 == policy.num_tokens((T, h, w)) and (budgets >= 1).all()
+    origin = policy(features, (T, h, w))[1]
+    assert torch.bincount(origin // (h * w), minlength=T).tolist() == budgets.tolist()
+    assert Budget(1000).num_tokens((T, h, w)) == T * h * w and Budget(1).num_tokens((T, h, w)) == T
+
+
+def test_policy_constructors_reject_bad_arguments():
+    with pytest.raises(ValueError, match="q"):
+        EVS(1.0)
+    with pytest.raises(ValueError, match="exactly one of total"):
+        Budget()
+    with pytest.raises(ValueError, match="ratio must be"):
+        Budget(ratio=1.5)
+    with pytest.raises(ValueError, match="allocate must be one of"):
+        Budget(4, allocate="greedy")
+    with pytest.raises(ValueError, match="token_score must be one of"):
+        Budget(4, token_score="random")

@@ -100,6 +100,9 @@ OPS: dict[str, OpRecord] = {
         OpRecord("greedy_select", "select", ("greedy_select",), ("reference", "cuda"), _GPU_CUDA),
         OpRecord("dpp_select", "select", ("dpp_select",), ("reference", "cuda"), _GPU_CUDA),
         OpRecord("scene_boundaries", "select", ("scene_boundaries",), ("reference",), {}),
+        OpRecord("allocate_budget", "select", ("allocate_budget",), ("reference",), {}),
+        OpRecord("topk_per_frame", "select", ("topk_per_frame",), ("reference", "triton", "cpu"),
+                 {"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")}),
         OpRecord("sparse_attention", "sparse", ("sparse_attention", "sparse_attention_backward"),
                  ("reference", "triton", "cpu"), {"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")}),
     )

@@ -93,6 +93,12 @@ def _require(ok: torch.Tensor, message: str) -> None:
         torch._assert_async(ok, message)
 
 
+def require(ok: torch.Tensor, message: str) -> None:
+    """Raise ValueError(message) unless the 0-d bool tensor ``ok`` is True: at once on CPU tensors,
+    as a device-side assert on GPUs and under torch.compile (no host sync)."""
+    _require(ok, message)
+
+
 def check_no_nan(op: str, name: str, t: torch.Tensor | None, where: torch.Tensor | None = None) -> None:
     """``t`` (optionally only where ``where``) must hold no NaN, unless inside ``allow_nan()``."""
     if t is None or not t.is_floating_point() or _nan_allowed or t.numel() == 0:

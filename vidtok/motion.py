@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 from vidtok import _backend
+from vidtok import select as _select
 from vidtok._backend import VIDEO_DTYPES
 from vidtok._numerics import kept_rank
 from vidtok._validation import check_float, check_int, check_no_nan, check_optional_count, check_tensor, check_unit_range
@@ -246,9 +247,11 @@ def _(video, ph, pw, threshold, compare_to, ts, reduce, refresh_every, max_run, 
 def motion_gate(
     video: torch.Tensor,
     patch,
-    threshold: float,
+    threshold: float | None = None,
     *,
-    compare_to: str = "last_kept",
+    keep: int | None = None,
+    keep_ratio: float | None = None,
+    compare_to: str | None = None,
     tubelet: int = 1,
     reduce: str = "mean_abs",
     refresh_every: int | None = None,
@@ -256,11 +259,22 @@ def motion_gate(
     search_radius: int = 0,
     backend: str | None = None,
 ) -> Gate:
-    """Decide which patches of a clip to keep: those that changed by more than ``threshold``.
+    """Decide which patches of a clip to keep: those that changed by more than ``threshold``, or
+    exactly ``keep`` of them per clip (the ones that changed most).
 
     Args:
         video, patch, tubelet, reduce: as in ``patch_delta``. Float video must be in [0, 1] (uint8 / 255);
             values outside it, or NaN, are a ValueError (a device-side assert on GPUs).
+        keep, keep_ratio: exact-count mode (pass exactly one of threshold, keep and keep_ratio): every
+            clip keeps exactly K patches, known before the video is read, as EVS (Bagrov et al. 2025;
+            vLLM ``vllm/multimodal/evs.py``) sizes a prompt. Slice 0 is kept whole (and the slices of
+            ``refresh_every``), then the patches of largest delta against the previous slice, ties to
+            the lower flat position (t, h, w); K = keep, or max(h*w, int(T' h w keep_ratio)) for
+            keep_ratio in (0, 1] (for EVS's pruning rate q, ``keep=vidtok.evs_count(h*w, T', q)``
+            reproduces its float rounding). K must cover the forced slices and be at most T' h w.
+            compare_to must be "prev" (the default in this mode): under "last_kept" every decision
+            changes later deltas, so there is no single ranking to cut; max_run is refused for the
+            same reason. Static shapes: the top-K is ``topk_per_frame`` on the clip's deltas.
         threshold: a slice is kept iff its delta > threshold (strict, as RLT), in the units of
             ``reduce``: grey levels for uint8 video, [0, 1] units for float video ("mean_abs",
             "max_abs", "rlt"; "l2" up to sqrt(elements)). A finite threshold that float video can
@@ -269,7 +283,8 @@ def motion_gate(
         compare_to: "prev" compares each slice with the previous slice (RLT, vLLM EVS): a change slower
             than the threshold per slice is never sent. "last_kept" compares with the version of the
             patch that was last kept (Eventful Transformers' TokenGate, Dutson et al. ICCV 2023): unsent
-            change accumulates until it crosses the threshold, so nothing drifts away.
+            change accumulates until it crosses the threshold, so nothing drifts away. Default
+            (None): "last_kept" with a threshold, "prev" with keep / keep_ratio.
         refresh_every: keep every location at slices 0, n, 2n, ... (bounds staleness; None: never).
         max_run: keep a location when its last kept slice is max_run slices back, so one kept patch
             stands for at most max_run slices (e.g. the size of a length-embedding table; None: no cap).
@@ -290,18 +305,69 @@ def motion_gate(
     """
     ph, pw, ts = _check_video(video, patch, tubelet)
     _check_reduce(reduce)
+    if sum(v is not None for v in (threshold, keep, keep_ratio)) != 1:
+        raise ValueError("pass exactly one of threshold (keep what changed more), keep (exactly K patches per clip) "
+                         "and keep_ratio (exactly max(h*w, int(T' h w keep_ratio)) per clip)")
+    counted = threshold is None
+    if compare_to is None:
+        compare_to = "prev" if counted else "last_kept"
     if compare_to not in COMPARE_TO:
         raise ValueError(f"compare_to must be one of {COMPARE_TO}, got {compare_to!r}")
-    threshold = check_float("threshold", threshold)
     refresh_every = check_optional_count("refresh_every", refresh_every)
     max_run = check_optional_count("max_run", max_run)
     check_int("search_radius", search_radius, low=0, high=2**15 - 1)
+    if counted:
+        return _gate_exact_count(video, ph, pw, ts, reduce, keep, keep_ratio, compare_to, refresh_every, max_run,
+                                 search_radius, backend)
+    threshold = check_float("threshold", threshold)
     _check_float_video(video, threshold, ph, pw, ts, reduce)
     args = (video, ph, pw, threshold, compare_to, ts, reduce, refresh_every, max_run)
     chosen = _choose("motion_gate", video, backend, args)
     if search_radius > 0:
         return Gate(*_motion_gate_compensated_op(*args, search_radius, chosen))
     return Gate(*_motion_gate_op(*args, chosen))
+
+
+def _gate_exact_count(video, ph, pw, ts, reduce, keep, keep_ratio, compare_to, refresh_every, max_run, search_radius,
+                      backend) -> Gate:
+    """motion_gate's exact-count mode (see its docstring)."""
+    B, T, _, H, W = video.shape
+    Tq, h, w = T // ts, H // ph, W // pw
+    N = Tq * h * w
+    if compare_to != "prev":
+        raise ValueError("keep / keep_ratio need compare_to='prev': under 'last_kept' each kept patch changes the "
+                         "deltas of the slices after it, so no single ranking gives exactly K patches")
+    if max_run:
+        raise ValueError("keep / keep_ratio cannot take max_run (whether a run is capped depends on the decisions "
+                         "before it); use refresh_every to force whole slices")
+    forced = torch.zeros(Tq, dtype=torch.bool, device=video.device)
+    forced[:: refresh_every or max(Tq, 1)] = True  # slice 0, and every refresh_every-th
+    forced_count = (len(range(0, Tq, refresh_every)) if refresh_every else min(Tq, 1)) * h * w
+    if keep is not None:
+        K = check_int("keep", keep, low=0, high=N)
+    else:
+        ratio = check_float("keep_ratio", keep_ratio)
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {ratio}")
+        K = max(h * w, int(N * ratio))
+    if K < forced_count:
+        raise ValueError(f"keep = {K} patches cannot cover the slices kept whole ({forced_count} = slice 0"
+                         f"{' and every refresh_every-th slice' if refresh_every else ''}, {h}x{w} patches each)")
+    _check_float_video(video, float("inf"), ph, pw, ts, reduce)
+    motion = None
+    if search_radius > 0:
+        args = (video, ph, pw, float("inf"), "prev", ts, reduce, 0, 0)
+        chosen = _choose("motion_gate", video, backend, args)
+        _, delta, _, _, motion = _motion_gate_compensated_op(*args, search_radius, chosen)
+    else:
+        chosen = _choose("patch_delta", video, backend, (video, ph, pw, ts, reduce))
+        delta = _patch_delta_op(video, ph, pw, ts, reduce, chosen)
+    score = torch.where(forced.view(1, Tq, 1, 1), float("inf"), delta)
+    budgets = torch.full((B, 1), K, dtype=torch.int64, device=video.device)
+    kept = _select.topk_per_frame(score.reshape(B, 1, N), budgets, capacity=K, backend=backend).keep
+    kept = kept.view(B, Tq, h, w)
+    carry, run = reference.carry_and_run_length(kept)
+    return Gate(kept, delta, run, carry, motion)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -5,9 +5,16 @@ relevance to the question, similarity of consecutive frames, then a selection ru
 each stage batched over videos and queries, deterministically (ties: higher gain, then the lower
 frame index), with every selection returned as int32 indices sorted by time and padded with -1.
 
-frame_scores, greedy_select, dpp_select and scene_boundaries are ``torch.library.custom_op``s in the
-``vidtok`` namespace whose last argument is the backend chosen in Python (``vidtok._backend`` says
-which backends each has). ``segment_topk`` and ``uniform_indices`` are plain PyTorch functions.
+The same hot path holds exact token budgets: the serving engines' counts (``evs_count``,
+``vidcom2_count``: host-side arithmetic on the grid), integer budgets per frame that sum exactly to a
+total (``allocate_budget``) and the top-k tokens of every frame under such budgets
+(``topk_per_frame``), so a prompt's size is known before any encoder runs.
+
+frame_scores, greedy_select, dpp_select, scene_boundaries, allocate_budget and topk_per_frame are
+``torch.library.custom_op``s in the ``vidtok`` namespace whose last argument is the backend chosen in
+Python (``vidtok._backend`` says which backends each has). ``segment_topk``, ``segment_reduce``,
+``segment_pool``, ``clip_select`` and ``uniform_indices`` are plain PyTorch functions (clip_select
+over greedy_select).
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ import torch
 
 from vidtok import _backend
 from vidtok._numerics import REFERENCE_DTYPES
-from vidtok._validation import check_float, check_int, check_no_nan, check_same_device, check_tensor
+from vidtok._validation import check_float, check_int, check_no_nan, check_same_device, check_tensor, require
 from vidtok.reference import select as reference
 
-__all__ = ["Scores", "dpp_select", "frame_scores", "greedy_select", "scene_boundaries", "segment_topk", "uniform_indices"]
+__all__ = ["Scores", "dpp_select", "frame_scores", "greedy_select", "scene_boundaries", "segment_topk", "uniform_indices",
+           "Kept", "allocate_budget", "clip_select", "evs_count", "segment_pool", "segment_reduce", "topk_per_frame",
+           "vidcom2_count"]
 
 _INT_DTYPES = (torch.int32, torch.int64)
 
@@ -405,7 +414,7 @@ def scene_boundaries(
     return _scene_boundaries_op(adjacent, method, threshold, k, min_len, window, min_change, lengths, chosen)
 
 
-def segment_topk(scores: torch.Tensor, seg_id: torch.Tensor, k_per_segment: int) -> torch.Tensor:
+def segment_topk(scores: torch.Tensor, seg_id: torch.Tensor, k_per_segment: int, *, num_segments: int | None = None) -> torch.Tensor:
     """The ``k_per_segment`` highest-scoring frames of every segment (AKS leaves, one anchor per event).
 
     Args:
@@ -413,11 +422,13 @@ def segment_topk(scores: torch.Tensor, seg_id: torch.Tensor, k_per_segment: int)
             ValueError (inside ``vidtok.allow_nan()``: never selected).
         seg_id: int ``[B, T]`` segment ids (``scene_boundaries``); frames with seg_id < 0 are skipped.
         k_per_segment: >= 1; a segment with fewer eligible frames gives all of them.
+        num_segments: S, a static size (ids >= S are skipped, as in ``segment_reduce``); None reads
+            seg_id.max() + 1 on the host (a data-dependent size).
 
     Returns:
         int32 ``[B, S * k_per_segment]`` (``[B, Q, ...]`` for 3-D scores) sorted by time and padded with
-        -1, S = seg_id.max() + 1. Ties to the lower index. S is read on the host (a data-dependent size):
-        plain PyTorch, not a custom op.
+        -1. Ties to the lower index. Plain PyTorch, not a custom op; with num_segments it compiles
+        with static shapes.
     """
     _check_2d_or_3d("scores", scores, "[B, T] or [B, Q, T]")
     check_tensor("seg_id", seg_id, rank=2, layout="[B, T]", dtypes=_INT_DTYPES)
@@ -426,7 +437,9 @@ def segment_topk(scores: torch.Tensor, seg_id: torch.Tensor, k_per_segment: int)
     check_int("k_per_segment", k_per_segment, low=1, high=2**31 - 1)
     check_same_device(scores=scores, seg_id=seg_id)
     check_no_nan("segment_topk", "scores", scores)
-    return reference.segment_topk(scores, seg_id, k_per_segment)
+    if num_segments is not None:
+        check_int("num_segments", num_segments, low=0, high=2**31 - 1)
+    return reference.segment_topk(scores, seg_id, k_per_segment, num_segments)
 
 
 def uniform_indices(T: int, k: int, *, mode: str = "linspace", device: str | torch.device | None = None) -> torch.Tensor:
@@ -444,3 +457,354 @@ def uniform_indices(T: int, k: int, *, mode: str = "linspace", device: str | tor
     if mode not in ("linspace", "numpy", "center"):
         raise ValueError(f"mode must be 'linspace', 'numpy' or 'center', got {mode!r}")
     return reference.uniform_indices(T, k, mode, device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exact token budgets: the serving engines' counts, integer budgets per frame, the top-k tokens of
+# every frame, and segment ops. Counts that a prompt needs are known before any encoder runs.
+
+
+def _check_rate(q) -> float:
+    q = check_float("q", q)
+    if not 0.0 <= q < 1.0:
+        raise ValueError(f"q (the pruning rate) must be in [0, 1), got {q}")
+    return q
+
+
+def evs_count(tokens_per_frame: int, frames: int, q: float) -> int:
+    """Tokens Efficient Video Sampling keeps of a video (Bagrov et al. 2025, arXiv 2510.14624), as vLLM
+    (``vllm/multimodal/evs.py``, ``compute_retained_tokens_count``) and SGLang
+    (``python/sglang/srt/multimodal/evs/evs_core.py``) size the prompt:
+    ``max(tokens_per_frame, int(tokens_per_frame * frames * (1 - q)))``.
+
+    The first frame is always kept whole, so the count never falls below one frame. Computed with
+    Python floats exactly as the engines do, truncation included: 100 frames of 100 tokens at q = 0.9
+    keep int(10000 * 0.09999999999999998) = 999 tokens, not 1000.
+
+    Args:
+        tokens_per_frame: >= 1, the LLM-side tokens of one frame (after any spatial merge).
+        frames: >= 1, frames (temporal slices) of the video.
+        q: the pruning rate, in [0, 1).
+    """
+    check_int("tokens_per_frame", tokens_per_frame, low=1)
+    check_int("frames", frames, low=1)
+    q = _check_rate(q)
+    return max(tokens_per_frame, int(tokens_per_frame * frames * (1 - q)))
+
+
+def vidcom2_count(tokens_per_frame: int, frames: int, q: float) -> int:
+    """Tokens VidCom2 keeps of a video (Liu et al., EMNLP 2025, arXiv 2505.14454) as vLLM sizes the prompt
+    (``vllm/multimodal/video_prune/vidcom2.py``, ``compute_retained_tokens_count``):
+    ``max(frames, min(int(tokens_per_frame * frames * (1 - q)), tokens_per_frame * frames))``: every
+    frame keeps at least one token, so the floor is one token per frame rather than EVS's whole first
+    frame. Arguments as ``evs_count``; Python float arithmetic as the engine."""
+    check_int("tokens_per_frame", tokens_per_frame, low=1)
+    check_int("frames", frames, low=1)
+    q = _check_rate(q)
+    total = tokens_per_frame * frames
+    return max(frames, min(int(total * (1 - q)), total))
+
+
+def _first_bad(bad: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(i) for i in bad.nonzero()[0])
+
+
+def _check_values(name: str, bad: torch.Tensor, expected: str, values: torch.Tensor) -> None:
+    """ValueError naming ``name`` where ``bad`` holds: with the first bad value on CPU tensors, as a
+    device-side assert on GPUs and under torch.compile (no host sync)."""
+    if bad.numel() == 0:
+        return
+    if bad.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(bad.any()):
+            where = _first_bad(bad)
+            raise ValueError(f"{name} must be {expected}, got {values[where].item()} at {list(where)}")
+    else:
+        require(~bad.any(), f"{name} must be {expected}")
+
+
+def _int_budget(name: str, value, shape: tuple, device) -> torch.Tensor:
+    """An int argument or an int tensor of ``shape`` as an int64 tensor of that shape."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be an int or an int32/int64 tensor {list(shape)}, got {value.dtype}")
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{name} must be an int or a tensor of shape {list(shape)}, got shape {list(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{name} must be on {device} (the scores' device), got {value.device}")
+        return value.to(device=device, dtype=torch.int64)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int or an int32/int64 tensor {list(shape)}, got {type(value).__name__}")
+    return torch.full(shape, value, dtype=torch.int64, device=device)
+
+
+ALLOCATION_MODES = ("proportional", "softmax", "uniform")
+
+
+@torch.library.custom_op("vidtok::allocate_budget", mutates_args=())
+def _allocate_budget_op(
+    scores: torch.Tensor, total: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, mode: str, temperature: float,
+    backend: str,
+) -> torch.Tensor:
+    return _backend.implementation("allocate_budget", backend)(scores, total, lo, hi, mode, temperature)
+
+
+@_allocate_budget_op.register_fake
+def _(scores, total, lo, hi, mode, temperature, backend):
+    return scores.new_empty(scores.shape, dtype=torch.int64)
+
+
+def allocate_budget(
+    scores: torch.Tensor,
+    total,
+    *,
+    min_per_frame=0,
+    max_per_frame=None,
+    mode: str = "proportional",
+    temperature: float = 1.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Integer token budgets per frame that sum exactly to ``total`` in every video.
+
+    Per-frame budgets drawn from frame scores are how KFFocus (condensation ratios from temporal
+    redundancy), VidCom2 (budgets from frame distinctiveness, reconciled to the exact total) and LangDC
+    (ratios from semantic density) spend a fixed token count unevenly; ``topk_per_frame`` then keeps
+    that many tokens of each frame.
+
+    Args:
+        scores: ``[B, T]`` float frame scores (float32/float16/bfloat16/float64). "proportional":
+            budgets follow the scores, which must be >= 0 and finite (a frame of score 0 gets its
+            minimum while the others can absorb the total); "softmax": budgets follow
+            softmax(scores / temperature) over the frames (finite scores); "uniform": scores only give
+            the shape. NaN is a ValueError; inside ``vidtok.allow_nan()`` a NaN frame has weight 0.
+        total: the tokens of each video: an int >= 0 or an int tensor ``[B]``.
+        min_per_frame, max_per_frame: an int or an int tensor ``[B, T]`` each; max None means no
+            upper limit. A max of 0 removes a frame (padding frames of a shorter video). Must satisfy
+            0 <= min <= max and sum(min) <= total <= sum(max) in every video.
+        mode: "proportional", "softmax" or "uniform".
+        temperature: > 0, the softmax temperature.
+        backend: "reference" or "auto" (the math runs in PyTorch on any device; no kernel).
+
+    Returns:
+        int64 ``[B, T]``. The real allocation a_t = clamp(lam * w_t, min_t, max_t) with lam such that
+        the a_t sum to the total (water-filling on the sorted breakpoints, float64); when the frames
+        of positive weight reach their maximum and tokens remain, the zero-weight frames share them
+        evenly. Integers by the largest remainder: floor(a_t) first, then one more token each for the
+        frames with the largest remainders, ties to the lower index ("uniform" gives the first frames
+        the extra tokens). Deterministic; no host sync in the computation (the argument checks read
+        the values: at once on CPU tensors, a device-side assert on GPUs).
+    """
+    check_tensor("scores", scores, rank=2, layout="[B, T]", dtypes=REFERENCE_DTYPES)
+    B, T = scores.shape
+    if mode not in ALLOCATION_MODES:
+        raise ValueError(f"mode must be one of {ALLOCATION_MODES}, got {mode!r}")
+    temperature = check_float("temperature", temperature, finite=True)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    device = scores.device
+    if not isinstance(total, torch.Tensor):
+        check_int("total", total, low=0)
+    total_t = _int_budget("total", total, (B,), device)
+    lo = _int_budget("min_per_frame", min_per_frame, (B, T), device)
+    if max_per_frame is None:
+        hi = torch.maximum(total_t[:, None].expand(B, T), lo)
+    else:
+        hi = _int_budget("max_per_frame", max_per_frame, (B, T), device)
+    _check_values("total", total_t < 0, ">= 0", total_t)
+    _check_values("min_per_frame", lo < 0, ">= 0", lo)
+    _check_values("max_per_frame", hi < lo, ">= min_per_frame", hi)
+    low_sum, high_sum = lo.sum(1), hi.sum(1)
+    _check_values("total", total_t < low_sum, "at least the sum of min_per_frame of its video (else the "
+                  "constraints cannot be met)", total_t)
+    _check_values("total", total_t > high_sum, "at most the sum of max_per_frame of its video (else the "
+                  "constraints cannot be met)", total_t)
+    if mode != "uniform":
+        check_no_nan("allocate_budget", "scores", scores)
+        _check_values("scores", torch.isinf(scores), f"finite for mode={mode!r}", scores)
+        if mode == "proportional":
+            _check_values("scores", scores < 0, ">= 0 for mode='proportional' (use mode='softmax' for any real scores)", scores)
+    chosen = _backend.choose("allocate_budget", device, scores.dtype, backend)
+    return _allocate_budget_op(scores, total_t, lo, hi, mode, temperature, chosen)
+
+
+class Kept(NamedTuple):
+    """Output of ``topk_per_frame``: keep bool ``[B, T, N]``; index int32 ``[B, capacity]``, the kept
+    tokens' flat positions ``t * N + n`` in (t, n) order, then -1."""
+
+    keep: torch.Tensor
+    index: torch.Tensor
+
+
+@torch.library.custom_op("vidtok::topk_per_frame", mutates_args=())
+def _topk_per_frame_op(scores: torch.Tensor, budgets: torch.Tensor, capacity: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backend.implementation("topk_per_frame", backend)(scores, budgets, capacity)
+
+
+@_topk_per_frame_op.register_fake
+def _(scores, budgets, capacity, backend):
+    B, T, N = scores.shape
+    return scores.new_empty((B, T, N), dtype=torch.bool), scores.new_empty((B, capacity), dtype=torch.int32)
+
+
+def _check_budgets(budgets, B: int, T: int, N: int) -> None:
+    if not isinstance(budgets, torch.Tensor):
+        raise TypeError(f"budgets must be an int32/int64 torch.Tensor [B, T], got {type(budgets).__name__}")
+    if budgets.dtype not in _INT_DTYPES:
+        raise TypeError(f"budgets must be int32 or int64 (whole tokens per frame), got {str(budgets.dtype).replace('torch.', '')}")
+    if tuple(budgets.shape) != (B, T):
+        raise ValueError(f"budgets must be [B, T] = [{B}, {T}] to match scores [B, T, N], got {list(budgets.shape)}")
+    _check_values("budgets", budgets < 0, ">= 0", budgets)
+    _check_values("budgets", budgets > N, f"<= N = {N} (the tokens of a frame)", budgets)
+
+
+def topk_per_frame(
+    scores: torch.Tensor, budgets: torch.Tensor, *, capacity: int | None = None, backend: str | None = None
+) -> Kept:
+    """Keep exactly ``budgets[b, t]`` tokens of every frame: the highest-scoring ones.
+
+    Args:
+        scores: ``[B, T, N]`` float token scores (float32/float16/bfloat16; float64 on the reference),
+            any strides. Higher is kept first; -inf ranks below every finite score. NaN is a
+            ValueError; inside ``vidtok.allow_nan()`` NaN ranks as -inf (kept only when a budget
+            exceeds the finite tokens of its frame, lower index first). -0.0 and 0.0 are equal.
+        budgets: int32/int64 ``[B, T]``, 0 <= budgets <= N (e.g. from ``allocate_budget``). Values
+            out of range are a ValueError (a device-side assert on GPUs).
+        capacity: columns of ``index``, at least every video's total budget; None reads the largest
+            total on the host (one sync; pass it for static shapes under torch.compile). A capacity
+            below a video's total is a ValueError (a device-side assert on GPUs), never a truncation.
+        backend: "reference", "triton" (N <= 4096) or "auto".
+
+    Returns:
+        ``Kept(keep, index)``: keep bool ``[B, T, N]`` with exactly budgets[b, t] True in row (b, t);
+        index int32 ``[B, capacity]``, the kept flat positions ``t * N + n`` of each video in (t, n)
+        order, then -1 (gather tokens with it; ``vidtok.pack(tokens, keep)`` gives varlen rows). Ties:
+        the higher score, then the lower index, identical on every backend. Not differentiable.
+
+    The Triton kernel runs one program per frame with the frame's N scores in registers: an exact
+    k-th largest by bisection on the order-preserving integer image of the float32 scores (32 counting
+    passes over registers), ties at the threshold resolved by a prefix count, and the kept positions
+    written at the frame's offset in ``index``: one read of the scores, one write of keep and index.
+    """
+    check_tensor("scores", scores, rank=3, layout="[B, T, N]", dtypes=REFERENCE_DTYPES)
+    B, T, N = scores.shape
+    _check_budgets(budgets, B, T, N)
+    check_same_device(scores=scores, budgets=budgets)
+    check_int("T * N", T * N, low=0, high=2**31 - 1, why=" (index is int32)")
+    totals = budgets.sum(1)
+    if capacity is None:
+        capacity = int(totals.max()) if B else 0
+    check_int("capacity", capacity, low=0, high=2**31 - 1)
+    _check_values("capacity", totals > capacity, f"at least every video's total budget (capacity = {capacity})",
+                  totals)
+    check_no_nan("topk_per_frame", "scores", scores)
+    args = (scores, budgets, capacity)
+    chosen = _backend.choose("topk_per_frame", scores.device, scores.dtype, backend, args)
+    return Kept(*_topk_per_frame_op(scores, budgets, capacity, chosen))
+
+
+def _num_segments(segment_id: torch.Tensor, num_segments) -> int:
+    if num_segments is None:
+        return max(int(segment_id.max()) + 1, 0) if segment_id.numel() else 0
+    return check_int("num_segments", num_segments, low=0, high=2**31 - 1)
+
+
+def _check_segments(x, segment_id) -> tuple[int, int]:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor [B, T, ...], got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x must be [B, T, ...] (rank >= 2), got shape {tuple(x.shape)}")
+    check_tensor("x", x, rank=x.dim(), layout="[B, T, ...]", dtypes=REFERENCE_DTYPES)
+    check_tensor("segment_id", segment_id, rank=2, layout="[B, T]", dtypes=_INT_DTYPES)
+    if tuple(segment_id.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"segment_id must be [B, T] = {list(x.shape[:2])} to match x {list(x.shape)}, got {list(segment_id.shape)}")
+    check_same_device(x=x, segment_id=segment_id)
+    return x.shape[0], x.shape[1]
+
+
+SEGMENT_REDUCES = ("mean", "max", "sum")
+
+
+def segment_reduce(x: torch.Tensor, segment_id: torch.Tensor, reduce: str = "mean", *, num_segments: int | None = None) -> torch.Tensor:
+    """One row per segment: the frames (or tokens) of each segment reduced together.
+
+    Args:
+        x: ``[B, T, ...]`` float (e.g. frame embeddings ``[B, T, C]`` or tokens ``[B, T, N, C]``).
+        segment_id: int ``[B, T]``, frame t belongs to segment ``segment_id[b, t]`` (any order: the
+            segments need not be contiguous); ids < 0 (padding, as ``scene_boundaries`` marks it) or
+            >= num_segments are ignored.
+        reduce: "mean", "max" or "sum".
+        num_segments: S; None reads ``segment_id.max() + 1`` on the host (one sync; pass it for static
+            shapes under torch.compile).
+
+    Returns:
+        ``[B, S, ...]`` in x's dtype, accumulated in fp32 (fp64 for fp64 x); a segment without frames
+        gives 0. NaN propagates (a value op). Differentiable in x (plain PyTorch: ``scatter_add`` /
+        ``scatter_reduce``; for "max", tied maxima share the gradient equally, as
+        ``torch.scatter_reduce``; its CUDA backward uses atomic adds).
+    """
+    _check_segments(x, segment_id)
+    if reduce not in SEGMENT_REDUCES:
+        raise ValueError(f"reduce must be one of {SEGMENT_REDUCES}, got {reduce!r}")
+    return reference.segment_reduce(x, segment_id, reduce, _num_segments(segment_id, num_segments))
+
+
+def segment_pool(x: torch.Tensor, segment_id: torch.Tensor, m: int, *, num_segments: int | None = None) -> torch.Tensor:
+    """``m`` tokens per segment: each segment's frames average-pooled in time to m slots, whatever its
+    length (Quicksviewer's fixed resampling of non-uniform segments, without its learned resampler).
+
+    Args:
+        x: ``[B, T, ...]`` float (frame embeddings ``[B, T, C]`` or tokens ``[B, T, N, C]``).
+        segment_id: int ``[B, T]`` from ``scene_boundaries``: non-decreasing ids over the real
+            frames, -1 for padding at the end (anything else is a ValueError: a segment must be a
+            run of consecutive frames).
+        m: >= 1 slots per segment.
+        num_segments: S; None reads ``segment_id.max() + 1`` on the host (one sync).
+
+    Returns:
+        ``[B, S, m, ...]`` in x's dtype: slot i of a segment of L frames starting at frame a is the
+        mean of frames a + floor(i L / m) ... a + ceil((i + 1) L / m) - 1, exactly
+        ``adaptive_avg_pool1d``'s bins (a segment shorter than m repeats frames); an empty segment
+        gives zeros. Prefix sums in float64, no loop over segments. Differentiable in x.
+    """
+    B, T = _check_segments(x, segment_id)
+    check_int("m", m, low=1, high=2**31 - 1)
+    if T > 1:
+        a, b = segment_id[:, :-1].long(), segment_id[:, 1:].long()
+        broken = ((a >= 0) & (b >= 0) & (b < a)) | ((a < 0) & (b >= 0))
+        _check_values("segment_id", broken, "non-decreasing over the real frames with -1 padding only at the "
+                      "end (segments of consecutive frames, as scene_boundaries gives)", b)
+    return reference.segment_pool(x, segment_id, m, _num_segments(segment_id, num_segments))
+
+
+def clip_select(relevance: torch.Tensor, num_clips: int, clip_len: int) -> torch.Tensor:
+    """``num_clips`` non-overlapping clips of ``clip_len`` consecutive frames around the most relevant
+    frames (F2C's key clips under a fixed token budget: num_clips * clip_len frames).
+
+    Each frame t is a candidate anchor of the clip starting at ``s(t) = clamp(t - (clip_len - 1) // 2,
+    0, T - clip_len)`` (centred on it, shifted to stay inside the video). Anchors are taken greedily by
+    relevance (``greedy_select`` with ``timestamps = s`` and ``min_gap = clip_len``, so no two clips
+    overlap); ties: the higher relevance, then the lower frame index.
+
+    Args:
+        relevance: ``[B, T]`` or ``[B, Q, T]`` float (e.g. ``frame_scores(...).relevance``); non-finite
+            scores are never anchors; NaN is a ValueError.
+        num_clips, clip_len: >= 1.
+
+    Returns:
+        int32 ``[B, num_clips, clip_len]`` (``[B, Q, num_clips, clip_len]``): the frames of each clip,
+        clips sorted by time; clips that do not fit (fewer than num_clips non-overlapping clips, or
+        no finite score left) and frames past the video's end (clip_len > T) are -1. No host sync.
+    """
+    _check_2d_or_3d("relevance", relevance, "[B, T] or [B, Q, T]")
+    check_int("num_clips", num_clips, low=1, high=2**31 - 1)
+    check_int("clip_len", clip_len, low=1, high=2**31 - 1)
+    squeeze = relevance.dim() == 2
+    rel = relevance[:, None] if squeeze else relevance
+    B, Q, T = rel.shape
+    t = torch.arange(T, device=rel.device)
+    start = (t - (clip_len - 1) // 2).clamp(min=0).clamp(max=max(T - clip_len, 0))
+    exact = torch.float32 if T <= 2**24 else torch.float64  # clip starts as exact float times
+    anchors = greedy_select(rel, num_clips, min_gap=clip_len, timestamps=start.to(exact).expand(B, T).contiguous())
+    first = start[anchors.clamp(min=0).long()]  # [B, Q, num_clips]
+    frames = first[..., None] + torch.arange(clip_len, device=rel.device)
+    frames = torch.where((anchors[..., None] >= 0) & (frames < T), frames, -1).to(torch.int32)
+    return frames[:, 0] if squeeze else frames

@@ -1,10 +1,13 @@
 """Plug vidtok into the models people already run, without editing those models' code.
 
 - ``vidtok.integrations.policies``: the policy contract (what happens to one video's tokens) and the
-  ready-made policies ``KeepAll``, ``DropStatic`` (EVS / DyCoke-style), ``MergeTemporal``
-  (``vidtok.temporal_merge``) and ``SelectFrames`` (DPP / MMR / uniform frame selection).
+  ready-made policies ``KeepAll``, ``DropStatic`` (threshold EVS / DyCoke-style), ``MergeTemporal``
+  (``vidtok.temporal_merge``), ``SelectFrames`` (DPP / MMR / uniform frame selection), and the
+  exact-count ``EVS(q)`` (the serving engines' rule) and ``Budget(total)`` (``allocate_budget`` +
+  ``topk_per_frame``), whose token counts are known from the grid before any encoder runs.
 - ``vidtok.integrations.transformers``: ``apply(model, policy)`` / ``remove(model)`` for Hugging Face
-  Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision; ``apply_sparse_attention(model, layout, spec)`` /
+  Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision (``video_token_counts``: the prompt tokens of each
+  video from the config alone); ``apply_sparse_attention(model, layout, spec)`` /
   ``remove_sparse_attention(model)``: ``vidtok.sparse_attention`` in the attention layers of any model
   that dispatches through transformers' AttentionInterface (VideoMAE, ViViT, V-JEPA 2, ViT, ...).
 - ``vidtok.integrations.timm``: ``apply_tome(model, r)`` / ``remove(model)``, ToMe token merging
@@ -18,9 +21,9 @@ from __future__ import annotations
 
 import importlib
 
-from vidtok.integrations.policies import DropStatic, KeepAll, MergeTemporal, Policy, SelectFrames
+from vidtok.integrations.policies import EVS, Budget, DropStatic, KeepAll, MergeTemporal, Policy, SelectFrames
 
-__all__ = ["DropStatic", "KeepAll", "MergeTemporal", "Policy", "SelectFrames", "policies", "timm", "transformers"]
+__all__ = ["Budget", "DropStatic", "EVS", "KeepAll", "MergeTemporal", "Policy", "SelectFrames", "policies", "timm", "transformers"]
 
 
 def __getattr__(name: str):

@@ -6,20 +6,27 @@ The contract every policy follows (``vidtok.integrations.transformers.apply`` ca
 
 - ``features``: one video's visual tokens as the language model will see them, ``[T*h*w, C]``
   (float32, float16 or bfloat16), in (t, h, w) row-major order.
-- ``grid``: ``(T, h, w)`` as Python ints, the LLM-side grid: for Qwen2-VL / Qwen2.5-VL the grid after
+- ``grid``: ``(T, h, w)`` as Python ints, the LLM-side grid: for Qwen2-VL / Qwen2.5-VL / Qwen3-VL the grid after
   the 2x2 patch merger (``video_grid_thw // (1, 2, 2)``, T counting temporal patches of 2 frames); for
   LLaVA-OneVision ``(frames, ceil(p/2), ceil(p/2))`` after its bilinear pooling, without the trailing
   ``image_newline`` token (the integration keeps that one).
 - ``features_out``: ``[L', C]`` with ``0 < L' <= T*h*w``, same dtype and device: the tokens kept or
   merged, in the order the language model reads them.
 - ``origin``: int64 ``[L']``, strictly increasing: the flat (t, h, w) index each output token stands
-  at. The integration gives output token i the prompt slot and, for Qwen2-VL, the 3-D M-RoPE position
+  at. The integration gives output token i the prompt slot and, for Qwen-VL, the 3-D M-RoPE position
   ``(t, h, w)`` of input token ``origin[i]``; a merged token reports the index of the token that
   represents its group.
 
-``L'`` depends on the data, so a policy cannot have a static output shape; reading it (``nonzero``,
-``tolist``) is a host sync. That sync happens once per video per prefill, outside vidtok's kernel hot
-paths, and the integrations document it. ``check_output`` validates a policy's result.
+A policy may also define ``num_tokens(grid) -> int | None``: the ``L'`` it will return for any video
+of that grid, known from the grid alone (None: it depends on the data). ``EVS``, ``Budget``,
+``KeepAll``, ``MergeTemporal(r=...)`` and ``SelectFrames`` with "uniform" or "mmr" have exact counts,
+so a prompt can be sized before any encoder runs (as vLLM and SGLang size EVS prompts) and the
+integrations check every video against its predicted count before anything reaches the model.
+Threshold policies (``DropStatic``, ``MergeTemporal(threshold)``) keep a data-dependent number.
+
+Where ``L'`` depends on the data, reading it (``nonzero``, ``tolist``) is a host sync. That sync
+happens once per video per prefill, outside vidtok's kernel hot paths, and the integrations document
+it. ``check_output`` validates a policy's result.
 """
 
 from __future__ import annotations
@@ -31,15 +38,40 @@ import torch
 
 from vidtok._numerics import REFERENCE_DTYPES
 from vidtok.merge import paired_similarity, temporal_merge
-from vidtok.select import dpp_select, frame_scores, greedy_select, uniform_indices
+from vidtok.select import (
+    ALLOCATION_MODES,
+    allocate_budget,
+    dpp_select,
+    evs_count,
+    frame_scores,
+    greedy_select,
+    topk_per_frame,
+    uniform_indices,
+)
 
-__all__ = ["DropStatic", "KeepAll", "MergeTemporal", "Policy", "SelectFrames", "check_input", "check_output"]
+__all__ = ["Budget", "DropStatic", "EVS", "KeepAll", "MergeTemporal", "Policy", "SelectFrames", "check_input",
+           "check_output", "predicted_tokens"]
 
 
 class Policy(Protocol):
     """A callable ``policy(features [T*h*w, C], grid (T, h, w)) -> (features_out [L', C], origin int64 [L'])``."""
 
     def __call__(self, features: torch.Tensor, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def predicted_tokens(policy, grid) -> int | None:
+    """The tokens ``policy`` keeps of a video of LLM-side grid (T, h, w), from the grid alone: its
+    ``num_tokens(grid)``, or None when it has none (a data-dependent count)."""
+    count = getattr(policy, "num_tokens", None)
+    return None if count is None else count(tuple(grid))
+
+
+def _check_grid(grid) -> tuple[int, int, int]:
+    if not isinstance(grid, (tuple, list)) or len(grid) != 3:
+        raise ValueError(f"grid must be (T, h, w), got {grid!r}")
+    if any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid):
+        raise ValueError(f"grid must be three positive ints (T, h, w), got {tuple(grid)!r}")
+    return tuple(grid)
 
 
 def check_input(features, grid) -> tuple[int, int, int]:
@@ -50,11 +82,7 @@ def check_input(features, grid) -> tuple[int, int, int]:
         raise ValueError(f"features must be [T*h*w, C] (rank 2), got shape {tuple(features.shape)}")
     if features.dtype not in REFERENCE_DTYPES:
         raise TypeError(f"features must be a floating tensor, got {str(features.dtype).replace('torch.', '')}")
-    if not isinstance(grid, (tuple, list)) or len(grid) != 3:
-        raise ValueError(f"grid must be (T, h, w), got {grid!r}")
-    if any(isinstance(g, bool) or not isinstance(g, int) or g < 1 for g in grid):
-        raise ValueError(f"grid must be three positive ints (T, h, w), got {tuple(grid)!r}")
-    T, h, w = grid
+    T, h, w = _check_grid(grid)
     if features.shape[0] != T * h * w:
         raise ValueError(
             f"features must have T*h*w = {T}*{h}*{w} = {T * h * w} rows for grid {tuple(grid)}, "
@@ -95,6 +123,10 @@ def check_output(result, features: torch.Tensor, grid) -> tuple[torch.Tensor, to
 class KeepAll:
     """The identity policy: every token kept, ``origin = arange(T*h*w)``. A patched model with it
     computes exactly what the unpatched model computes."""
+
+    def num_tokens(self, grid) -> int:
+        T, h, w = _check_grid(grid)
+        return T * h * w
 
     def __call__(self, features: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
         check_input(features, grid)
@@ -175,6 +207,11 @@ class MergeTemporal:
             raise ValueError(f"r must be an int >= 0, got {r!r}")
         self.threshold, self.r, self.radius, self.mode, self.backend = threshold, r, radius, mode, backend
 
+    def num_tokens(self, grid) -> int | None:
+        """T*h*w - min(r, (T - 1)*h*w) with r; None with a threshold (data-dependent)."""
+        T, h, w = _check_grid(grid)
+        return None if self.r is None else T * h * w - min(self.r, (T - 1) * h * w)
+
     def __call__(self, features: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
         T, h, w = check_input(features, grid)
         x = features.reshape(1, T, h * w, -1)
@@ -214,6 +251,14 @@ class SelectFrames:
             raise ValueError(f"method must be one of {self.METHODS}, got {method!r}")
         self.k, self.method, self.lam = k, method, float(lam)
 
+    def num_tokens(self, grid) -> int | None:
+        """min(k, T)*h*w for "uniform" and "mmr"; None for "dpp", which stops early on frames that are
+        combinations of those chosen (data-dependent)."""
+        T, h, w = _check_grid(grid)
+        if T <= self.k:
+            return T * h * w
+        return None if self.method == "dpp" else self.k * h * w
+
     def frames(self, features: torch.Tensor, grid) -> torch.Tensor:
         """int64 ``[k']`` the chosen frames in time order (k' <= k)."""
         T, h, w = check_input(features, grid)
@@ -238,3 +283,156 @@ class SelectFrames:
 
     def __repr__(self) -> str:
         return f"SelectFrames(k={self.k}, method={self.method!r})"
+
+
+def _dissimilarity_to_previous(features: torch.Tensor, grid, backend) -> torch.Tensor:
+    """fp32 ``[T, h*w]``: 1 - cos(token, same position one frame earlier), +inf on frame 0."""
+    T, h, w = grid
+    score = torch.full((T, h * w), float("inf"), dtype=torch.float32, device=features.device)
+    if T >= 2:
+        sim = paired_similarity(features.reshape(1, T, h * w, -1), 1, backend=backend)[0]
+        score[1:] = 1 - sim.float()
+    return score
+
+
+class EVS:
+    """Efficient Video Sampling (Bagrov et al. 2025, arXiv 2510.14624) exactly as vLLM
+    (``vllm/multimodal/evs.py``, ``compute_retention_mask``) and SGLang run it: a token's score is
+    1 - cos(token, the same position one frame earlier), frame 0 is kept whole, and the
+    ``evs_count(h*w, T, q)`` highest scores of the whole video are kept (ties to the lower (t, h, w)
+    position, as their stable argsort). Kept tokens keep their prompt slots and M-RoPE positions.
+
+    ``per_frame=True`` fixes each frame's count instead (the misaligned per-frame placeholders of
+    vLLM issue 30847 cannot happen): frame 0 whole, the other frames split the rest of the same total
+    evenly, the earlier frames taking the extra token (``allocate_budget``'s "uniform" rule), and
+    each frame keeps its top tokens (``topk_per_frame``). ``frame_counts(grid)`` gives them.
+
+    Args:
+        q: the pruning rate, in [0, 1) (vLLM's ``video_pruning_rate``).
+        per_frame: fixed counts per frame (see above) instead of one ranking over the video.
+        backend: passed to ``paired_similarity`` and ``topk_per_frame``.
+
+    Cosines accumulate in fp32 (vLLM computes them in the features' dtype), so near-ties can rank
+    differently from vLLM on bf16 features; the count is identical. NaN features are a ValueError
+    (inside ``vidtok.allow_nan()`` a NaN score ranks as -inf).
+    """
+
+    def __init__(self, q: float, *, per_frame: bool = False, backend: str | None = None):
+        evs_count(1, 1, q)  # validates q
+        self.q, self.per_frame, self.backend = float(q), bool(per_frame), backend
+
+    def num_tokens(self, grid) -> int:
+        T, h, w = _check_grid(grid)
+        return evs_count(h * w, T, self.q)
+
+    def frame_counts(self, grid) -> list[int]:
+        """Tokens kept of each frame with ``per_frame=True`` (known from the grid)."""
+        T, h, w = _check_grid(grid)
+        rest = self.num_tokens(grid) - h * w
+        base, extra = divmod(rest, T - 1) if T > 1 else (0, 0)
+        return [h * w] + [base + (t < extra) for t in range(T - 1)]
+
+    def keep_index(self, features: torch.Tensor, grid) -> torch.Tensor:
+        """int64 ``[L']`` the kept flat (t, h, w) positions, ascending (no host sync)."""
+        T, h, w = check_input(features, grid)
+        score = _dissimilarity_to_previous(features, (T, h, w), self.backend)
+        K = self.num_tokens(grid)
+        if self.per_frame:
+            budgets = torch.tensor([self.frame_counts(grid)], device=features.device)
+            kept = topk_per_frame(score[None], budgets, capacity=K, backend=self.backend)
+        else:
+            budgets = torch.full((1, 1), K, device=features.device)
+            kept = topk_per_frame(score.reshape(1, 1, T * h * w), budgets, capacity=K, backend=self.backend)
+        return kept.index[0].long()
+
+    def __call__(self, features: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
+        origin = self.keep_index(features, grid)
+        return features.index_select(0, origin), origin
+
+    def __repr__(self) -> str:
+        return f"EVS(q={self.q}{', per_frame=True' if self.per_frame else ''})"
+
+
+class Budget:
+    """Exactly ``num_tokens(grid)`` tokens per video, spread over the frames by ``allocate_budget`` and
+    chosen inside each frame by ``topk_per_frame``: VidCom2's recipe (Liu et al., EMNLP 2025: frames
+    that differ from the video get more tokens, tokens that differ from their frame are kept) with
+    the allocation and the token score as choices.
+
+    Frame score (for the allocation): 1 - cos(frame mean, video mean), the frame's distinctiveness.
+    Token score: "distinct", 1 - cos(token, its frame's mean token); or "change", 1 - cos(token, the
+    same position one frame earlier) (EVS's score; frame 0 uses "distinct").
+
+    Args:
+        total: tokens per video; or ``ratio``, a fraction of the video's T*h*w (exactly one).
+        allocate: "proportional" (budgets follow the frame scores), "softmax" (softmax of the frame
+            scores / temperature, VidCom2's form) or "uniform".
+        temperature: for "softmax".
+        min_per_frame: >= 0 tokens every frame keeps (1 keeps every frame, and its timestamp, visible).
+        token_score: "distinct" or "change".
+        backend: passed to the ops.
+
+    Count: ``num_tokens((T, h, w)) = min(T*h*w, max(T*min(min_per_frame, h*w), total or
+    int(T*h*w*ratio)))``, from the grid alone. Outputs keep their prompt slots and M-RoPE positions.
+    """
+
+    TOKEN_SCORES = ("distinct", "change")
+
+    def __init__(self, total: int | None = None, *, ratio: float | None = None, allocate: str = "proportional",
+                 temperature: float = 0.01, min_per_frame: int = 1, token_score: str = "distinct",
+                 backend: str | None = None):
+        if (total is None) == (ratio is None):
+            raise ValueError("pass exactly one of total= (tokens per video) and ratio= (a fraction of T*h*w)")
+        if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 1):
+            raise ValueError(f"total must be an int >= 1, got {total!r}")
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1):
+            raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
+        if allocate not in ALLOCATION_MODES:
+            raise ValueError(f"allocate must be one of {ALLOCATION_MODES}, got {allocate!r}")
+        if isinstance(min_per_frame, bool) or not isinstance(min_per_frame, int) or min_per_frame < 0:
+            raise ValueError(f"min_per_frame must be an int >= 0, got {min_per_frame!r}")
+        if token_score not in self.TOKEN_SCORES:
+            raise ValueError(f"token_score must be one of {self.TOKEN_SCORES}, got {token_score!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+        self.total, self.ratio, self.allocate, self.temperature = total, ratio, allocate, float(temperature)
+        self.min_per_frame, self.token_score, self.backend = min_per_frame, token_score, backend
+
+    def num_tokens(self, grid) -> int:
+        T, h, w = _check_grid(grid)
+        wanted = self.total if self.total is not None else int(T * h * w * self.ratio)
+        return min(T * h * w, max(T * min(self.min_per_frame, h * w), wanted))
+
+    def budgets(self, features: torch.Tensor, grid) -> torch.Tensor:
+        """int64 ``[T]`` tokens kept of each frame (no host sync)."""
+        T, h, w = check_input(features, grid)
+        means = features.reshape(T, h * w, -1).float().mean(1)  # [T, C]
+        centre = means.mean(0, keepdim=True)
+        distinct = 1 - frame_scores(means[None], centre[None], backend=self.backend).relevance[0]  # [1, T]
+        return allocate_budget(distinct.clamp_min(0), self.num_tokens(grid), min_per_frame=min(self.min_per_frame, h * w),
+                               max_per_frame=h * w, mode=self.allocate, temperature=self.temperature,
+                               backend=self.backend)[0]
+
+    def token_scores(self, features: torch.Tensor, grid) -> torch.Tensor:
+        """fp32 ``[T, h*w]``: the score ranking each frame's tokens."""
+        T, h, w = check_input(features, grid)
+        x = features.reshape(T, h * w, -1).float()
+        score = 1 - torch.nn.functional.cosine_similarity(x, x.mean(1, keepdim=True), dim=-1)
+        if self.token_score == "change" and T >= 2:
+            score[1:] = _dissimilarity_to_previous(features, (T, h, w), self.backend)[1:]
+        return score
+
+    def keep_index(self, features: torch.Tensor, grid) -> torch.Tensor:
+        """int64 ``[L']`` the kept flat (t, h, w) positions, ascending (no host sync)."""
+        budgets = self.budgets(features, grid)
+        kept = topk_per_frame(self.token_scores(features, grid)[None], budgets[None],
+                              capacity=self.num_tokens(grid), backend=self.backend)
+        return kept.index[0].long()
+
+    def __call__(self, features: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
+        origin = self.keep_index(features, grid)
+        return features.index_select(0, origin), origin
+
+    def __repr__(self) -> str:
+        size = f"total={self.total}" if self.total is not None else f"ratio={self.ratio}"
+        return f"Budget({size}, allocate={self.allocate!r}, token_score={self.token_score!r})"

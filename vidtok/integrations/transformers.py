@@ -1,26 +1,31 @@
 """Hugging Face transformers: compress video tokens between the vision tower and the language model.
 
 ``apply(model, policy)`` patches one loaded ``Qwen2VLForConditionalGeneration``,
-``Qwen2_5_VLForConditionalGeneration`` or ``LlavaOnevisionForConditionalGeneration`` (transformers
-5.x) so that every video it reads goes through ``policy`` (see ``vidtok.integrations.policies``)
+``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration`` or
+``LlavaOnevisionForConditionalGeneration`` (transformers 5.x) so that every video it reads goes through ``policy`` (see ``vidtok.integrations.policies``)
 after the vision tower and before the language model; ``remove(model)`` undoes it. Only the instance
 is patched (its ``forward`` and ``generate`` become instance attributes wrapping the originals, with
 the originals' signatures); no transformers class or file changes, and other instances are untouched.
 
 What the patched model does when it is given ``pixel_values_videos`` (in ``forward`` or ``generate``):
 
-1. Runs the model's own ``get_video_features`` (vision tower, then Qwen's 2x2 patch merger or
+1. Predicts each video's token count from the config and the input shapes alone (the policy's
+   ``num_tokens(grid)``; ``video_token_counts`` gives the same numbers to whoever sizes prompts), runs
+   the model's own ``get_video_features`` (vision tower, then Qwen's 2x2 patch merger or
    LLaVA-OneVision's projector + bilinear pooling) and calls ``policy(features, grid)`` once per video
-   on its ``[T*h*w, C]`` tokens. LLaVA-OneVision's trailing ``image_newline`` token is always kept.
+   on its ``[T*h*w, C]`` tokens. A video whose output count differs from the prediction is a
+   ValueError before anything reaches the language model. LLaVA-OneVision's trailing
+   ``image_newline`` token is always kept. Qwen3-VL's DeepStack features keep the same tokens.
 2. Shrinks the prompt to match: each video's run of placeholder tokens (``config.video_token_id``)
    keeps one slot per output token, and ``input_ids``, ``attention_mask``, ``labels``,
    ``mm_token_type_ids`` and given ``position_ids`` drop the same columns. When the rows of a batch
    end up with different lengths, the shorter rows are left-padded (pad token, ``attention_mask`` 0,
    label -100), the layout ``generate`` expects.
-3. Qwen2-VL / Qwen2.5-VL: the 3-D M-RoPE position ids are the ones the unpatched model computes for
-   the full prompt (its own ``get_rope_index``, so Qwen2.5-VL's ``second_per_grid_ts`` time scaling
-   holds) restricted to the kept columns: a kept video token keeps the (t, h, w) position of the input
-   token it stands at (``origin``), text after the video keeps its positions, as vLLM's EVS does.
+3. Qwen2-VL / Qwen2.5-VL / Qwen3-VL: the 3-D M-RoPE position ids are the ones the unpatched model
+   computes for the full prompt (its own ``get_rope_index``, so Qwen2.5-VL's ``second_per_grid_ts``
+   time scaling and Qwen3-VL's per-frame runs between timestamp tokens hold) restricted to the kept
+   columns: a kept video token keeps the (t, h, w) position of the input token it stands at
+   (``origin``), timestamps and text keep theirs, as vLLM's EVS does.
    ``model.model.rope_deltas`` is set so that decoding continues after the last original position.
    LLaVA-OneVision (1-D RoPE): the compressed prompt is numbered 0, 1, 2, ... as if it were the
    prompt (what ``generate`` derives from the attention mask).
@@ -37,6 +42,11 @@ Host syncs: the kept counts are data-dependent, so each prefill with a video rea
 (the policy's ``nonzero``, ``check_output``, the grid ``tolist`` and the prompt re-packing). This is
 once per prompt, outside vidtok's kernel hot paths; decoding steps add none. It rules out CUDA-graph
 capture of the prefill, and ``generate`` must run eagerly for that step (the usual default).
+
+InternVL (``InternVLForConditionalGeneration``) is not supported: its processor turns a video into
+per-frame images (``pixel_values`` rows behind image tokens, "Frame1: <img>...</img>"), so the model
+never sees which images form a video; compressing across frames would need the caller to say which
+``pixel_values`` rows are one video's frames, an argument transformers' InternVL does not carry.
 
 Limits (each raises a ValueError saying so): a video needs ``input_ids`` (not only
 ``inputs_embeds``) to find its placeholders, and must arrive at the prefill (a cache that already
@@ -65,7 +75,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vidtok import masks as _masks
 from vidtok import sparse as _sparse
-from vidtok.integrations.policies import check_output
+from vidtok.integrations.policies import check_output, predicted_tokens
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -75,9 +85,10 @@ __all__ = [
     "is_applied",
     "remove",
     "remove_sparse_attention",
+    "video_token_counts",
 ]
 
-_QWEN = ("qwen2_vl", "qwen2_5_vl")
+_QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 _LLAVA = ("llava_onevision",)
 SUPPORTED_MODEL_TYPES = _QWEN + _LLAVA
 _MISSING = object()
@@ -93,11 +104,15 @@ class CompressedVideoOutput(BaseModelOutputWithPooling):
     every video kept the same count ``L'`` (the ``+ 1`` is ``image_newline``), otherwise all videos
     concatenated as ``[1, sum_i (L'_i + 1), C]``. ``last_hidden_state``/``hidden_states``/
     ``attentions`` are the tower's, unchanged. ``origin[i]``: int64 ``[L'_i]``, the flat (t, h, w)
-    index of each kept token of video i; ``grid[i]``: its LLM-side ``(T, h, w)``.
+    index of each kept token of video i; ``grid[i]``: its LLM-side ``(T, h, w)``. Qwen3-VL:
+    ``deepstack_features``, one tuple per DeepStack layer with each video's ``[L'_i, C]`` features of
+    the tokens at ``origin[i]`` (exact for policies that select; a merged token takes the DeepStack
+    features of the token it stands at).
     """
 
     origin: tuple[torch.Tensor, ...] | None = None
     grid: tuple[tuple[int, int, int], ...] | None = None
+    deepstack_features: list | None = None
 
 
 class _Patch:
@@ -267,17 +282,58 @@ def _check_expansion(model, state: _Patch, new: dict) -> None:
 # compression
 
 
+def _llava_side(config) -> int:
+    """LLaVA-OneVision's pooled grid side: ceil(patches per side / 2) after its bilinear pooling."""
+    return math.ceil(config.vision_config.image_size // config.vision_config.patch_size / 2)
+
+
+def _llm_grids(config, family: str, video_grid_thw=None, num_frames=None) -> list[tuple[int, int, int]]:
+    """Every video's LLM-side (T, h, w), from the config and the input shapes alone (no encoder)."""
+    if family == "qwen":
+        if video_grid_thw is None:
+            raise ValueError("Qwen-VL models need video_grid_thw with pixel_values_videos")
+        m = config.vision_config.spatial_merge_size
+        return [(int(t), int(h) // m, int(w) // m) for t, h, w in torch.as_tensor(video_grid_thw).tolist()]
+    frames = [num_frames] if isinstance(num_frames, int) else list(num_frames)
+    side = _llava_side(config)
+    return [(int(f), side, side) for f in frames]
+
+
+def video_token_counts(model, policy, *, video_grid_thw=None, num_frames=None) -> list[int | None]:
+    """The prompt tokens each video occupies after ``policy``, from the config alone (no encoder runs):
+    what a processor or serving engine needs to size the prompt, as vLLM and SGLang size EVS prompts.
+
+    Args:
+        model: a model (or its config) of a type ``apply`` takes.
+        policy: a policy; its ``num_tokens(grid)`` gives the count (see ``vidtok.integrations.policies``).
+        video_grid_thw: Qwen-VL: ``[V, 3]`` as the processor gives it (patches before the spatial merge).
+        num_frames: LLaVA-OneVision: frames per video, an int (one video) or a list.
+
+    Returns one entry per video: the LLM tokens (LLaVA-OneVision: plus its ``image_newline``), or None
+    where the policy keeps a data-dependent number (``DropStatic``, threshold merges). The patched model
+    checks every video against this count before anything reaches the language model.
+    """
+    config = getattr(model, "config", model)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise TypeError(f"video_token_counts takes a model or config of type {', '.join(SUPPORTED_MODEL_TYPES)}, "
+                        f"got model_type {model_type!r}")
+    family = "qwen" if model_type in _QWEN else "llava"
+    if (video_grid_thw is None) == (num_frames is None) or (family == "qwen") != (video_grid_thw is not None):
+        raise ValueError("pass video_grid_thw for Qwen-VL models, num_frames for LLaVA-OneVision")
+    tail = 0 if family == "qwen" else 1
+    counts = [predicted_tokens(policy, grid) for grid in _llm_grids(config, family, video_grid_thw, num_frames)]
+    return [None if c is None else c + tail for c in counts]
+
+
 def _video_features(model, family: str, arguments: dict):
     """(tower output, per-video [n_i, C] bodies, per-video tails or None, per-video LLM-side grids)."""
     inner, config = model.model, model.config
     pixel_values_videos = arguments["pixel_values_videos"]
     if family == "qwen":
         grid_thw = arguments.get("video_grid_thw")
-        if grid_thw is None:
-            raise ValueError("Qwen-VL models need video_grid_thw with pixel_values_videos")
+        grids = _llm_grids(config, family, grid_thw)
         output = inner.get_video_features(pixel_values_videos, grid_thw, return_dict=True)
-        m = config.vision_config.spatial_merge_size
-        grids = [(t, h // m, w // m) for t, h, w in grid_thw.tolist()]
         return output, list(output.pooler_output), [None] * len(grids), grids
     output = inner.get_video_features(
         pixel_values_videos,
@@ -287,7 +343,7 @@ def _video_features(model, family: str, arguments: dict):
     )
     pooled = output.pooler_output  # [V, frames * ph * pw + 1, C]: pooled frames, then image_newline
     frames = pixel_values_videos.shape[1]
-    side = math.ceil(config.vision_config.image_size // config.vision_config.patch_size / 2)
+    side = _llava_side(config)
     if pooled.shape[1] != frames * side * side + 1:
         raise ValueError(
             f"LLaVA-OneVision video features have {pooled.shape[1]} tokens per video, expected "
@@ -332,12 +388,24 @@ def _compress(model, state: _Patch, arguments: dict, *, for_generate: bool) -> d
             "Qwen-VL models need mm_token_type_ids (from the processor) to compute M-RoPE positions of a video"
         )
 
-    # 1. The policy, once per video.
+    # 1. The policy, once per video; its count predicted from the grid before the encoder runs.
+    if family == "qwen":
+        grids = _llm_grids(config, family, arguments.get("video_grid_thw"))
+    else:
+        grids = _llm_grids(config, family, num_frames=[arguments["pixel_values_videos"].shape[1]] * arguments["pixel_values_videos"].shape[0])
+    predicted = [predicted_tokens(state.policy, grid) for grid in grids]
     output, bodies, tails, grids = _video_features(model, family, arguments)
     device = input_ids.device
     outs, origins, keeps = [], [], []
-    for body, tail, grid in zip(bodies, tails, grids):
+    for i, (body, tail, grid) in enumerate(zip(bodies, tails, grids)):
+        if body.shape[0] != math.prod(grid):
+            raise ValueError(f"video {i} has {body.shape[0]} tokens after the vision tower, but its grid {grid} "
+                             f"from the config and inputs gives {math.prod(grid)}")
         out, origin = check_output(state.policy(body, grid), body, grid)
+        if predicted[i] is not None and out.shape[0] != predicted[i]:
+            raise ValueError(
+                f"{state.policy!r} kept {out.shape[0]} tokens of video {i} (grid {grid}) but its num_tokens "
+                f"predicted {predicted[i]} from the grid; nothing was passed to the model")
         keep = torch.zeros(body.shape[0], dtype=torch.bool, device=device)
         keep[origin.to(device)] = True
         if tail is not None:
@@ -412,6 +480,9 @@ def _compress(model, state: _Patch, arguments: dict, *, for_generate: bool) -> d
         pooler = torch.stack(outs)
     else:
         pooler = torch.cat(outs)[None]
+    deepstack = getattr(output, "deepstack_features", None)
+    if deepstack is not None:  # Qwen3-VL: the same tokens of every DeepStack layer
+        deepstack = [tuple(f.index_select(0, o.to(f.device)) for f, o in zip(layer, origins)) for layer in deepstack]
     video = CompressedVideoOutput(
         last_hidden_state=output.last_hidden_state,
         pooler_output=pooler,
@@ -419,6 +490,7 @@ def _compress(model, state: _Patch, arguments: dict, *, for_generate: bool) -> d
         attentions=output.attentions,
         origin=tuple(origins),
         grid=tuple(grids),
+        deepstack_features=deepstack,
     )
     mm_encoder_outputs = {**(arguments.get("mm_encoder_outputs") or {}), "video": video}
     if arguments.get("pixel_values") is not None:

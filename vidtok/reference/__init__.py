@@ -20,7 +20,18 @@ from vidtok.reference.merge import (
     temporal_links,
 )
 from vidtok.reference.motion import block_match, motion_gate, patch_delta
-from vidtok.reference.select import dpp_select, frame_scores, greedy_select, scene_boundaries, segment_topk, uniform_indices
+from vidtok.reference.select import (
+    allocate_budget,
+    dpp_select,
+    frame_scores,
+    greedy_select,
+    scene_boundaries,
+    segment_pool,
+    segment_reduce,
+    segment_topk,
+    topk_per_frame,
+    uniform_indices,
+)
 from vidtok.reference.sparse import PlanTensors, sparse_attention, sparse_attention_backward
 
-__all__ = ["MERGE_MODES", "MERGE_ORDERS", "bipartite_assignment", "match", "max_merge", "merge_tokens", "merge_tokens_backward", "paired_similarity", "paired_similarity_backward", "temporal_assignment", "temporal_links", "PlanTensors", "sparse_attention", "sparse_attention_backward", "dpp_select", "frame_scores", "greedy_select", "scene_boundaries", "segment_topk", "uniform_indices", "block_match", "motion_gate", "patch_delta"]
+__all__ = ["MERGE_MODES", "MERGE_ORDERS", "bipartite_assignment", "match", "max_merge", "merge_tokens", "merge_tokens_backward", "paired_similarity", "paired_similarity_backward", "temporal_assignment", "temporal_links", "PlanTensors", "sparse_attention", "sparse_attention_backward", "dpp_select", "frame_scores", "greedy_select", "scene_boundaries", "segment_topk", "uniform_indices", "allocate_budget", "segment_pool", "segment_reduce", "topk_per_frame", "block_match", "motion_gate", "patch_delta"]

@@ -335,20 +335,22 @@ def scene_boundaries(
     return seg
 
 
-def segment_topk(scores: torch.Tensor, seg_id: torch.Tensor, k_per_segment: int) -> torch.Tensor:
+def segment_topk(scores: torch.Tensor, seg_id: torch.Tensor, k_per_segment: int, num_segments: int | None = None) -> torch.Tensor:
     """The k_per_segment highest-scoring frames of every segment (ties to the lower index).
 
     scores [B, T] or [B, Q, T]; seg_id int [B, T] (from scene_boundaries: non-decreasing, -1 =
-    padding). Frames with seg_id < 0 or a non-finite score are skipped. Returns int32 [B, S * k]
-    (or [B, Q, S * k]) sorted by time and padded with -1, where S = seg_id.max() + 1 over the batch:
-    a data-dependent size read on the host.
+    padding). Frames with seg_id < 0 or >= S, or a non-finite score, are skipped. Returns int32
+    [B, S * k] (or [B, Q, S * k]) sorted by time and padded with -1, where S = num_segments, or
+    seg_id.max() + 1 over the batch when None: a data-dependent size read on the host.
     """
     squeeze = scores.dim() == 2
     s = scores[:, None, :] if squeeze else scores
     B, Q, T = s.shape
     seg = seg_id.long()[:, None, :].expand(B, Q, T)
-    S = max(int(seg_id.max()) + 1, 0) if seg_id.numel() else 0
-    ok = (seg >= 0) & torch.isfinite(s)
+    if num_segments is None:
+        num_segments = max(int(seg_id.max()) + 1, 0) if seg_id.numel() else 0
+    S = num_segments
+    ok = (seg >= 0) & (seg < S) & torch.isfinite(s)
     key_score = torch.where(ok, s.to(_acc(s)), torch.full_like(s, float("-inf"), dtype=_acc(s)))
     # stable sorts: by descending score, then by segment -> within a segment, best first, lower index on ties
     by_score = torch.sort(key_score, dim=-1, descending=True, stable=True).indices
@@ -391,3 +393,197 @@ def uniform_indices(T: int, k: int, mode: str = "linspace", device=None) -> torc
     else:
         raise ValueError(f"mode must be 'linspace', 'numpy' or 'center', got {mode!r}")
     return out.to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exact token budgets: integer budgets per frame, the top-k tokens of every frame, segment ops.
+
+
+def _fill(lam: torch.Tensor, w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """clamp(lam * w, lo, hi) per frame, lam [B, 1] (may be +inf); a frame of weight 0 stays at lo."""
+    return torch.where(w > 0, torch.minimum(torch.maximum(lam * w, lo), hi), lo)
+
+
+def _water_fill(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """float64 [B, T]: a_t = clamp(lam * w_t, lo_t, hi_t) with lam >= 0 chosen so that sum_t a_t = total.
+
+    Needs sum lo <= total <= sum over w > 0 of hi + sum over w = 0 of lo. S(lam) = sum_t a_t is
+    continuous, non-decreasing and linear between the breakpoints lo_t / w_t and hi_t / w_t. A
+    bisection over the sorted breakpoints (log2(2T) steps, each summing S directly, so weights of
+    very different sizes lose nothing to cancellation) finds the last breakpoint lam_j with
+    S(lam_j) <= total; on the segment after it S grows with slope W = the weight of the frames not
+    clamped there, so lam = lam_j + (total - S(lam_j)) / W. No host sync: the step count is a shape.
+    """
+    B, T = w.shape
+    positive = w > 0
+    safe_w = torch.where(positive, w, torch.ones_like(w))
+    never = torch.full_like(w, float("inf"))
+    enter, leave = torch.where(positive, lo / safe_w, never), torch.where(positive, hi / safe_w, never)
+    at = torch.sort(torch.cat([torch.zeros_like(w[:, :1]), enter, leave], 1), dim=1).values  # [B, 2T + 1], at[:, 0] = 0 where S = sum lo <= total
+    goal = total[:, None]
+    first = torch.zeros(B, 1, dtype=torch.int64, device=w.device)
+    last = torch.full((B, 1), 2 * T, dtype=torch.int64, device=w.device)
+    for _ in range(max(2 * T, 1).bit_length()):  # largest j with S(at_j) <= total
+        mid = (first + last + 1) // 2
+        ok = _fill(at.gather(1, mid), w, lo, hi).sum(1, keepdim=True) <= goal
+        first, last = torch.where(ok, mid, first), torch.where(ok, last, mid - 1)
+    lam_j = at.gather(1, first)
+    reached = _fill(lam_j, w, lo, hi).sum(1, keepdim=True)
+    free = (enter <= lam_j) & (leave > lam_j)  # not clamped just after lam_j (the breakpoints' own floats)
+    slope = torch.where(free, w, 0.0).sum(1, keepdim=True)
+    lam = torch.where(slope > 0, lam_j + (goal - reached) / torch.where(slope > 0, slope, 1.0), lam_j)
+    return _fill(lam, w, lo, hi)
+
+
+def round_to_total(a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """int64 [B, T]: integers within [lo, hi] summing exactly to total, by the largest remainder:
+    every frame gets floor(a_t), then the d = total - sum floor(a) units left go one each to the d
+    frames with the largest remainders a_t - floor(a_t) that are below hi (ties to the lower index).
+    Floating-point error could only make d negative; then the frames above lo with the smallest
+    remainders give one back (ties: the higher index gives first)."""
+    base = torch.minimum(torch.maximum(torch.floor(a), lo), hi)
+    rem = a - base
+    d = total - base.sum(1).round().long()  # [B]
+    # one more unit: largest remainder first, lower index on ties (stable sort)
+    up_key = torch.where(base < hi, rem, -1.0)
+    up_rank = _ranks(up_key, descending=True)
+    up = (up_rank < d[:, None]) & (base < hi)
+    # one unit fewer (only after rounding error): smallest remainder first, the higher index on ties
+    down_key = torch.where(base > lo, rem, 2.0).flip(1)
+    down_rank = _ranks(down_key, descending=False).flip(1)
+    down = (down_rank < (-d)[:, None]) & (base > lo)
+    return base.long() + up.long() - down.long()
+
+
+def _ranks(key: torch.Tensor, descending: bool) -> torch.Tensor:
+    """int64 rank of every element of each row in a stable sort (0 = first)."""
+    order = torch.sort(key, dim=1, descending=descending, stable=True).indices
+    ranks = torch.empty_like(order)
+    return ranks.scatter_(1, order, torch.arange(key.shape[1], device=key.device).expand_as(order))
+
+
+def allocate_budget(
+    scores: torch.Tensor,
+    total: torch.Tensor,
+    min_per_frame: torch.Tensor,
+    max_per_frame: torch.Tensor,
+    mode: str,
+    temperature: float,
+) -> torch.Tensor:
+    """int64 ``[B, T]`` budgets in [min_per_frame, max_per_frame] summing to ``total[b]`` in every row.
+
+    Weights: "proportional" w = scores (>= 0), "softmax" w = softmax(scores / temperature) over the
+    frames, "uniform" w = 1. The real allocation a_t = clamp(lam * w_t, min_t, max_t) meets the total
+    exactly (``_water_fill``); when the frames of positive weight cannot absorb the total even at their
+    maximum, they get their maximum and the frames of zero weight share the rest evenly. Integers come
+    from ``round_to_total`` (largest remainder, ties to the lower index). Computed in float64.
+    """
+    s = scores.to(torch.float64)
+    lo, hi = min_per_frame.to(torch.float64), max_per_frame.to(torch.float64)
+    tot = total.to(torch.float64)
+    if mode == "uniform":
+        w = torch.ones_like(s)
+    elif mode == "softmax":  # a NaN frame (inside vidtok.allow_nan()) weighs 0
+        w = torch.softmax(torch.where(torch.isnan(s), float("-inf"), s) / temperature, dim=1).nan_to_num(0.0)
+    else:
+        w = s.nan_to_num(0.0)
+    positive = w > 0
+    reach = torch.where(positive, hi, lo).sum(1)  # the most the positive weights can absorb
+    first = _water_fill(w, lo, hi, torch.minimum(tot, reach))
+    # the rest spread evenly over the zero-weight frames, the positive ones at their maximum
+    rest = _water_fill((~positive).to(torch.float64), torch.where(positive, hi, lo), hi, tot)
+    a = torch.where((tot > reach)[:, None], rest, first)
+    return round_to_total(a, lo, hi, total.long())
+
+
+def topk_per_frame(scores: torch.Tensor, budgets: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep bool ``[B, T, N]``, index int32 ``[B, capacity]``).
+
+    keep[b, t] holds the first budgets[b, t] tokens of frame t in a stable descending sort of its
+    scores: the higher score, then the lower index; NaN sorts as -inf, -0.0 as 0.0. index[b] lists
+    the kept tokens' flat positions t * N + n in (t, n) order, then -1 up to ``capacity`` (which must
+    be at least every video's kept count). One sort, one scatter and one prefix sum; no host sync.
+    """
+    B, T, N = scores.shape
+    s = scores.to(accumulation_dtype(scores.dtype))
+    s = torch.where(torch.isnan(s), float("-inf"), s)
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    first = torch.arange(N, device=s.device) < budgets.to(torch.int64)[..., None]  # the head of each sorted row
+    keep = torch.zeros_like(first).scatter_(-1, order, first)
+    return keep, kept_index(keep, capacity)
+
+
+def kept_index(keep: torch.Tensor, capacity: int) -> torch.Tensor:
+    """int32 ``[B, capacity]``: the flat positions t * N + n of the kept tokens of keep ``[B, T, N]`` in
+    (t, n) order, then -1 (a prefix sum and a scatter, never ``nonzero``)."""
+    B = keep.shape[0]
+    flat = keep.reshape(B, -1)
+    slot = torch.where(flat, flat.cumsum(1) - 1, capacity)  # dropped tokens go to a scratch column
+    index = torch.full((B, capacity + 1), -1, dtype=torch.int32, device=keep.device)
+    positions = torch.arange(flat.shape[1], dtype=torch.int32, device=keep.device).expand_as(flat)
+    index.scatter_(1, slot.clamp(max=capacity), positions)
+    return index[:, :capacity].contiguous()
+
+
+def segment_reduce(x: torch.Tensor, segment_id: torch.Tensor, reduce: str, num_segments: int) -> torch.Tensor:
+    """``[B, S, *rest]``: the frames of x ``[B, T, *rest]`` with segment_id[b, t] = s reduced into row s
+    ("sum", "mean" or "max"); frames with segment_id < 0 or >= S are ignored; a segment without
+    frames gives 0. Sums accumulate in fp32 (fp64 for fp64 x), cast back to x's dtype."""
+    B, T = segment_id.shape
+    rest = x.shape[2:]
+    acc = accumulation_dtype(x.dtype)
+    seg = segment_id.long()
+    inside = (seg >= 0) & (seg < num_segments)
+    slot = torch.where(inside, seg, num_segments)  # out-of-range frames land in a scratch row
+    index = slot.view(B, T, *([1] * len(rest))).expand(B, T, *rest)
+    xf = x.to(acc)
+    if reduce == "max":
+        out = xf.new_full((B, num_segments + 1, *rest), float("-inf"))
+        out = out.scatter_reduce(1, index, xf, "amax", include_self=True)
+    else:
+        out = xf.new_zeros((B, num_segments + 1, *rest)).scatter_add(1, index, xf)
+    count = torch.zeros(B, num_segments + 1, dtype=acc, device=x.device).scatter_add(1, slot, torch.ones_like(slot, dtype=acc))
+    count = count.view(B, num_segments + 1, *([1] * len(rest)))
+    if reduce == "mean":
+        out = out / count.clamp_min(1)
+    out = torch.where(count > 0, out, torch.zeros((), dtype=acc, device=x.device))
+    return out[:, :num_segments].to(x.dtype)
+
+
+def segment_bounds(segment_id: torch.Tensor, num_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, length) int64 ``[B, S]`` of every segment of non-decreasing ids (-1 padding ignored):
+    the first frame and the number of frames of segment s (0, 0 for an empty segment)."""
+    B, T = segment_id.shape
+    seg = segment_id.long()
+    inside = (seg >= 0) & (seg < num_segments)
+    slot = torch.where(inside, seg, num_segments)
+    t = torch.arange(T, device=seg.device).expand(B, T)
+    length = torch.zeros(B, num_segments + 1, dtype=torch.int64, device=seg.device).scatter_add(1, slot, inside.long())
+    start = torch.full((B, num_segments + 1), T, dtype=torch.int64, device=seg.device)
+    start = start.scatter_reduce(1, slot, t, "amin", include_self=True)
+    start = torch.where(length > 0, start, 0)
+    return start[:, :num_segments], length[:, :num_segments]
+
+
+def segment_pool(x: torch.Tensor, segment_id: torch.Tensor, m: int, num_segments: int) -> torch.Tensor:
+    """``[B, S, m, *rest]``: segment s of x ``[B, T, *rest]`` (its frames start, ..., start + L - 1)
+    average-pooled to m slots as ``torch.nn.functional.adaptive_avg_pool1d`` does: slot i is the
+    mean of local frames floor(i * L / m) ... ceil((i + 1) * L / m) - 1 (overlapping slots repeat a
+    frame when L < m). An empty segment gives zeros. Prefix sums in fp64, cast back to x's dtype."""
+    B, T = segment_id.shape
+    rest = x.shape[2:]
+    start, length = segment_bounds(segment_id, num_segments)  # [B, S]
+    i = torch.arange(m, device=x.device)
+    lo = start[..., None] + (i * length[..., None]) // m  # [B, S, m]
+    hi = start[..., None] + ((i + 1) * length[..., None] + m - 1) // m
+    prefix = torch.cat([x.new_zeros((B, 1, *rest), dtype=torch.float64), x.to(torch.float64).cumsum(1)], 1)  # [B, T + 1, ...]
+    flat = prefix.reshape(B, T + 1, -1)
+
+    def at(pos):
+        return flat.gather(1, pos.reshape(B, -1, 1).expand(B, pos[0].numel(), flat.shape[-1]))
+
+    count = (hi - lo).clamp_min(1).reshape(B, -1, 1).to(torch.float64)
+    mean = (at(hi) - at(lo)) / count
+    present = (length > 0)[..., None].expand(B, num_segments, m).reshape(B, -1, 1)
+    mean = torch.where(present, mean, 0.0)
+    return mean.reshape(B, num_segments, m, *rest).to(x.dtype)
