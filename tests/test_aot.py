@@ -28,8 +28,17 @@ KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 # marked in bench/results/aot_resources.md and expected to fail here until its kernel is reshaped; a
 # fixed one fails this test (strict xfail) until its line is removed.
 OVER_LIMIT = {
+    ("motion_gate_mc-bf16-p33-ts1-mean_abs-contiguous", "sm_80"): "motion_gate_mc spills 320 B (the compensated search holds the patch and its best candidate)",
+    ("motion_gate_mc-bf16-p33-ts1-mean_abs-contiguous", "sm_90"): "motion_gate_mc spills 336 B (the compensated search holds the patch and its best candidate)",
+    ("motion_gate_mc-fp16-p33-ts1-mean_abs-contiguous", "sm_80"): "motion_gate_mc spills 320 B (the compensated search holds the patch and its best candidate)",
+    ("motion_gate_mc-fp16-p33-ts1-mean_abs-contiguous", "sm_90"): "motion_gate_mc spills 376 B (the compensated search holds the patch and its best candidate)",
+    ("motion_gate_mc-fp32-p33-ts1-mean_abs-contiguous", "sm_80"): "motion_gate_mc spills 288 B (the compensated search holds the patch and its best candidate)",
+    ("motion_gate_mc-fp32-p33-ts1-mean_abs-contiguous", "sm_90"): "motion_gate_mc spills 336 B (the compensated search holds the patch and its best candidate)",
+    ("motion_gate_mc-u8-p16-ts2-mean_abs-contiguous", "sm_90"): "motion_gate_mc spills 8 B (the compensated search holds the patch and its best candidate)",
+    ("motion_gate_mc-u8-p32-ts1-mean_abs-contiguous", "sm_80"): "motion_gate_mc spills 24 B (the compensated search holds the patch and its best candidate)",
+    ("motion_gate_mc-u8-p33-ts1-mean_abs-contiguous", "sm_80"): "motion_gate_mc spills 536 B (the compensated search holds the patch and its best candidate)",
+    ("motion_gate_mc-u8-p33-ts1-mean_abs-contiguous", "sm_90"): "motion_gate_mc spills 440 B (the compensated search holds the patch and its best candidate)",
     ("match-fp32-bipartite", "sm_90"): "match spills 16 B",
-    ("match-fp32-frames", "sm_90"): "match spills 16 B",
     ("match-fp32-groups", "sm_90"): "match spills 16 B",
     ("sparse_attention-fp16-q64k64-d128-logsize", "sm_80"): "sparse_attention_fwd spills 8 B",
     ("sparse_attention-fp16-q128k64-d128-logsize", "sm_90"): "sparse_attention_bwd_dkdv spills 112 B",
