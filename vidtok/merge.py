@@ -282,8 +282,11 @@ def bipartite_merge(
         size: ``[B, N]`` positive token sizes (default ones), for ToMe's size tracking across layers.
         mode: "wmean" (size-weighted mean with the destination, ToMe's merge_wavg), "mean", "sum" or
             "replace" (keep the destination's value).
-        order: "keep" (outputs in input order) or "tome" (ToMe's order: unmerged A tokens by descending
-            similarity — ascending position when protect > 0 — then all B tokens; r = 0 is the identity).
+        order: "keep" (outputs in input order) or "tome" (ToMe's order: the protected tokens in
+            position order, the unmerged A tokens by descending similarity — ascending position when
+            protect > 0 — then the unprotected B tokens; r = 0 is the identity). With protect = 2
+            this is [class, distillation, unmerged A, B], as ToMe's merge with class_token and
+            distill_token returns it.
         backend: "reference", "triton" or "auto". Triton: the fused match kernel, the ranking (a stable
             sort) in PyTorch, and a one-pass merge kernel (a segmented reduction over each output's
             members in position order: no atomics, bit-identical every run). The reference merges

@@ -121,9 +121,12 @@ def bipartite_assignment(metric: torch.Tensor, r: int, protect: int = 0, order: 
     lower position) merge into their partners. ``index[n]`` is the output slot of token n,
     ``origin[j]`` the position of the token kept at slot j (a destination or an unmerged token).
 
-    order="keep": outputs in the original token order. order="tome": ToMe's order — the unmerged A
-    tokens by descending score (ascending position when protect > 0, as ToMe re-sorts them when there
-    is a class token), then every B token in order; r = 0 returns the input order in both.
+    order="keep": outputs in the original token order. order="tome": ToMe's order — the protected
+    tokens in position order, then the unmerged A tokens by descending score (ascending position when
+    protect > 0, as ToMe re-sorts them when there is a class token), then the unprotected B tokens in
+    order; r = 0 returns the input order in both. For protect = 1 and 2 this is the order of ToMe's
+    merge with class_token (and distill_token): [class, unmerged A, B] and [class, distillation,
+    unmerged A, B without the distillation token].
     A token without any partner (a NaN metric) ranks last; if r reaches it anyway it merges into the
     first unprotected B token.
     """
@@ -141,15 +144,20 @@ def bipartite_assignment(metric: torch.Tensor, r: int, protect: int = 0, order: 
     n_unm = n_a - r
     kept = torch.ones(B, N, dtype=torch.bool, device=device).scatter_(1, 2 * src, False)
     if order == "tome":
+        # slots: protected tokens at their own positions, then the unprotected unmerged A tokens, then
+        # the unprotected B tokens
         unm = rank[:, r:] + pa
         if protect > 0:
-            unm = torch.cat([torch.arange(pa, device=device).expand(B, pa), unm.sort(dim=1).values], dim=1)
-        a_slot = torch.zeros(B, n_a, dtype=torch.long, device=device)
-        a_slot.scatter_(1, unm, torch.arange(n_unm, device=device).expand(B, n_unm))
-        a_slot.scatter_(1, src, n_unm + dst)
+            unm = unm.sort(dim=1).values
+        n_free = n_unm - pa
+        b_slot = torch.cat([2 * torch.arange(pb, device=device) + 1,
+                            protect + n_free + torch.arange(n_b - pb, device=device)]).expand(B, n_b)
+        a_slot = (2 * torch.arange(n_a, device=device)).expand(B, n_a).clone()  # right for the protected ones
+        a_slot.scatter_(1, unm, protect + torch.arange(n_free, device=device).expand(B, n_free))
+        a_slot.scatter_(1, src, b_slot.gather(1, dst))
         index = torch.empty(B, N, dtype=torch.long, device=device)
         index[:, 0::2] = a_slot
-        index[:, 1::2] = n_unm + torch.arange(n_b, device=device)
+        index[:, 1::2] = b_slot
     else:
         slot = kept_rank(kept)[0]
         index = slot.scatter(1, 2 * src, slot.gather(1, 2 * dst + 1))
