@@ -284,8 +284,10 @@ def test_unmerge_bad_input():
 @pytest.mark.parametrize("backend", runnable_backends("bipartite_merge", "cpu", torch.float32))
 def test_opcheck(backend):
     x = _tokens(2, 9, 4, seed=3).requires_grad_()
-    torch.library.opcheck(torch.ops.vidtok.bipartite_assignment.default, (x.detach(), 3, 1, "tome", backend))
-    index, origin = torch.ops.vidtok.bipartite_assignment.default(x.detach(), 3, 1, "keep", backend)
+    op = torch.ops.vidtok.bipartite_assignment.default  # (metric, r, protect, order, a_mask, backend)
+    torch.library.opcheck(op, (x.detach(), 3, 1, "tome", None, backend))
+    torch.library.opcheck(op, (x.detach(), 3, 1, "tome", (torch.arange(9) >= 5).expand(2, 9), backend))
+    index, origin = op(x.detach(), 3, 1, "keep", None, backend)
     size = torch.rand(2, 9) + 0.5
     for mode in ref.MERGE_MODES:
         torch.library.opcheck(torch.ops.vidtok.merge_tokens.default, (x, size, index, origin, mode, backend))

@@ -93,6 +93,12 @@ def _require(ok: torch.Tensor, message: str) -> None:
         torch._assert_async(ok, message)
 
 
+def check_condition(ok: torch.Tensor, message: str) -> None:
+    """The 0-d bool tensor ``ok`` must be True, else ValueError(message) (a device-side assert on GPUs
+    and under torch.compile, as above): for conditions on argument values no other check covers."""
+    _require(ok, message)
+
+
 def check_no_nan(op: str, name: str, t: torch.Tensor | None, where: torch.Tensor | None = None) -> None:
     """``t`` (optionally only where ``where``) must hold no NaN, unless inside ``allow_nan()``."""
     if t is None or not t.is_floating_point() or _nan_allowed or t.numel() == 0:
