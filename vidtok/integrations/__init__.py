@@ -2,7 +2,9 @@
 
 - ``vidtok.integrations.policies``: the policy contract (what happens to one video's tokens) and the
   ready-made policies ``KeepAll``, ``DropStatic`` (EVS / DyCoke-style), ``MergeTemporal``
-  (``vidtok.temporal_merge``) and ``SelectFrames`` (DPP / MMR / uniform frame selection).
+  (``vidtok.temporal_merge``) and ``SelectFrames`` (DPP / MMR / uniform frame selection); importance-aware
+  ``KeepAttended`` (attention received), ``MergeClusters`` (DPC-kNN) and ``MergeComponents``
+  (LLaVA-Scissor's connected components).
 - ``vidtok.integrations.transformers``: ``apply(model, policy)`` / ``remove(model)`` for Hugging Face
   Qwen2-VL, Qwen2.5-VL and LLaVA-OneVision; ``apply_sparse_attention(model, layout, spec)`` /
   ``remove_sparse_attention(model)``: ``vidtok.sparse_attention`` in the attention layers of any model
@@ -20,7 +22,10 @@ import importlib
 
 from vidtok.integrations.policies import DropStatic, KeepAll, MergeTemporal, Policy, SelectFrames
 
+from vidtok.integrations.policies import KeepAttended, MergeClusters, MergeComponents
+
 __all__ = ["DropStatic", "KeepAll", "MergeTemporal", "Policy", "SelectFrames", "policies", "timm", "transformers"]
+__all__ += ["KeepAttended", "MergeClusters", "MergeComponents"]
 
 
 def __getattr__(name: str):
