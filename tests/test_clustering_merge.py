@@ -233,6 +233,11 @@ def test_dpc_knn_merge_values_on_every_merge_backend(device, dtype, backend):
     torch.testing.assert_close(out.x, merged.x)
 
 
+def test_dpc_knn_opcheck():
+    x = torch.randn(2, 10, 4, generator=torch.Generator().manual_seed(8))
+    torch.library.opcheck(torch.ops.vidtok.dpc_knn_assignment.default, (x, 3, 4, "reference"))
+
+
 def test_dpc_knn_gradient_and_compile():
     x = torch.randn(1, 12, 3, dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(lambda t: vidtok.dpc_knn_merge(t, 3, 4).x, (x,))

@@ -256,3 +256,17 @@ def test_per_video_r_and_segment_id_bad_input():
         vidtok.temporal_merge(x, r=1, segment_id=torch.zeros(2, 3))
     with pytest.raises(ValueError, match="more links than segment_id leaves"):
         vidtok.temporal_merge(x, r=[4, 5], segment_id=torch.tensor([[0, 0, 1], [0, 1, 2]]))
+
+
+def test_budgets_compile_fullgraph():
+    torch._dynamo.reset()
+
+    def f(x, tokens, a_mask, seg):
+        merged = vidtok.temporal_merge(x * 2, r=[3, 5], grid=(2, 2), segment_id=seg)
+        paired = vidtok.bipartite_merge(tokens * 2, 3, a_mask=a_mask)
+        return merged.x.sum() + paired.x.sum()
+
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, 4, 4, 8, generator=g), torch.randn(2, 10, 4, generator=g), torch.arange(10) < 5,
+            torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0]]))
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(*args), f(*args))

@@ -171,8 +171,9 @@ class Merged(NamedTuple):
     represents (fp32; fp64 for fp64 x). index: int32 ``[B, N]``, the output slot of every input token.
     origin: int32 ``[B, L]``, the input position of each output's representative (the token that kept
     its place: a destination or an unmerged token). lengths: int64 ``[B]``, the valid outputs of each
-    video when outputs are padded (temporal_merge; padding has x = 0, size = 0, origin = -1, so
-    log_size is -inf there); None for bipartite_merge. grid: (T, h, w) of the merged positions for
+    video when outputs are padded (temporal_merge, connected_components_merge; padding has x = 0,
+    size = 0, origin = -1, so log_size is -inf there); None for bipartite_merge, merge_by_assignment
+    and dpc_knn_merge. grid: (T, h, w) of the merged positions for
     temporal_merge (what ``VideoLayout.from_merge`` needs to place the outputs); None for
     bipartite_merge, whose caller knows how its N tokens lie.
     """
@@ -298,7 +299,8 @@ def bipartite_merge(
     Args:
         x: ``[B, N, C]`` tokens, float32/float16/bfloat16 (float64 on the reference backend).
         r: tokens to remove, ``0 <= r <= ceil((N - protect) / 2)`` rounded to the unprotected A tokens
-            (0 when no unprotected B token exists). Unlike ToMe this does not silently clamp r.
+            (0 when no unprotected B token exists); with ``a_mask``, at most the unprotected A tokens
+            of every video. Unlike ToMe this does not silently clamp r.
         metric: ``[B, N, D]`` features to match on (ToMe: attention keys averaged over heads); default x.
             The matching is not differentiable (ToMe runs it under no_grad). Any float dtype on the
             reference backend; cast to x's dtype on the Triton backend.

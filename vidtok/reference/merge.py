@@ -519,13 +519,12 @@ def dpc_knn_assignment(metric: torch.Tensor, k: int, clusters: int):
     device = metric.device
     dist = pairwise_distance(metric).nan_to_num(nan=float("inf"))  # a NaN token: infinitely far from the others
     density = (-dist.topk(k, dim=-1, largest=False).values.square().mean(-1)).exp()
-    pos = torch.arange(N, device=device)
-    higher = density[:, None, :] > density[:, :, None]
-    tie_lower = (density[:, None, :] == density[:, :, None]) & (pos[None, :] < pos[:, None])
-    denser = higher | tie_lower  # [b, i, j]: token j is denser than token i
+    # rank in the density order (higher first, ties: the lower position): j is denser than i when it ranks before
+    order = torch.sort(density, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=device).expand(B, N))
+    delta = torch.where(rank[:, None, :] < rank[:, :, None], dist, float("inf")).amin(-1)
     farthest = dist.flatten(1).amax(1)[:, None]
-    delta = torch.where(denser, dist, float("inf")).amin(-1)
-    delta = torch.where(denser.any(-1), delta, farthest)
+    delta = torch.where(rank == 0, farthest, delta)  # the densest token
     score = (density * delta).nan_to_num(nan=float("-inf"))  # 0 * inf for a NaN token: never before a real one
     centres = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :clusters].sort(dim=1).values
     to_centre = dist.gather(2, centres[:, None, :].expand(B, N, clusters))  # [B, N, clusters]

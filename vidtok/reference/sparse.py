@@ -212,14 +212,16 @@ def attention_received(
     for r0 in range(start, row_end, rows_per_band):
         r1 = min(r0 + rows_per_band, -(-row_end // block_q) * block_q, M)
         if tiles is None:
-            s = torch.matmul(qf[:, :, r0:r1], kf.transpose(-1, -2)) * scale
+            s = torch.matmul(qf[:, :, r0:r1], kf.transpose(-1, -2)).mul_(scale)
             if ls is not None:
-                s = s + ls[:, None, None, :]
+                s.add_(ls[:, None, None, :])
         else:
             s = _scores(qf, kf, ls, tiles, block_q, block_k, scale, r0 // block_q, -(-r1 // block_q), r0, r1)
         band_lse = torch.logsumexp(s, -1) if lse is None else lse[:, :, r0:r1].to(acc)
-        p = torch.where(torch.isfinite(band_lse)[..., None], torch.exp(s - band_lse[..., None]), 0.0)
-        rows = torch.arange(r0, r1, device=q.device)
-        p = p * ((rows >= row_start) & (rows < row_end)).to(acc)[:, None]
+        p = s.sub_(band_lse[..., None]).exp_()  # in place: P of the band
+        p.masked_fill_(~torch.isfinite(band_lse)[..., None], 0.0)  # rows without keys (or NaN) give nothing
+        if r0 < row_start or r1 > row_end:  # a band that reaches past the rows that count
+            rows = torch.arange(r0, r1, device=q.device)
+            p.mul_(((rows >= row_start) & (rows < row_end)).to(acc)[:, None])
         out += p.sum(2)
     return out
