@@ -217,9 +217,12 @@ def attention_received(
                 s.add_(ls[:, None, None, :])
         else:
             s = _scores(qf, kf, ls, tiles, block_q, block_k, scale, r0 // block_q, -(-r1 // block_q), r0, r1)
-        band_lse = torch.logsumexp(s, -1) if lse is None else lse[:, :, r0:r1].to(acc)
-        p = s.sub_(band_lse[..., None]).exp_()  # in place: P of the band
-        p.masked_fill_(~torch.isfinite(band_lse)[..., None], 0.0)  # rows without keys (or NaN) give nothing
+        if lse is None:  # a row without keys (all -inf) or with a NaN softmaxes to NaN: it gives nothing
+            p = torch.softmax(s, -1).nan_to_num_(0.0)
+        else:
+            band_lse = lse[:, :, r0:r1].to(acc)
+            p = s.sub_(band_lse[..., None]).exp_()  # in place: P of the band
+            p.masked_fill_(~torch.isfinite(band_lse)[..., None], 0.0)  # rows without keys (or NaN) give nothing
         if r0 < row_start or r1 > row_end:  # a band that reaches past the rows that count
             rows = torch.arange(r0, r1, device=q.device)
             p.mul_(((rows >= row_start) & (rows < row_end)).to(acc)[:, None])
