@@ -39,10 +39,10 @@ ROWS = {"sum": slice(None), "cls": slice(0, 1), "last": slice(-1, None)}
 @pytest.mark.parametrize("reduce", ["sum", "cls", "last"])
 @pytest.mark.parametrize("device,dtype,backend", CASES)
 def test_dense_equals_materialised_softmax(reduce, device, dtype, backend):
-    for M, N, H, Hk, D in [(37, 37, 4, 2, 16), (5, 70, 2, 1, 24), (1, 9, 1, 1, 8)]:
+    for i, (M, N, H, Hk, D) in enumerate([(37, 37, 4, 2, 16), (5, 70, 2, 1, 24), (1, 9, 1, 1, 8)]):
         q, k = _qk(2, H, Hk, M, N, D, seed=M + N, dtype=dtype, device=device)
         ls = (torch.randn(2, N, generator=torch.Generator().manual_seed(1)) * 0.5).to(device)
-        for kv_log_size in (None, ls):
+        for kv_log_size in ((None, ls) if backend == "reference" else ((None, ls)[i % 2],)):
             got = vidtok.attention_received(q, k, reduce=reduce, kv_log_size=kv_log_size, backend=backend)
             want = dense_received(q.cpu(), k.cpu(), None, D**-0.5, None if kv_log_size is None else ls.cpu(), ROWS[reduce])
             assert got.shape == (2, N) and got.dtype == torch.float32
@@ -62,7 +62,7 @@ def _plan(block, batch=2, num_global=1, device="cpu"):
 def test_plan_counts_only_allowed_pairs(block, device, dtype, backend):
     plan = _plan(block, device=device)
     N = plan.num_tokens
-    q, k = _qk(2, 4, 2, N, N, 16, seed=block[0] + block[1], dtype=dtype, device=device)
+    q, k = _qk(2, 2, 1, N, N, 16, seed=block[0] + block[1], dtype=dtype, device=device)
     v = torch.randn_like(k)
     allowed = plan.to_dense()
     tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=1e-2)

@@ -80,7 +80,8 @@ def test_alternating_a_mask_is_the_default(protect, order, device, dtype, backen
     g = torch.Generator().manual_seed(protect)
     x = torch.randn(2, 13, 6, generator=g).to(device)
     alternating = torch.arange(13, device=device) % 2 == 0
-    for r in range(ref.max_merge(13, protect) + 1):
+    cap = ref.max_merge(13, protect)
+    for r in sorted({0, 1, cap // 2, cap}):
         plain = vidtok.bipartite_merge(x, r, protect=protect, order=order, backend=backend)
         masked = vidtok.bipartite_merge(x, r, protect=protect, order=order, a_mask=alternating, backend=backend)
         assert torch.equal(plain.index, masked.index) and torch.equal(plain.origin, masked.origin), r
@@ -100,7 +101,7 @@ def test_random_a_mask_equals_loop(protect, order, device, dtype, backend):
     a_mask[:, protect + 1] = False
     n_a = int(a_mask[:, protect:].sum(1).min())
     x_dev = x.to(device=device, dtype=dtype)
-    for r in range(n_a + 1):
+    for r in sorted({0, 1, n_a // 2, n_a}):
         merged = vidtok.bipartite_merge(x_dev, r, protect=protect, order=order, a_mask=a_mask.to(device), backend=backend)
         assert merged.x.shape == (B, N - r, 5)
         for b in range(B):
@@ -214,7 +215,10 @@ def test_no_chain_crosses_a_segment_boundary(radius, device, dtype, backend):
     x = (base + 0.3 * torch.randn(B, T, N, 8, generator=g)).to(device)  # persistent tokens: long chains
     seg = torch.tensor([[0, 0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 3]], device=device)
     frame = torch.arange(T * N, device=device) // N
-    for opts in (dict(threshold=0.5), dict(r=[10, 20]), dict(r=torch.tensor([0, 25], device=device))):
+    options = [dict(threshold=0.5), dict(r=[10, 20]), dict(r=torch.tensor([0, 25], device=device))]
+    if backend != "reference":  # the kernels' links are compared with the reference's elsewhere: one case here
+        options = options[1:2]
+    for opts in options:
         merged = vidtok.temporal_merge(x, radius=radius, grid=(h, w), segment_id=seg, backend=backend, **opts)
         root = merged.origin.long().gather(1, merged.index.long())
         assert bool((seg.gather(1, frame.expand(B, -1)) == seg.gather(1, (root // N))).all()), (seed, opts)
