@@ -156,7 +156,7 @@ PUBLIC_MODULES = [
     "vidtok", "vidtok.merge", "vidtok.motion", "vidtok.select", "vidtok.sparse", "vidtok.masks", "vidtok.nn",
     "vidtok.io", "vidtok.viz", "vidtok.testing", "vidtok.info", "vidtok.demo", "vidtok.reference", "vidtok.cpu",
     "vidtok.csrc", "vidtok.kernels", "vidtok.integrations", "vidtok.integrations.policies",
-    "vidtok.integrations.timm", "vidtok.integrations.transformers",
+    "vidtok.integrations.timm", "vidtok.integrations.transformers", "vidtok.curate",
 ]
 
 

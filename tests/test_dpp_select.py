@@ -10,7 +10,7 @@ import torch
 import vidtok
 import vidtok.select as select_module
 from vidtok.reference import select as ref_select
-from vidtok.testing import runnable_backends
+from vidtok.testing import gpu_backend_cases
 
 
 def _kernel(x, q):
@@ -93,7 +93,7 @@ def test_float32_logdet_matches_slogdet():
         assert abs(float(gains[b].double().sum()) - ld) < 1e-4 * abs(ld) + 1e-4
 
 
-def test_against_exhaustive_optimum(capsys):
+def test_against_exhaustive_optimum(record_property):
     """Greedy log det versus the best k-subset (T = 12, k = 4: 495 subsets) with planted near-duplicates."""
     ratios, gaps = [], []
     for seed in range(20):
@@ -108,9 +108,8 @@ def test_against_exhaustive_optimum(capsys):
         assert value <= best + 1e-9
         gaps.append(best - value)
         ratios.append(torch.exp(torch.tensor(value - best)).item())  # det ratio
-    with capsys.disabled():
-        print(f"\nDPP greedy det/optimum det: mean {sum(ratios) / 20:.4f}, worst {min(ratios):.4f}; "
-              f"optimal {sum(gap < 1e-9 for gap in gaps)}/20, mean log-det gap {sum(gaps) / 20:.4f}")
+    record_property("dpp_greedy_det_ratio", f"mean {sum(ratios) / 20:.4f}, worst {min(ratios):.4f}; optimal "
+                    f"{sum(gap < 1e-9 for gap in gaps)}/20, mean log-det gap {sum(gaps) / 20:.4f}")
     assert sum(gap < 1e-9 for gap in gaps) >= 10
 
 
@@ -197,7 +196,7 @@ def test_cuda_equals_cpu_at_realistic_sizes():
 # ---------------------------------------------------------------------------------------------------
 # The cuda backend (csrc/select.cu). Without a GPU the parameter list is empty and pytest skips these.
 
-GPU_BACKENDS = [b for b in runnable_backends("dpp_select", "cuda", torch.float32) if b == "cuda"] if torch.cuda.is_available() else []
+GPU_BACKENDS = gpu_backend_cases("dpp_select", "cuda")
 
 
 def certify_dpp(idx, x, quality, k, eps=1e-4, rtol=1e-5):

@@ -11,7 +11,7 @@ import torch
 import vidtok
 import vidtok.select as select_module
 from vidtok.reference import select as ref_select
-from vidtok.testing import devices, runnable_backends
+from vidtok.testing import devices, gpu_backend_cases, runnable_backends
 
 
 def _cos(a, b):
@@ -126,7 +126,7 @@ def _feasible(seq, S, min_gap, sim_thresh):
 
 
 @pytest.mark.parametrize("opts", [dict(), dict(lam=0.5), dict(lam=1.0), dict(min_gap=3), dict(sim_thresh=0.3), dict(lam=0.5, min_gap=2)], ids=str)
-def test_against_exhaustive_optimum(opts, capsys):
+def test_against_exhaustive_optimum(opts, record_property):
     """Greedy versus the best ordered sequence of k frames under the same gains and constraints
     (T = 10, k = 4: 5040 sequences). Without diversity or constraints greedy is optimal; otherwise
     the ratio is reported and must stay above a bound it comfortably meets on these fixed seeds."""
@@ -158,8 +158,7 @@ def test_against_exhaustive_optimum(opts, capsys):
         ratios.append(value / best)
     if not opts:
         assert all(abs(ratio - 1) < 1e-12 for ratio in ratios)
-    with capsys.disabled():
-        print(f"\ngreedy/optimum {opts}: mean {sum(ratios) / len(ratios):.4f}, worst {min(ratios):.4f}")
+    record_property(f"greedy_over_optimum {opts}", f"mean {sum(ratios) / len(ratios):.4f}, worst {min(ratios):.4f}")
     assert min(ratios) > 0.8
 
 
@@ -288,7 +287,7 @@ def test_cuda_equals_cpu_at_realistic_sizes():
 # The cuda backend (csrc/select.cu). Parametrised over the GPU backends that can run here: without a
 # GPU the parameter list is empty and pytest skips these tests.
 
-GPU_BACKENDS = [b for b in runnable_backends("greedy_select", "cuda", torch.float32) if b == "cuda"] if torch.cuda.is_available() else []
+GPU_BACKENDS = gpu_backend_cases("greedy_select", "cuda")
 
 
 def certify_greedy(got, rel, k, x=None, lam=0.0, min_gap=0.0, sim_thresh=None, pool="all", timestamps=None, tol=None):

@@ -1,4 +1,4 @@
-"""Command line: ``python -m vidtok info | example | aot | bench | demo``."""
+"""Command line: ``python -m vidtok info | example | aot | bench | demo | curate``."""
 
 from __future__ import annotations
 
@@ -48,8 +48,13 @@ def _cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
+BENCH_OUT = "vidtok-bench"  # default results folder, in the current directory: never the tracked bench/results
+
+
 def _bench(quick: bool, out: str | None) -> int:
-    """Run bench/ with pytest-benchmark, then bench/render.py over the JSON it wrote."""
+    """Run bench/ with pytest-benchmark, then bench/render.py over the JSON it wrote (it writes the
+    Markdown table and the PNG chart beside it). Results go to ``out``, default ./vidtok-bench: the
+    records under bench/results are kept in git and are only replaced when asked (--out bench/results)."""
     import os
     import re
     import subprocess
@@ -61,8 +66,15 @@ def _bench(quick: bool, out: str | None) -> int:
     if not (bench_dir / "conftest.py").is_file():
         print(f"the benchmarks live in vidtok's source checkout (bench/ next to vidtok/); not found at {bench_dir}")
         return 2
-    out_dir = Path(out) if out else bench_dir / "results"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out if out else BENCH_OUT).resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        print(f"vidtok bench: error: --out {out_dir} is a file, not a folder", file=sys.stderr)
+        return 2
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"vidtok bench: error: cannot create the --out folder {out_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu {_cpu_model()} {os.cpu_count()}t"
     name = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") + ("-quick" if quick else "")
     json_path = out_dir / f"{name}.json"
@@ -73,6 +85,7 @@ def _bench(quick: bool, out: str | None) -> int:
     )
     if result.returncode != 0:
         return result.returncode
+    print(f"vidtok bench: wrote {json_path}")
     return subprocess.run([sys.executable, str(bench_dir / "render.py"), str(json_path)]).returncode
 
 
@@ -86,6 +99,13 @@ def _size(text: str):
     if not m or min(int(m[1]), int(m[2])) < 1:
         raise argparse.ArgumentTypeError(f"expected a width W, HxW or 0, got {text!r}")
     return int(m[1]), int(m[2])
+
+
+def _message(exc: BaseException) -> str:
+    """One line for a user error: an OSError raised by the system as "PATH: reason" (not "[Errno N] ...")."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    return " ".join(str(exc).split())
 
 
 def _demo(args) -> int:
@@ -107,7 +127,7 @@ def _demo(args) -> int:
     except (FileNotFoundError, ValueError, TypeError, BackendUnavailableError, OSError, ImportError) as exc:
         if args.traceback:
             raise
-        print("vidtok demo: error: " + " ".join(str(exc).split()), file=sys.stderr)
+        print("vidtok demo: error: " + _message(exc), file=sys.stderr)
         return 2
     except Exception as exc:  # a bug, not bad input: still one line, with the way to see more
         if args.traceback:
@@ -127,12 +147,16 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices, and which backends can run here (and why not)")
     sub.add_parser("example", help="run paired_similarity on synthetic video tokens with every runnable backend")
+    from vidtok.curate.cli import add_arguments as curate_arguments
+    curate_arguments(sub.add_parser("curate", help="shots, motion, keyframes and duplicates of a video corpus on Ray Data"))
     aot = sub.add_parser("aot", help="compile every Triton kernel for sm_80/sm_90 (no GPU needed), print resources")
     aot.add_argument("--report", help="also write the table to this file")
     aot.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     bench = sub.add_parser("bench", help="run the benchmarks (source checkout) and render JSON, Markdown and PNG")
     bench.add_argument("--quick", action="store_true", help="one small shape per benchmark: a smoke test")
-    bench.add_argument("--out", default=None, help="folder for the results (default: bench/results)")
+    bench.add_argument("--out", default=None,
+                       help=f"folder for the JSON, Markdown and PNG results (default: ./{BENCH_OUT}; the records kept in "
+                            "git are in bench/results, replaced only when that folder is given)")
     demo = sub.add_parser(
         "demo",
         help="the whole pipeline on one clip: a table of tokens, time, backend and quality per stage, and PNGs",
@@ -142,10 +166,14 @@ def main(argv=None) -> int:
     demo.add_argument("video", nargs="?", default=None, help="any file FFmpeg can read (default: the embedded clip)")
     demo.add_argument("--out", default="vidtok-demo", help="folder for frames.png and keep_vs_psnr.png (default: vidtok-demo)")
     demo.add_argument("--size", type=_size, default=224,
-                      help="W: downscale to at most W pixels wide (aspect kept); HxW: exactly; 0: source size (default 224)")
+                      help="W: downscale to at most W pixels wide (aspect kept, never upscaled); HxW: exactly; 0: source size "
+                           "(default 224)")
     demo.add_argument("--max-frames", type=int, default=64, help="decode at most this many frames (default 64; 0: all)")
-    demo.add_argument("--fps", type=float, default=None, help="resample to this frame rate (default: every frame)")
-    demo.add_argument("--patch", type=int, default=16, help="patch side in pixels (default 16)")
+    demo.add_argument("--fps", type=float, default=None,
+                      help="resample to this frame rate, below the source's (default: every frame; a rate at or above the "
+                           "source's keeps every frame)")
+    demo.add_argument("--patch", type=int, default=16,
+                      help="patch side in pixels, at most the frame's sides after --size (default 16)")
     demo.add_argument("--threshold", type=float, default=8.0,
                       help="motion gate threshold, grey levels of mean |change| since the last kept copy (default 8)")
     demo.add_argument("--merge-threshold", type=float, default=0.95, help="cosine for temporal merging (default 0.95)")
@@ -163,6 +191,10 @@ def main(argv=None) -> int:
         from vidtok.info import report
 
         print(report())
+    elif args.command == "curate":
+        from vidtok.curate.cli import main as curate_main
+
+        return curate_main(args)
     elif args.command == "aot":
         from vidtok.aot import main as aot_main
 

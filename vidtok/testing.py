@@ -63,6 +63,21 @@ def backend_cases(op: str, *, dtypes: tuple = (torch.float32, torch.float16, tor
     ]
 
 
+def gpu_backend_cases(op: str, backend: str, dtype: torch.dtype = torch.float32) -> list:
+    """``[backend]`` when ``op``'s ``backend`` can run on a CUDA device here, else one
+    ``pytest.param(backend)`` skipped with the reason (so a GPU-only case family is one clear skip,
+    not an empty parameter set)."""
+    import pytest
+
+    if torch.cuda.is_available():
+        why = _backend.reasons(op, backend, torch.device("cuda"), dtype)
+    else:
+        why = ["no CUDA device is visible to torch"]
+    if not why:
+        return [backend]
+    return [pytest.param(backend, marks=pytest.mark.skip(reason=f"{op} {backend} on a GPU: {'; '.join(why)}"))]
+
+
 def video_cases(op: str) -> list:
     """``pytest.param(device, backend)`` of the backends of the motion op ``op`` that run on uint8 video
     on every device; ids like "cuda-triton"."""
@@ -285,7 +300,7 @@ def sparse_random_layout(seed: int, *, max_grid=(4, 6, 6)):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Synthetic long-video frame embeddings (issue 5: frame selection quality without a pretrained model)
+# Synthetic long-video frame embeddings: frame selection quality without a pretrained model
 
 from typing import NamedTuple  # noqa: E402  (appended section)
 
@@ -328,12 +343,12 @@ def synthetic_video_embeddings(
     noise: float = 0.4,
     seed: int = 0,
 ) -> SyntheticVideo:
-    """Frame embeddings of a long video, with the structure selection methods must cope with
-    (research/selection.md §6.5): scenes of log-normal length (median ``median_scene`` frames) whose
-    centroids come from a pool of ``n_centroids`` so scenes recur (ABAB); a random-walk drift and
-    isotropic noise within a scene (``drift`` and ``noise`` are
-    the norms of one walk step and of the noise vector, against unit centroids); a fraction ``transition_prob`` of scene changes are gradual
-    (linear blends over 10-30 frames), the rest hard cuts; 1-2-frame flashes (a random direction);
+    """Frame embeddings of a long video, with the structure selection methods must cope with: scenes
+    of log-normal length (median ``median_scene`` frames) whose centroids come from a pool of
+    ``n_centroids`` so scenes recur (ABAB); a random-walk drift and isotropic noise within a scene
+    (``drift`` and ``noise`` are the norms of one walk step and of the noise vector, against unit
+    centroids); a fraction ``transition_prob`` of scene changes are gradual (linear blends over 10-30
+    frames), the rest hard cuts; 1-2-frame flashes (a random direction);
     ``n_needles`` planted query events of 1-10 frames (x <- normalize(x + needle_strength * q)) and
     ``n_distractors`` weaker spans (strength / 2) elsewhere. Deterministic in ``seed``.
     """
