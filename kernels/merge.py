@@ -55,9 +55,9 @@ def _paired_similarity_fwd_kernel(
         aa += va * va
         bb += vb * vb
     dot = tl.sum(ab, axis=1)
-    na = tl.maximum(tl.sqrt(tl.sum(aa, axis=1)), EPS)
-    nb = tl.maximum(tl.sqrt(tl.sum(bb, axis=1)), EPS)
-    tl.store(out_ptr + pid_bt.to(tl.int64) * N + offs_n, dot / (na * nb), mask=mask_n)
+    na = tl.maximum(tl.sqrt_rn(tl.sum(aa, axis=1)), EPS)
+    nb = tl.maximum(tl.sqrt_rn(tl.sum(bb, axis=1)), EPS)
+    tl.store(out_ptr + pid_bt.to(tl.int64) * N + offs_n, tl.div_rn(dot, na * nb), mask=mask_n)
 
 
 @triton.jit
@@ -101,19 +101,19 @@ def _paired_similarity_bwd_kernel(
         ss += tl.sum(vs * vs, axis=1)
         pp += tl.sum(vp * vp, axis=1)
         nn += tl.sum(vn * vn, axis=1)
-    norm_self = tl.sqrt(ss)
+    norm_self = tl.sqrt_rn(ss)
     ns = tl.maximum(norm_self, EPS)
-    denom_prev = ns * tl.maximum(tl.sqrt(pp), EPS)
-    denom_next = ns * tl.maximum(tl.sqrt(nn), EPS)
+    denom_prev = ns * tl.maximum(tl.sqrt_rn(pp), EPS)
+    denom_next = ns * tl.maximum(tl.sqrt_rn(nn), EPS)
     g_row = grad_out_ptr + b.to(tl.int64) * T_out * N + offs_n
     # (scalar conditions broadcast to vectors: the interpreter rejects scalar-and-vector mask dtypes)
     zero = tl.zeros([BLOCK_N], dtype=tl.int32)
     g_prev = tl.load(g_row + t_prev.to(tl.int64) * N, mask=mask_n & (zero + t >= lag), other=0.0)
     g_next = tl.load(g_row + t.to(tl.int64) * N, mask=mask_n & (zero + t + lag < T), other=0.0)
-    coef_prev = g_prev / denom_prev
-    coef_next = g_next / denom_next
-    coef_self = g_prev * (d_prev / denom_prev) + g_next * (d_next / denom_next)
-    coef_self = tl.where(norm_self > EPS, coef_self / (ns * ns), 0.0)
+    coef_prev = tl.div_rn(g_prev, denom_prev)
+    coef_next = tl.div_rn(g_next, denom_next)
+    coef_self = g_prev * tl.div_rn(d_prev, denom_prev) + g_next * tl.div_rn(d_next, denom_next)
+    coef_self = tl.where(norm_self > EPS, tl.div_rn(coef_self, ns * ns), 0.0)
 
     out_row = grad_x_ptr + pid_bt.to(tl.int64) * N * C + offs_n.to(tl.int64)[:, None] * C
     for c0 in range(0, C, BLOCK_C):
@@ -224,7 +224,7 @@ def _match_kernel(
         va = tl.load(a_rows + offs_d.to(tl.int64)[None, :] * s_ad,
                      mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
         sq_a += tl.sum(va * va, axis=1)
-    norm_a = tl.maximum(tl.sqrt(sq_a), EPS)
+    norm_a = tl.maximum(tl.sqrt_rn(sq_a), EPS)
 
     if HAS_GROUPS:
         ga = tl.load(ag_ptr + b.to(tl.int64) * s_agb + offs_m.to(tl.int64) * s_agm, mask=mask_m, other=0)
@@ -256,7 +256,7 @@ def _match_kernel(
                 dot = tl.dot(va, vb, dot, input_precision=PRECISION)
                 vbf = vb.to(tl.float32)
                 sq_b += tl.sum(vbf * vbf, axis=0)
-            sim = dot / (norm_a[:, None] * tl.maximum(tl.sqrt(sq_b), EPS)[None, :])
+            sim = tl.div_rn(dot, norm_a[:, None] * tl.maximum(tl.sqrt_rn(sq_b), EPS)[None, :])
             ok = mask_k[None, :] & (sim == sim)  # NaN similarities never match
             if HAS_GROUPS:
                 ok = ok & (ga[:, None] == gb[None, :])
@@ -371,10 +371,11 @@ def _merge_tokens_kernel(
                 v = v * s[:, None]
             acc += v
     # a slot without members (padding, origin -1) gets zeros and size 0
+    # (div_rn takes operands of one shape: the divisor is broadcast explicitly)
     if MODE == 0:
-        acc = acc / tl.where(total > 0, total, 1.0)[:, None]
+        acc = tl.div_rn(acc, tl.broadcast_to(tl.where(total > 0, total, 1.0)[:, None], (BLOCK_S, BLOCK_C)))
     if MODE == 1:
-        acc = acc / tl.maximum(counts, 1).to(tl.float32)[:, None]
+        acc = tl.div_rn(acc, tl.broadcast_to(tl.maximum(counts, 1).to(tl.float32)[:, None], (BLOCK_S, BLOCK_C)))
     if MODE == 3:  # replace: the representative's own value
         rep = tl.load(origin_ptr + b.to(tl.int64) * L + offs_s, mask=mask_s, other=-1)
         acc = tl.load(x_base + rep.to(tl.int64)[:, None] * s_xn + offs_c.to(tl.int64)[None, :] * s_xc,
@@ -463,7 +464,7 @@ def _window_links_kernel(
         v = tl.load(cur + offs_c.to(tl.int64)[None, :] * s_c, mask=mask_n[:, None] & (offs_c[None, :] < C),
                     other=0.0).to(tl.float32)
         sq += tl.sum(v * v, axis=1)
-    norm_cur = tl.maximum(tl.sqrt(sq), EPS)
+    norm_cur = tl.maximum(tl.sqrt_rn(sq), EPS)
 
     best = tl.full([BLOCK_N], NEG_INF, dtype=tl.float32)
     best_idx = tl.full([BLOCK_N], -1, dtype=tl.int32)
@@ -484,7 +485,7 @@ def _window_links_kernel(
                 vb = tl.load(cand + cols, mask=mask, other=0.0).to(tl.float32)
                 dot += tl.sum(va * vb, axis=1)
                 sq2 += tl.sum(vb * vb, axis=1)
-            sim = dot / (norm_cur * tl.maximum(tl.sqrt(sq2), EPS))
+            sim = tl.div_rn(dot, norm_cur * tl.maximum(tl.sqrt_rn(sq2), EPS))
             better = valid & (sim > best)  # NaN compares false: never better
             best = tl.where(better, sim, best)
             best_idx = tl.where(better, n2, best_idx)

@@ -1,22 +1,35 @@
 """Triton kernels for gated residual motion skipping (vidtok.patch_delta, vidtok.motion_gate and
 vidtok.block_match).
 
-One program owns one patch column (b, i, j) and walks through the T' slices of the clip with the
-reference patch (ts x C x ph x pw elements, flattened into one BLOCK_E tile) held in registers. Per
-slice it loads the patch once, reduces |cur - ref| to a delta, decides keep, and writes keep, delta,
-carry and (for the previous kept slice, once the next one is known) run_length. The clip is read from
-HBM once; every output element is written exactly once by one program (no atomics).
+One program owns one patch column (b, i, j) and walks through the T' slices of the clip. A patch is
+held as a 2-D tile of rows x PW pixels: row r is (frame in tubelet, channel, pixel row) = r in
+row-major order, and the PW pixels of a row are contiguous in a video with unit column stride. PW
+is a compile-time constant (one specialisation per patch width), so each row is read with vector
+loads as wide as its alignment allows: 16 bytes per load (16 uint8 or 4 fp32 pixels) when the row's
+bytes and the frame's strides are multiples of 16 (Triton specialises a stride divisible by 16 at
+launch): uint8 or fp32 patches 16 wide in frames 224 wide; uint8 width 8 reads 8 bytes per load,
+width 14 two. The per-row index arithmetic (divisions by C and ph) runs once, before the walk.
+
+The walk is software-pipelined: slice k + 1 is loaded (its address does not depend on any decision)
+while slice k is reduced to a delta and decided, so every program keeps two slices of loads in
+flight. Per slice the program writes keep, delta, carry and (for the previous kept slice, once the
+next one is known) run_length. The clip is read from HBM once; every output element is written
+exactly once by one program (no atomics).
 
 uint8 video is differenced and summed in int32 (exact: |d| <= 255 and d^2 * 4096 < 2^31) and turned
 into fp32 with correctly rounded operations (int -> fp32, div_rn, sqrt_rn), exactly as the reference
-does, so deltas and masks are bit-identical to vidtok.reference.motion.
+does, so deltas and masks are bit-identical to vidtok.reference.motion. Float video is differenced
+in fp32; its sums follow the tile's order (within fp32 rounding of the reference).
 
 The motion-compensated gate (search_radius > 0) is a second kernel with the same walk: per slice it
 scans the (2r + 1)^2 displaced blocks of the reference slice, re-read from the video (they overlap,
-so L1/L2 serve most of them) instead of one reference tile in registers, keeping the best in scalars.
+so L1/L2 serve most of them; their column offsets are arbitrary, so they are byte-aligned loads)
+instead of one reference tile in registers, keeping the best in scalars.
 
-Resources (`python -m vidtok aot`, triton 3.9): the gate kernel 32-82 registers per thread, the
-compensated one 97-128 (E = 4096 tiles at 16 warps), no spills on sm_80 or sm_90.
+Warps: in the gate a thread holds 32 uint8 pixels of a tile (two 16-byte vectors) or 16 wider
+elements (see gate_per_thread), so a 16x16 RGB uint8 patch is one warp and its reductions need no
+barrier. Resources from `python -m vidtok aot`; instruction counts and predictions in bench/NOTES.md
+(motion section).
 """
 
 from __future__ import annotations
@@ -28,68 +41,108 @@ import triton.language as tl
 from .common import TRITON_DTYPES, AotCase, on_tensor_device
 
 INF = tl.constexpr(float("inf"))
-# A patch (ts * C * ph * pw elements, or C * ph * pw for RLT's rule) lives in one register tile of
-# BLOCK_E elements, BLOCK_E the next power of two >= max(256, E). 16x16 RGB patches use 1024
-# (2048 with tubelet 2), 32x32 RGB 4096. Warps grow with the tile so that each thread holds <= 8
-# elements of each of the two tiles (cur, ref).
-BLOCK_SIZES = (256, 512, 1024, 2048, 4096)
-MAX_ELEMENTS = BLOCK_SIZES[-1]
-# reduce name -> the kernels' reduce_mode ("rlt" is a mean |d| over other frames)
+# A patch of at most MAX_ELEMENTS pixels (ts x C x ph x pw, or C x ph x pw for RLT's rule) lives in one
+# register tile of BLOCK_R x BLOCK_W elements, both powers of two (BLOCK_R >= its ts x C x ph rows,
+# BLOCK_W >= pw; at most 2 x MAX_ELEMENTS). 16x16 RGB patches use 64 x 16, 14x14 RGB 64 x 16, 32x32 RGB
+# 128 x 32.
+MAX_ELEMENTS = 4096
+# reduce name -> the kernels' REDUCE ("rlt" is a mean |d| over other frames)
 REDUCE_CODES = {"mean_abs": 0, "l2": 1, "max_abs": 2, "rlt": 0}
+# Patch widths of the ahead-of-time table: the ViT/CLIP/SigLIP patch embeddings (14, 16, 32) and 8.
+# Any other width compiles its own specialisation the first time it is used (Triton's JIT).
+AOT_WIDTHS = (8, 14, 16, 32)
 
 
-def _tile_reasons(elements: int, what: str) -> list[str]:
-    if elements > MAX_ELEMENTS:
-        return [f"the Triton kernel holds a {what} in registers: at most {MAX_ELEMENTS} elements, got {elements}"]
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def patch_rows(C: int, ph: int, ts: int, reduce: str) -> int:
+    """Rows of one patch tile: ts x C x ph (C x ph for RLT's rule, which reads one frame per side)."""
+    return (1 if reduce == "rlt" else ts) * C * ph
+
+
+def tile_shape(rows: int, cols: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_W): the register tile of a rows x cols patch."""
+    return _pow2(rows), _pow2(cols)
+
+
+def num_warps(tile: tuple[int, int], per_thread: int) -> int:
+    """Warps for a tile whose threads hold <= per_thread of its elements each, 1 to 16."""
+    return max(1, min(16, tile[0] * tile[1] // (32 * per_thread)))
+
+
+def gate_per_thread(dtype: torch.dtype) -> int:
+    """Elements of a patch tile per thread in the gate. uint8 is bound by instruction issue, not
+    bandwidth (~5 instructions per pixel against 1 byte moved): 32 pixels (two 16-byte vectors) per
+    thread spread the per-slice work (reduction tail, decision, stores) over more pixels. Wider dtypes
+    are bound by bandwidth: 16 elements per thread keep registers near 80, so more programs (and their
+    loads) fit on an SM."""
+    return 32 if dtype == torch.uint8 else 16
+
+
+# The candidate searches (compensated gate, block_match): byte-aligned candidate loads, one register and
+# one address per element.
+SEARCH_PER_THREAD = 8
+
+
+def _tile_reasons(rows: int, cols: int, what: str) -> list[str]:
+    if rows * cols > MAX_ELEMENTS:
+        return [f"the Triton kernel holds a {what} in registers: at most {MAX_ELEMENTS} elements, got {rows * cols}"]
     return []
 
 
-def _patch_elements_of(video: torch.Tensor, ph: int, pw: int, ts: int, reduce: str) -> int:
-    """Elements of one patch delta: ts x C x ph x pw (C x ph x pw for RLT's rule)."""
-    return (1 if reduce == "rlt" else ts) * video.shape[2] * ph * pw
-
-
 def patch_delta_reasons(video, ph, pw, ts, reduce) -> list[str]:
-    return _tile_reasons(_patch_elements_of(video, ph, pw, ts, reduce), "patch")
+    return _tile_reasons(patch_rows(video.shape[2], ph, ts, reduce), pw, "patch")
 
 
 def motion_gate_reasons(video, ph, pw, threshold, compare_to, ts, reduce, refresh_every, max_run) -> list[str]:
-    return _tile_reasons(_patch_elements_of(video, ph, pw, ts, reduce), "patch")
+    return _tile_reasons(patch_rows(video.shape[2], ph, ts, reduce), pw, "patch")
 
 
 def block_match_reasons(cur, ref, block, radius) -> list[str]:
-    return _tile_reasons(block * block, "block")
-
-
-def _num_warps(block: int) -> int:
-    return max(4, min(16, block // 128))
+    return _tile_reasons(block, block, "block")
 
 
 @triton.jit
-def _patch_elements(x_ptr, b, i, j, C, ph, pw, E, s_b, s_t, s_c, s_h, s_w, BLOCK_E: tl.constexpr):
-    """(pointers to the E elements of patch (i, j) of video b in its first frame, their mask): element
-    e of the flattened patch is (frame in tubelet, channel, row, column) = e in row-major order."""
-    offs_e = tl.arange(0, BLOCK_E)
-    pp = ph * pw
-    f = offs_e // (C * pp)
-    c = (offs_e // pp) % C
-    y = (offs_e // pw) % ph
-    xx = offs_e % pw
-    elem = f.to(tl.int64) * s_t + c.to(tl.int64) * s_c + y.to(tl.int64) * s_h + xx.to(tl.int64) * s_w
-    base = x_ptr + b.to(tl.int64) * s_b + (i * ph).to(tl.int64) * s_h + (j * pw).to(tl.int64) * s_w + elem
-    return base, offs_e < E
+def _patch_tile(x_ptr, b, i, j, C, ph, rows, s_b, s_t, s_c, s_h, s_w,
+                PW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    """(pointers [BLOCK_R, BLOCK_W] to patch (i, j) of video b in its first frame, their mask): row r
+    is (frame in tubelet, channel, pixel row) = r in row-major order; column x the pixel column."""
+    r = tl.arange(0, BLOCK_R)
+    x = tl.arange(0, BLOCK_W)
+    f = r // (C * ph)
+    c = (r // ph) % C
+    y = r % ph
+    row = f.to(tl.int64) * s_t + c.to(tl.int64) * s_c + y.to(tl.int64) * s_h
+    corner = b.to(tl.int64) * s_b + (i * ph).to(tl.int64) * s_h + (j * PW).to(tl.int64) * s_w
+    ptrs = x_ptr + corner + row[:, None] + x.to(tl.int64)[None, :] * s_w
+    mask = (r < rows)[:, None] & (x < PW)[None, :]
+    return ptrs, mask
 
 
 @triton.jit
-def _reduce_delta(d, reduce_mode, count):
-    """A patch's change from its differences d (int32 for uint8 video: exact), correctly rounded to
-    fp32 as the reference does: 1 l2, 2 max_abs, else mean_abs."""
-    if reduce_mode == 1:
-        delta = tl.sqrt_rn(tl.sum(d * d, axis=0).to(tl.float32))
-    elif reduce_mode == 2:
-        delta = tl.max(tl.abs(d), axis=0).to(tl.float32)
+def _widen(a, IS_INT: tl.constexpr):
+    """int32 for uint8 (differences and sums of them stay exact), else fp32. Pixels are widened once
+    per load: differencing raw bytes makes LLVM repack them into 16-bit pairs for every use."""
+    if IS_INT:
+        return a.to(tl.int32)
     else:
-        delta = tl.div_rn(tl.sum(tl.abs(d), axis=0).to(tl.float32), count)
+        return a.to(tl.float32)
+
+
+
+
+@triton.jit
+def _reduce_delta(ad, REDUCE: tl.constexpr, count):
+    """A patch's change from its absolute differences ad [rows, cols] (int32 for uint8 video: exact),
+    correctly rounded to fp32 as the reference does: 1 l2, 2 max_abs, else mean_abs."""
+    if REDUCE == 1:
+        delta = tl.sqrt_rn(tl.sum(tl.sum(ad * ad, axis=1), axis=0).to(tl.float32))
+    elif REDUCE == 2:
+        delta = tl.max(tl.max(ad, axis=1), axis=0).to(tl.float32)
+    else:
+        delta = tl.div_rn(tl.sum(tl.sum(ad, axis=1), axis=0).to(tl.float32), count)
     return delta
 
 
@@ -117,10 +170,10 @@ def _decide_and_store(delta, k, last, out, hw, spatial, threshold, refresh_every
 @triton.jit
 def _motion_gate_kernel(
     x_ptr, keep_ptr, delta_ptr, run_ptr, carry_ptr,
-    Tq, h, w, ts, C, ph, pw, E,
+    Tq, h, w, ts, C, ph, rows,
     s_b, s_t, s_c, s_h, s_w,
-    threshold, refresh_every, max_run, last_kept, rlt, reduce_mode,
-    IS_INT: tl.constexpr, BLOCK_E: tl.constexpr,
+    threshold, refresh_every, max_run, last_kept,
+    REDUCE: tl.constexpr, RLT: tl.constexpr, IS_INT: tl.constexpr, PW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     pid = tl.program_id(0)  # b * h * w + i * w + j
     hw = h * w
@@ -129,46 +182,50 @@ def _motion_gate_kernel(
     i = spatial // w
     j = spatial % w
 
-    base, emask = _patch_elements(x_ptr, b, i, j, C, ph, pw, E, s_b, s_t, s_c, s_h, s_w, BLOCK_E)
-    # (broadcast to a vector: the interpreter rejects a scalar condition in a vector mask)
-    first_mask = emask & ((tl.zeros([BLOCK_E], dtype=tl.int32) + rlt) != 0)
-    # RLT's rule compares the LAST frame of tubelet k with the FIRST frame of tubelet k - 1
-    cur_shift = tl.where(rlt != 0, ts - 1, 0)
-    count = E.to(tl.float32)
-
-    if IS_INT:
-        ref = tl.zeros([BLOCK_E], dtype=tl.int32)
+    first, mask = _patch_tile(x_ptr, b, i, j, C, ph, rows, s_b, s_t, s_c, s_h, s_w, PW, BLOCK_R, BLOCK_W)
+    # (tl.cast: an integer argument equal to 1 arrives as a constant, which has no .to)
+    step = tl.cast(ts, tl.int64) * s_t  # from one slice to the next
+    count = tl.cast(rows * PW, tl.float32)
+    # What slice k shows: its tubelet; in RLT's rule the LAST frame of tubelet k, compared with the
+    # FIRST frame of tubelet k - 1 (what slice k leaves as the reference).
+    if RLT:
+        shown = first + tl.cast(ts - 1, tl.int64) * s_t
     else:
-        ref = tl.zeros([BLOCK_E], dtype=tl.float32)
+        shown = first
+
+    # Software pipelining: the loads of slice k + 1 are issued before slice k is reduced and decided
+    # (the last slice re-reads itself: an L1 hit, no branch).
+    nxt = tl.load(shown, mask=mask, other=0)
+    if RLT:
+        nxt_first = tl.load(first, mask=mask, other=0)
+    ref = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.int32 if IS_INT else tl.float32)
     last = 0
     out = b.to(tl.int64) * Tq * hw + spatial
     for k in range(0, Tq):
-        frame = (k * ts).to(tl.int64) * s_t
-        cur = tl.load(base + frame + cur_shift.to(tl.int64) * s_t, mask=emask, other=0)
-        first = tl.load(base + frame, mask=first_mask, other=0)
-        if IS_INT:
-            cur = cur.to(tl.int32)
-            first = first.to(tl.int32)
+        cur = nxt
+        ahead = tl.minimum(k + 1, Tq - 1).to(tl.int64) * step
+        nxt = tl.load(shown + ahead, mask=mask, other=0)
+        if RLT:
+            cand = nxt_first
+            nxt_first = tl.load(first + ahead, mask=mask, other=0)
         else:
-            cur = cur.to(tl.float32)
-            first = first.to(tl.float32)
-        cand = tl.where(rlt != 0, first, cur)  # what slice k leaves as the reference
+            cand = cur
 
-        delta = _reduce_delta(cur - ref, reduce_mode, count)
+        delta = _reduce_delta(tl.abs(_widen(cur, IS_INT) - ref), REDUCE, count)
         delta = tl.where(k == 0, INF, delta)
         keep, last = _decide_and_store(delta, k, last, out, hw, spatial, threshold, refresh_every, max_run,
                                        keep_ptr, delta_ptr, run_ptr, carry_ptr)
-        ref = tl.where(keep | (last_kept == 0), cand, ref)
+        ref = tl.where(keep | (last_kept == 0), _widen(cand, IS_INT), ref)
     tl.store(run_ptr + out + last * hw, Tq - last)
 
 
 @triton.jit
 def _motion_gate_mc_kernel(
     x_ptr, keep_ptr, delta_ptr, run_ptr, carry_ptr, motion_ptr,
-    Tq, h, w, ts, C, ph, pw, E, H, W,
+    Tq, h, w, ts, C, ph, rows, H, W,
     s_b, s_t, s_c, s_h, s_w,
-    threshold, refresh_every, max_run, last_kept, rlt, reduce_mode, radius,
-    IS_INT: tl.constexpr, BLOCK_E: tl.constexpr,
+    threshold, refresh_every, max_run, last_kept, rlt, radius,
+    REDUCE: tl.constexpr, IS_INT: tl.constexpr, PW: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     # As _motion_gate_kernel, but slice k is compared with every block of its reference slice (the
     # previous one, or the last kept one at this location) displaced by |dy|, |dx| <= radius and
@@ -180,23 +237,23 @@ def _motion_gate_mc_kernel(
     spatial = pid % hw
     i = spatial // w
     j = spatial % w
-    base, emask = _patch_elements(x_ptr, b, i, j, C, ph, pw, E, s_b, s_t, s_c, s_h, s_w, BLOCK_E)
-    zero_vec = tl.zeros([BLOCK_E], dtype=tl.int32)
+    first, mask = _patch_tile(x_ptr, b, i, j, C, ph, rows, s_b, s_t, s_c, s_h, s_w, PW, BLOCK_R, BLOCK_W)
+    # (a scalar condition joins the mask as a row vector: the interpreter rejects scalar-and-vector masks)
+    zero_rows = tl.zeros([BLOCK_R], dtype=tl.int32)
     y0 = i * ph
-    x0 = j * pw
-    cur_shift = tl.where(rlt != 0, ts - 1, 0)
-    count = E.to(tl.float32)
+    x0 = j * PW
+    step = tl.cast(ts, tl.int64) * s_t
+    shown = first + tl.cast(tl.where(rlt != 0, ts - 1, 0), tl.int64) * s_t  # RLT: the last frame of the tubelet
+    count = tl.cast(rows * PW, tl.float32)
 
+    nxt = tl.load(shown, mask=mask, other=0)  # software-pipelined as in _motion_gate_kernel
     last = 0
     out = b.to(tl.int64) * Tq * hw + spatial
     for k in range(0, Tq):
-        cur = tl.load(base + ((k * ts).to(tl.int64) + cur_shift) * s_t, mask=emask, other=0)
-        if IS_INT:
-            cur = cur.to(tl.int32)
-        else:
-            cur = cur.to(tl.float32)
+        cur = _widen(nxt, IS_INT)
+        nxt = tl.load(shown + tl.minimum(k + 1, Tq - 1).to(tl.int64) * step, mask=mask, other=0)
         src = tl.where(last_kept != 0, last, tl.maximum(k - 1, 0))
-        src_base = base + (src * ts).to(tl.int64) * s_t
+        src_tile = first + src.to(tl.int64) * step
         best = INF
         best_l1 = 4 * radius + 1
         best_dy = 0
@@ -204,14 +261,10 @@ def _motion_gate_mc_kernel(
         d00 = 0.0
         for dy in range(-radius, radius + 1):
             for dx in range(-radius, radius + 1):
-                inside = (y0 + dy >= 0) & (y0 + dy + ph <= H) & (x0 + dx >= 0) & (x0 + dx + pw <= W)
-                cand = tl.load(src_base + dy * s_h + dx * s_w,
-                               mask=emask & ((zero_vec + inside.to(tl.int32)) != 0), other=0)
-                if IS_INT:
-                    cand = cand.to(tl.int32)
-                else:
-                    cand = cand.to(tl.float32)
-                dc = _reduce_delta(cur - cand, reduce_mode, count)
+                inside = (y0 + dy >= 0) & (y0 + dy + ph <= H) & (x0 + dx >= 0) & (x0 + dx + PW <= W)
+                inside_rows = (zero_rows + inside.to(tl.int32)) != 0
+                cand = tl.load(src_tile + dy * s_h + dx * s_w, mask=mask & inside_rows[:, None], other=0)
+                dc = _reduce_delta(tl.abs(cur - _widen(cand, IS_INT)), REDUCE, count)
                 l1 = tl.abs(dy) + tl.abs(dx)
                 # candidates run row-major, so on equal delta and |m| the earlier (lower index) stays
                 better = inside & ((dc < best) | ((dc == best) & (l1 < best_l1)))
@@ -235,13 +288,16 @@ def _motion_gate_mc_kernel(
 
 
 def _gate_launch(video: torch.Tensor, ph: int, pw: int, ts: int, reduce: str):
-    """What both gate launchers share: (T', h, w, rlt, E = elements per patch delta, the outputs
-    keep int8, delta fp32, run int32, carry int32, each [B, T', h, w])."""
+    """What both gate launchers share: (T', h, w, rows per patch tile, the launch's compile-time
+    arguments, the outputs keep int8, delta fp32, run int32, carry int32, each [B, T', h, w])."""
     B, T, C, H, W = video.shape
     Tq, h, w = T // ts, H // ph, W // pw
+    rows = patch_rows(C, ph, ts, reduce)
+    block_r, block_w = tile = tile_shape(rows, pw)
+    meta = dict(REDUCE=REDUCE_CODES[reduce], IS_INT=video.dtype == torch.uint8, PW=pw, BLOCK_R=block_r, BLOCK_W=block_w)
     shape = (B, Tq, h, w)
     outputs = tuple(torch.empty(shape, device=video.device, dtype=d) for d in (torch.int8, torch.float32, torch.int32, torch.int32))
-    return Tq, h, w, reduce == "rlt", _patch_elements_of(video, ph, pw, ts, reduce), outputs
+    return Tq, h, w, rows, tile, meta, outputs
 
 
 @on_tensor_device
@@ -252,15 +308,14 @@ def motion_gate_compensated(
     """``motion_gate`` plus motion int16 ``[B, T', h, w, 2]``; semantics:
     vidtok.reference.motion.motion_gate_compensated."""
     B, T, C, H, W = video.shape
-    Tq, h, w, rlt, E, (keep, delta, run, carry) = _gate_launch(video, ph, pw, ts, reduce)
+    Tq, h, w, rows, tile, meta, (keep, delta, run, carry) = _gate_launch(video, ph, pw, ts, reduce)
     motion = torch.empty((B, Tq, h, w, 2), device=video.device, dtype=torch.int16)
     if keep.numel() > 0:
-        block = block_size(E)
         _motion_gate_mc_kernel[(B * h * w,)](
             video, keep, delta, run, carry, motion,
-            Tq, h, w, ts, C, ph, pw, E, H, W, *video.stride(),
-            float(threshold), refresh_every, max_run, int(compare_to == "last_kept"), int(rlt), REDUCE_CODES[reduce], radius,
-            IS_INT=video.dtype == torch.uint8, BLOCK_E=block, num_warps=_num_warps(block),
+            Tq, h, w, ts, C, ph, rows, H, W, *video.stride(),
+            float(threshold), refresh_every, max_run, int(compare_to == "last_kept"), int(reduce == "rlt"), radius,
+            **meta, num_warps=num_warps(tile, SEARCH_PER_THREAD),
         )
     return keep.view(torch.bool), delta, run, carry, motion
 
@@ -273,14 +328,13 @@ def motion_gate(
     """(keep bool, delta fp32, run_length int32, carry int32) ``[B, T', h, w]``; video
     ``[B, T, C, H, W]`` uint8/fp32/fp16/bf16, any strides. Semantics: vidtok.reference.motion."""
     B, T, C, H, W = video.shape
-    Tq, h, w, rlt, E, (keep, delta, run, carry) = _gate_launch(video, ph, pw, ts, reduce)
+    Tq, h, w, rows, tile, meta, (keep, delta, run, carry) = _gate_launch(video, ph, pw, ts, reduce)
     if keep.numel() > 0:
-        block = block_size(E)
         _motion_gate_kernel[(B * h * w,)](
             video, keep, delta, run, carry,
-            Tq, h, w, ts, C, ph, pw, E, *video.stride(),
-            float(threshold), refresh_every, max_run, int(compare_to == "last_kept"), int(rlt), REDUCE_CODES[reduce],
-            IS_INT=video.dtype == torch.uint8, BLOCK_E=block, num_warps=_num_warps(block),
+            Tq, h, w, ts, C, ph, rows, *video.stride(),
+            float(threshold), refresh_every, max_run, int(compare_to == "last_kept"),
+            RLT=reduce == "rlt", **meta, num_warps=num_warps(tile, gate_per_thread(video.dtype)),
         )
     return keep.view(torch.bool), delta, run, carry
 
@@ -288,32 +342,28 @@ def motion_gate(
 @triton.jit
 def _block_match_kernel(
     cur_ptr, ref_ptr, motion_ptr, cost_ptr,
-    h, w, H, W, block, radius,
+    h, w, H, W, radius,
     c_b, c_h, c_w, r_b, r_h, r_w,
-    IS_INT: tl.constexpr, BLOCK_E: tl.constexpr,
+    IS_INT: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    # One program per block (b, i, j): the cur block stays in registers while the (2r + 1)^2
-    # candidate blocks of ref are streamed (they overlap: L1/L2 serve most loads). Exhaustive,
-    # row-major over (dy, dx); ties prefer the smaller |dy| + |dx|, then the earlier candidate.
+    # One program per block (b, i, j): the cur block stays in registers as a BLOCK_P x BLOCK_P tile
+    # while the (2r + 1)^2 candidate blocks of ref are streamed (they overlap: L1/L2 serve most
+    # loads). Exhaustive, row-major over (dy, dx); ties prefer the smaller |dy| + |dx|, then the
+    # earlier candidate.
     pid = tl.program_id(0)
     hw = h * w
     b = pid // hw
     i = (pid % hw) // w
     j = pid % w
-    offs = tl.arange(0, BLOCK_E)
-    emask = offs < block * block
-    zero_vec = tl.zeros([BLOCK_E], dtype=tl.int32)
-    y = offs // block
-    x = offs % block
-    y0 = i * block
-    x0 = j * block
-    cur = tl.load(cur_ptr + b.to(tl.int64) * c_b + (y0 + y).to(tl.int64) * c_h + (x0 + x).to(tl.int64) * c_w,
-                  mask=emask, other=0)
-    ref_base = ref_ptr + b.to(tl.int64) * r_b + (y0 + y).to(tl.int64) * r_h + (x0 + x).to(tl.int64) * r_w
-    if IS_INT:
-        cur = cur.to(tl.int32)
-    else:
-        cur = cur.to(tl.float32)
+    y = tl.arange(0, BLOCK_P)
+    x = tl.arange(0, BLOCK_P)
+    mask = (y < BLOCK)[:, None] & (x < BLOCK)[None, :]
+    zero_rows = tl.zeros([BLOCK_P], dtype=tl.int32)
+    y0 = i * BLOCK
+    x0 = j * BLOCK
+    cur = _widen(tl.load(cur_ptr + b.to(tl.int64) * c_b + (y0 + y).to(tl.int64)[:, None] * c_h
+                         + (x0 + x).to(tl.int64)[None, :] * c_w, mask=mask, other=0), IS_INT)
+    ref_tile = ref_ptr + b.to(tl.int64) * r_b + (y0 + y).to(tl.int64)[:, None] * r_h + (x0 + x).to(tl.int64)[None, :] * r_w
     best = INF
     best_l1 = 4 * radius + 1
     best_dy = 0
@@ -321,12 +371,11 @@ def _block_match_kernel(
     c00 = 0.0
     for dy in range(-radius, radius + 1):
         for dx in range(-radius, radius + 1):
-            inside = (y0 + dy >= 0) & (y0 + dy + block <= H) & (x0 + dx >= 0) & (x0 + dx + block <= W)
-            cand = tl.load(ref_base + dy * r_h + dx * r_w, mask=emask & ((zero_vec + inside.to(tl.int32)) != 0), other=0)
-            if IS_INT:
-                sad = tl.sum(tl.abs(cur - cand.to(tl.int32)), axis=0).to(tl.float32)
-            else:
-                sad = tl.sum(tl.abs(cur - cand.to(tl.float32)), axis=0)
+            inside = (y0 + dy >= 0) & (y0 + dy + BLOCK <= H) & (x0 + dx >= 0) & (x0 + dx + BLOCK <= W)
+            inside_rows = (zero_rows + inside.to(tl.int32)) != 0
+            cand = tl.load(ref_tile + dy * r_h + dx * r_w, mask=mask & inside_rows[:, None], other=0)
+            # uint8: an exact int32 sum, then one correctly rounded conversion
+            sad = tl.sum(tl.sum(tl.abs(cur - _widen(cand, IS_INT)), axis=1), axis=0).to(tl.float32)
             l1 = tl.abs(dy) + tl.abs(dx)
             better = inside & ((sad < best) | ((sad == best) & (l1 < best_l1)))
             best = tl.where(better, sad, best)
@@ -356,58 +405,84 @@ def block_match(cur: torch.Tensor, ref: torch.Tensor, block: int, radius: int) -
     motion = torch.empty((B, h, w, 2), device=cur.device, dtype=torch.int16)
     cost = torch.empty((B, h, w), device=cur.device, dtype=torch.float32)
     if cost.numel() > 0:
-        tile = block_size(block * block)
+        tile = tile_shape(block, block)
         _block_match_kernel[(B * h * w,)](
-            cur, ref, motion, cost, h, w, H, W, block, radius, *cur.stride(), *ref.stride(),
-            IS_INT=cur.dtype == torch.uint8, BLOCK_E=tile, num_warps=_num_warps(tile),
+            cur, ref, motion, cost, h, w, H, W, radius, *cur.stride(), *ref.stride(),
+            IS_INT=cur.dtype == torch.uint8, BLOCK=block, BLOCK_P=tile[0],
+            num_warps=num_warps(tile, SEARCH_PER_THREAD),
         )
     return motion, cost
 
 
-def block_size(elements: int) -> int:
-    """The register tile a patch of this many elements uses; raises past MAX_ELEMENTS."""
-    for block in BLOCK_SIZES:
-        if elements <= block:
-            return block
-    raise ValueError(f"a patch of {elements} elements does not fit the {MAX_ELEMENTS}-element register tile")
+# ---------------------------------------------------------------------------------------------------
+# Ahead-of-time cases: the configurations the launchers pick for the patch and block sizes in use.
+# A contiguous video has unit column stride (Triton specialises an integer argument equal to 1 to the
+# constant 1) and strides below 2^31 (i32); the strided cases take a general view (channels-last
+# frames: column stride C).
+
+
+def _gate_signature(ty: str, compensated: bool, contiguous: bool) -> dict:
+    stride = "i32" if contiguous else "i64"
+    sig = {"x_ptr": f"*{ty}", "keep_ptr": "*i8", "delta_ptr": "*fp32", "run_ptr": "*i32", "carry_ptr": "*i32"}
+    if compensated:
+        sig["motion_ptr"] = "*i16"
+    sig.update({name: "i32" for name in ("Tq", "h", "w", "ts", "C", "ph", "rows")})
+    if compensated:
+        sig.update(H="i32", W="i32")
+    sig.update({name: stride for name in ("s_b", "s_t", "s_c", "s_h")})
+    sig.update(s_w="constexpr" if contiguous else stride, threshold="fp32", refresh_every="i32", max_run="i32",
+               last_kept="i32")
+    if compensated:
+        sig.update(rlt="i32", radius="i32")
+    sig["REDUCE"] = "constexpr"
+    if not compensated:
+        sig["RLT"] = "constexpr"
+    sig.update(IS_INT="constexpr", PW="constexpr", BLOCK_R="constexpr", BLOCK_W="constexpr")
+    return sig
+
+
+def _gate_configs() -> list[tuple[int, int, str, bool]]:
+    """(pw, ts, reduce, contiguous) of RGB square patches: every AOT width with one-frame slices,
+    tubelets of 2 and RLT's rule; the other reductions and a strided view at width 16; width 33, whose
+    tile is the largest a patch of MAX_ELEMENTS pixels can need."""
+    configs = [(pw, ts, reduce, True) for pw in AOT_WIDTHS for ts, reduce in ((1, "mean_abs"), (2, "mean_abs"), (2, "rlt"))]
+    configs += [(16, 1, "l2", True), (16, 1, "max_abs", True), (16, 1, "mean_abs", False)]
+    configs.append((33, 1, "mean_abs", True))  # the largest tile: 99 x 33 pixels in 128 x 64
+    return configs
 
 
 def _aot_cases() -> list[AotCase]:
     cases = []
-    dtypes = {**{d: t for d, t in TRITON_DTYPES.items()}, torch.uint8: "u8"}
-    for dtype, ty in dtypes.items():
-        for block in BLOCK_SIZES:
-            for unit_stride in (True, False):  # contiguous rows (the launch specialises s_w = 1) and a view
-                stride_w = {"s_w": "constexpr"} if unit_stride else {"s_w": "i64"}
-                unit = {"s_w": 1} if unit_stride else {}
-                cases.append(AotCase(
-                    f"motion_gate-{ty}-E{block}-{'contiguous' if unit_stride else 'strided'}", _motion_gate_kernel,
-                    {"x_ptr": f"*{ty}", "keep_ptr": "*i8", "delta_ptr": "*fp32", "run_ptr": "*i32", "carry_ptr": "*i32",
-                     "Tq": "i32", "h": "i32", "w": "i32", "ts": "i32", "C": "i32", "ph": "i32", "pw": "i32", "E": "i32",
-                     "s_b": "i64", "s_t": "i64", "s_c": "i64", "s_h": "i64", **stride_w,
-                     "threshold": "fp32", "refresh_every": "i32", "max_run": "i32", "last_kept": "i32", "rlt": "i32",
-                     "reduce_mode": "i32", "IS_INT": "constexpr", "BLOCK_E": "constexpr"},
-                    {**unit, "IS_INT": dtype == torch.uint8, "BLOCK_E": block}, num_warps=_num_warps(block)))
-                cases.append(AotCase(
-                    f"motion_gate_mc-{ty}-E{block}-{'contiguous' if unit_stride else 'strided'}", _motion_gate_mc_kernel,
-                    {"x_ptr": f"*{ty}", "keep_ptr": "*i8", "delta_ptr": "*fp32", "run_ptr": "*i32", "carry_ptr": "*i32",
-                     "motion_ptr": "*i16", "Tq": "i32", "h": "i32", "w": "i32", "ts": "i32", "C": "i32", "ph": "i32",
-                     "pw": "i32", "E": "i32", "H": "i32", "W": "i32",
-                     "s_b": "i64", "s_t": "i64", "s_c": "i64", "s_h": "i64", **stride_w,
-                     "threshold": "fp32", "refresh_every": "i32", "max_run": "i32", "last_kept": "i32", "rlt": "i32",
-                     "reduce_mode": "i32", "radius": "i32", "IS_INT": "constexpr", "BLOCK_E": "constexpr"},
-                    {**unit, "IS_INT": dtype == torch.uint8, "BLOCK_E": block}, num_warps=_num_warps(block)))
-        for block in BLOCK_SIZES:
-            for unit_stride in (True, False):
-                stride_w = {"c_w": "constexpr", "r_w": "constexpr"} if unit_stride else {"c_w": "i64", "r_w": "i64"}
-                unit = {"c_w": 1, "r_w": 1} if unit_stride else {}
-                cases.append(AotCase(
-                    f"block_match-{ty}-E{block}-{'contiguous' if unit_stride else 'strided'}", _block_match_kernel,
-                    {"cur_ptr": f"*{ty}", "ref_ptr": f"*{ty}", "motion_ptr": "*i16", "cost_ptr": "*fp32",
-                     "h": "i32", "w": "i32", "H": "i32", "W": "i32", "block": "i32", "radius": "i32",
-                     "c_b": "i64", "c_h": "i64", "c_w": stride_w["c_w"], "r_b": "i64", "r_h": "i64", "r_w": stride_w["r_w"],
-                     "IS_INT": "constexpr", "BLOCK_E": "constexpr"},
-                    {**unit, "IS_INT": dtype == torch.uint8, "BLOCK_E": block}, num_warps=_num_warps(block)))
+    for dtype, ty in {torch.uint8: "u8", **TRITON_DTYPES}.items():
+        for pw, ts, reduce, contiguous in _gate_configs():
+            rows = patch_rows(3, pw, ts, reduce)
+            if rows * pw > MAX_ELEMENTS:
+                continue  # refused by motion_gate_reasons
+            tile = tile_shape(rows, pw)
+            consts = {"REDUCE": REDUCE_CODES[reduce], "IS_INT": dtype == torch.uint8, "PW": pw,
+                      "BLOCK_R": tile[0], "BLOCK_W": tile[1]}
+            if contiguous:
+                consts["s_w"] = 1
+            tag = f"{ty}-p{pw}-ts{ts}-{reduce}-{'contiguous' if contiguous else 'strided'}"
+            cases.append(AotCase(f"motion_gate-{tag}", _motion_gate_kernel, _gate_signature(ty, False, contiguous),
+                                 {**consts, "RLT": reduce == "rlt"}, num_warps=num_warps(tile, gate_per_thread(dtype))))
+            if reduce != "rlt":  # the compensated kernel takes RLT's rule as a runtime flag
+                cases.append(AotCase(f"motion_gate_mc-{tag}", _motion_gate_mc_kernel,
+                                     _gate_signature(ty, True, contiguous), consts,
+                                     num_warps=num_warps(tile, SEARCH_PER_THREAD)))
+        for block, contiguous in ((8, True), (16, True), (32, True), (16, False)):
+            tile = tile_shape(block, block)
+            stride = "i32" if contiguous else "i64"
+            sig = {"cur_ptr": f"*{ty}", "ref_ptr": f"*{ty}", "motion_ptr": "*i16", "cost_ptr": "*fp32",
+                   "h": "i32", "w": "i32", "H": "i32", "W": "i32", "radius": "i32",
+                   "c_b": stride, "c_h": stride, "c_w": "constexpr" if contiguous else stride,
+                   "r_b": stride, "r_h": stride, "r_w": "constexpr" if contiguous else stride,
+                   "IS_INT": "constexpr", "BLOCK": "constexpr", "BLOCK_P": "constexpr"}
+            consts = {"IS_INT": dtype == torch.uint8, "BLOCK": block, "BLOCK_P": tile[0]}
+            if contiguous:
+                consts.update(c_w=1, r_w=1)
+            cases.append(AotCase(f"block_match-{ty}-b{block}-{'contiguous' if contiguous else 'strided'}",
+                                 _block_match_kernel, sig, consts, num_warps=num_warps(tile, SEARCH_PER_THREAD)))
     return cases
 
 

@@ -80,17 +80,17 @@ def _frame_scores_kernel(
             else:
                 acc = tl.dot(xt, tl.trans(qt), acc)
 
-    norm_x = tl.sqrt(xx)
+    norm_x = tl.sqrt_rn(xx)
     nx = tl.maximum(norm_x, EPS)
     valid = offs_t < length
     out_t = b.to(tl.int64) * T + offs_t
     tl.store(norm_ptr + out_t, tl.where(valid, norm_x, 0.0), mask=in_t & first_qb)
-    adj = ab / (nx * tl.maximum(tl.sqrt(bb), EPS))
+    adj = tl.div_rn(ab, nx * tl.maximum(tl.sqrt_rn(bb), EPS))
     adj = tl.where(offs_t + 1 < length, adj, float("nan"))
     tl.store(adj_ptr + b.to(tl.int64) * (T - 1) + offs_t, adj, mask=in_next)
     if HAS_Q:
-        nq = tl.maximum(tl.sqrt(qq), EPS)
-        rel = scale * (acc / (nx[:, None] * nq[None, :])) + bias
+        nq = tl.maximum(tl.sqrt_rn(qq), EPS)
+        rel = scale * tl.div_rn(acc, nx[:, None] * nq[None, :]) + bias
         rel = tl.where(valid[:, None], rel, float("-inf"))
         rel_ptrs = rel_ptr + (b.to(tl.int64) * Q + offs_q.to(tl.int64))[None, :] * T + offs_t[:, None]
         tl.store(rel_ptrs, rel, mask=in_t[:, None] & in_q[None, :])

@@ -229,6 +229,24 @@ def test_merge_kernel_against_reference_with_large_groups(mode, device, dtype, b
         assert torch.equal(again.x, merged.x) and torch.equal(again.size, merged.size)
 
 
+@pytest.mark.parametrize("mode", ["wmean", "mean", "sum"])
+@pytest.mark.parametrize("device,dtype,backend", CASES)
+def test_integer_tokens_merge_to_the_references_bits(mode, device, dtype, backend):
+    """Integer tokens and sizes make every group sum exact in any order, leaving one correctly rounded
+    division (IEEE in both): the merged tokens equal the reference's bit for bit, in one group of 16."""
+    B, N, C = 2, 31, 20
+    g = torch.Generator().manual_seed(16)
+    x = torch.randint(-9, 10, (B, N, C), generator=g).to(device=device, dtype=dtype)
+    metric = _tokens(B, N, 4, device=device, seed=15).to(dtype)
+    metric[:, 5] = 3 * metric[:, 0]  # every A token's partner is B token 5 (as in the test above)
+    metric[:, 0::2] = metric[:, 0:1] + 0.01 * metric[:, 0::2]
+    size = torch.randint(1, 5, (B, N), generator=g).to(device=device, dtype=torch.float32)
+    merged = vidtok.bipartite_merge(x, 15, metric=metric, size=size, mode=mode, backend=backend)
+    expected = vidtok.bipartite_merge(x, 15, metric=metric, size=size, mode=mode, backend="reference")
+    assert torch.equal(merged.index, expected.index) and torch.bincount(merged.index[0].long()).max() == 16
+    assert torch.equal(merged.x, expected.x) and torch.equal(merged.size, expected.size)
+
+
 @pytest.mark.parametrize("device,dtype,backend", FP32_CASES)
 def test_deterministic_and_metric_default(device, dtype, backend):
     x = _tokens(2, 33, 8, device=device, seed=13)

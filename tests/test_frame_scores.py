@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import vidtok
-from vidtok.testing import assert_close, backend_cases, runnable_backends
+from vidtok.testing import assert_close, backend_cases, integer_norm_tokens, runnable_backends
 
 # (B, T, Q, C): one frame, Q = 0 / 1 / past one 16-query block, T past one 64-frame block, C past 64.
 SHAPES = [(1, 1, 1, 3), (2, 5, 3, 17), (1, 70, 1, 130), (2, 9, 18, 64), (3, 66, 2, 33)]
@@ -77,6 +77,22 @@ def test_without_query_strided_and_zero_nan_frames(device, dtype, backend):
             assert torch.isnan(rel[1, 0, 4]) and rel[0, 0, 2] == 0
             rel[1, 0, 4] = expected[0][1, 0, 4] = 0
             assert_close(rel, expected[0], dtype=torch.float32, reduce_dim=40)
+
+
+@pytest.mark.parametrize("device,dtype,backend", list(_cases()))
+def test_integer_norm_frames_give_correctly_rounded_scores(device, dtype, backend):
+    """Exact dot products and norms leave one rounding, the division (and for relevance an exact
+    scaling by 2): norms, adjacent cosines and relevance are the correctly rounded fp32 values bit for
+    bit, past one 64-frame block."""
+    x, query = integer_norm_tokens(2, 70, 10, seed=8), integer_norm_tokens(2, 3, 10, seed=9)
+    out = vidtok.frame_scores(x.to(device=device, dtype=dtype), query.to(device=device, dtype=dtype), scale=2.0,
+                              bias=-1.0, backend=backend)
+    xd, qd = x.double(), query.double()
+    norms = x.norm(dim=-1)
+    adjacent = (xd[:, 1:] * xd[:, :-1]).sum(-1).float() / (norms[:, 1:] * norms[:, :-1])
+    relevance = 2.0 * ((qd @ xd.transpose(1, 2)).float() / (query.norm(dim=-1)[:, :, None] * norms[:, None, :])) - 1.0
+    for name, got, want in zip(out._fields, out, (relevance, adjacent, norms)):
+        assert torch.equal(got.cpu(), want), name
 
 
 @pytest.mark.parametrize("device,dtype,backend", list(_cases()))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import vidtok
 from vidtok import reference as ref
-from vidtok.testing import assert_close, backend_cases, make_strided, runnable_backends
+from vidtok.testing import assert_close, backend_cases, integer_norm_tokens, make_strided, runnable_backends
 
 # (B, M, K, D): single rows, odd sizes, several 64-row/64-column tiles and a D past one 64-wide chunk.
 SHAPES = [(1, 1, 1, 1), (2, 5, 7, 3), (1, 70, 130, 33), (2, 19, 66, 80)]
@@ -142,6 +142,20 @@ def test_strided_views(layout, device, dtype, backend):
     a, b = make_strided(a, layout), make_strided(b, layout)
     score, idx = vidtok.match(a, b, backend=backend)
     _check(score, idx, a, b, D=12)
+
+
+@pytest.mark.parametrize("device,dtype,backend", CASES)
+def test_integer_norm_tokens_give_correctly_rounded_scores(device, dtype, backend):
+    """Exact dot products and norms leave one rounding, the division: the scores are the correctly
+    rounded fp32 cosines bit for bit, and ties between equal cosines (frequent with small integer
+    tokens) go to the lowest index across 64-column tiles."""
+    a, b = integer_norm_tokens(2, 70, 6, seed=5), integer_norm_tokens(2, 67, 6, seed=6)
+    score, idx = vidtok.match(a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype), backend=backend)
+    cos = (a.double() @ b.double().transpose(1, 2)).float() / (a.norm(dim=-1)[:, :, None] * b.norm(dim=-1)[:, None, :])
+    best = cos.max(-1).values
+    assert torch.equal(score.cpu(), best)
+    assert torch.equal(idx.cpu().long(), (cos == best[..., None]).int().argmax(-1))  # the first maximum
+    assert (cos == best[..., None]).sum(-1).max() > 1, "the test needs ties"
 
 
 @pytest.mark.parametrize("device,dtype,backend", CASES)

@@ -118,6 +118,23 @@ def test_uint8_bit_identical_across_backends(config):
             assert x.dtype == y.dtype and torch.equal(x, y), name
 
 
+@pytest.mark.parametrize("patch,tubelet,reduce,H,W", [((3, 5), 2, "mean_abs", 9, 15), (6, 1, "l2", 12, 12), ((2, 7), 2, "rlt", 8, 14)],
+                         ids=str)
+def test_odd_patch_widths_bit_identical_across_backends(patch, tubelet, reduce, H, W):
+    """Patch widths off the powers of two (a masked tile), candidate blocks at the frame edges."""
+    g = torch.Generator().manual_seed(9)
+    video = _pan(4, H, W, (1, -1), seed=6)
+    video = (video.int() + torch.randint(-5, 6, video.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    channels_last = video.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    expected = vidtok.motion_gate(video, patch, 4.0, tubelet=tubelet, reduce=reduce, search_radius=1, backend="reference")
+    assert expected.motion.any()
+    for backend in BACKENDS:
+        for view in (video, channels_last):
+            gate = vidtok.motion_gate(view, patch, 4.0, tubelet=tubelet, reduce=reduce, search_radius=1, backend=backend)
+            for name, x, y in zip(gate._fields, gate, expected):
+                assert torch.equal(x, y), (backend, name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_and_compile(backend):
     video = _pan(3, 8, 8, (1, 0))

@@ -116,6 +116,25 @@ def test_negative_threshold_keeps_all_and_inf_keeps_first_and_forced(backend, co
     assert capped.run_length.max() == 2
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_equal_frames_keep_only_the_forced_slices(backend, dtype):
+    """A clip of one repeated frame: every delta after slice 0 is exactly 0 for every reduction, with
+    and without motion compensation (motion 0: the undisplaced block ties with any other at 0 and
+    wins on |m|), so only slice 0 and the refreshes are kept."""
+    frame = _video(1, 1, 3, 14, 28, seed=9)
+    video = frame.repeat(1, 8, 1, 1, 1)
+    video = video if dtype == torch.uint8 else video.to(dtype) / 255
+    for reduce, ts in (("mean_abs", 1), ("l2", 2), ("max_abs", 1), ("rlt", 2)):
+        for radius in (0, 1):
+            g = _gate(video, 14, 0.0, backend, tubelet=ts, reduce=reduce, refresh_every=3, search_radius=radius)
+            Tq = 8 // ts
+            assert torch.equal(g.delta[:, 1:], torch.zeros(1, Tq - 1, 1, 2)), (reduce, radius)
+            assert torch.equal(g.keep[0, :, 0, 0], torch.tensor([k % 3 == 0 for k in range(Tq)])), (reduce, radius)
+            if radius:
+                assert not g.motion.any()
+
+
 @pytest.mark.parametrize("config", CONFIGS[:4], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_run_lengths_and_carry_agree_with_keep(backend, config):

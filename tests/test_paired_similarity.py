@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import vidtok
 from vidtok import reference as ref
-from vidtok.testing import assert_close, backend_cases, make_strided, runnable_backends, video_tokens
+from vidtok.testing import assert_close, backend_cases, integer_norm_tokens, make_strided, runnable_backends, video_tokens
 
 # (B, T, N, C, lag): T=2, lag = T-1, N=1, C=1, odd sizes, C past one 128-wide block, lag > T/2.
 SHAPES = [
@@ -65,6 +65,17 @@ def test_zero_equal_and_nan_tokens(device, dtype, backend):
     nan_free = torch.ones_like(out, dtype=torch.bool)
     nan_free[0, 1:3, 2] = False
     assert not torch.isnan(out[nan_free]).any()
+
+
+@pytest.mark.parametrize("device,dtype,backend", list(_cases()))
+def test_integer_norm_tokens_give_correctly_rounded_cosines(device, dtype, backend):
+    """Exact dot products and norms leave one rounding, the division: every backend returns the
+    correctly rounded fp32 cosine bit for bit (IEEE division and square root, as F.cosine_similarity)."""
+    x = integer_norm_tokens(2, 5, 7, 9, seed=21)
+    out = vidtok.paired_similarity(x.to(device=device, dtype=dtype), 2, backend=backend).cpu()
+    a, b = x[:, 2:].double(), x[:, :-2].double()
+    expected = (a * b).sum(-1).float() / (a.norm(dim=-1).float() * b.norm(dim=-1).float())
+    assert torch.equal(out, expected)
 
 
 @pytest.mark.parametrize("device,dtype,backend", list(_cases()))

@@ -120,6 +120,50 @@ def test_strided_views(backend):
     )
 
 
+# (C, H, W, patch, tubelet): the kernels' tiles are rows (ts x C x ph, rounded up to a power of two)
+# by the patch width (a compile-time constant, rounded up): widths off the powers of two (14, 6, 33),
+# 1x1 patches, wide-short and tall-narrow ones, and the largest tile (99 x 33 pixels in 128 x 64).
+TILES = [
+    (3, 28, 28, 14, 1),
+    (3, 14, 28, 14, 2),
+    (1, 6, 12, (3, 6), 3),
+    (3, 2, 3, 1, 1),
+    (1, 4, 32, (2, 16), 2),
+    (1, 32, 2, (16, 1), 1),
+    (3, 33, 33, 33, 1),
+]
+
+
+@pytest.mark.parametrize("reduce", REDUCES)
+@pytest.mark.parametrize("tile", TILES, ids=str)
+def test_every_tile_shape_is_bit_identical_on_uint8_and_close_on_float(tile, reduce):
+    C, H, W, patch, ts = tile
+    video = _video(1, 3 * ts, C, H, W, seed=zlib.crc32(str((tile, reduce)).encode()))
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    oracle = _oracle(video, ph, pw, ts, reduce)
+    for backend in BACKENDS:
+        out = vidtok.patch_delta(video, patch, tubelet=ts, reduce=reduce, backend=backend)
+        assert torch.equal(out, vidtok.patch_delta(video, patch, tubelet=ts, reduce=reduce, backend="reference"))
+        torch.testing.assert_close(out.double(), oracle, rtol=2e-7, atol=1e-7)
+        scaled = vidtok.patch_delta(video.float() / 255, patch, tubelet=ts, reduce=reduce, backend=backend)
+        torch.testing.assert_close(scaled.double(), oracle / 255, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_views_of_odd_patch_widths(backend):
+    """Width-14 patches (unaligned rows) read through views: channels-last frames (column stride C), a
+    crop, transposed frames (row stride 1) and every other frame."""
+    base = _video(1, 6, 3, 28, 42, seed=8)
+    channels_last = base.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    views = [channels_last[..., 14:], base[..., 14:], base.transpose(-1, -2)[..., :28], base[:, ::2]]
+    for view in views:
+        for ts, reduce in ((1, "mean_abs"), (2, "rlt"), (1, "l2")):
+            if view.shape[1] % ts:
+                continue
+            expected = vidtok.patch_delta(view.contiguous(), 14, tubelet=ts, reduce=reduce, backend="reference")
+            assert torch.equal(vidtok.patch_delta(view, 14, tubelet=ts, reduce=reduce, backend=backend), expected)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_static_video_is_zero_and_nan_propagates(backend):
     video = torch.full((1, 3, 3, 8, 8), 0.25)

