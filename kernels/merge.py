@@ -533,18 +533,17 @@ AOT_CASES = AOT_CASES + _window_links_aot_cases()
 # pointer jumping, already device-wide tensor ops) around the kernels above.
 
 
-def _match_all(a: torch.Tensor, b: torch.Tensor):
-    return match(a, b, None, None)
+def bipartite_assignment(metric: torch.Tensor, r: int, protect: int, order: str, a_mask: torch.Tensor | None):
+    """vidtok.reference.merge.bipartite_assignment with the match kernel (with a_mask: its group ids
+    keep A rows to B columns)."""
+    return reference.bipartite_assignment(metric, r, protect, order, a_mask, match_fn=match)
 
 
-def bipartite_assignment(metric: torch.Tensor, r: int, protect: int, order: str):
-    """vidtok.reference.merge.bipartite_assignment with the match kernel."""
-    return reference.bipartite_assignment(metric, r, protect, order, match_fn=_match_all)
-
-
-def temporal_assignment(metric: torch.Tensor, threshold, r, lag: int, radius, grid: tuple[int, int]):
+def temporal_assignment(metric: torch.Tensor, threshold, r, lag: int, radius, grid: tuple[int, int],
+                        segment_id: torch.Tensor | None, out_len: int | None):
     """vidtok.reference.merge.temporal_assignment with the kernels: links by paired_similarity
     (radius 0), window_links (radius > 0) or match (radius None)."""
     return reference.temporal_assignment(
-        metric, threshold, r, lag, radius, grid, match_fn=_match_all, paired_fn=paired_similarity, window_fn=window_links
+        metric, threshold, r, lag, radius, grid, segment_id, out_len,
+        match_fn=match, paired_fn=paired_similarity, window_fn=window_links,
     )

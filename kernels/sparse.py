@@ -422,3 +422,231 @@ def _aot_cases() -> list[AotCase]:
 
 
 AOT_CASES = _aot_cases()
+
+
+# ---------------------------------------------------------------------------------------------------
+# attention_received: the attention mass each key receives, P recomputed from the LSE.
+#
+# One program owns SK keys of one (sequence, head) and walks the query rows that count, SQ at a time
+# (with a plan: the query tiles of its key tile's transposed-CSR column, partial tiles masked by the
+# plan's token bits): s = q k^T * scale * log2(e) (+ kv_log_size * log2(e)), p = exp2(s - lse * log2(e)),
+# and the column sums of p accumulate in fp32 registers in a fixed order: no atomics, each output
+# written once. Without an LSE a first kernel computes it (an online max and sum over each row's keys,
+# the forward kernel without V).
+
+
+@triton.jit
+def _received_lse_kernel(
+    q_ptr, k_ptr, ls_ptr, lse_ptr,
+    row_ptr, col_idx, entry_bits, bits_ptr,
+    M, N, H, GROUP, nQ, qk_scale,
+    sq_b, sq_h, sq_n, sq_d,
+    sk_b, sk_h, sk_n, sk_d,
+    sls_b, sls_n,
+    D,
+    HAS_LS: tl.constexpr, HAS_PLAN: tl.constexpr, IEEE: tl.constexpr,
+    BQ: tl.constexpr, BK: tl.constexpr, SQ: tl.constexpr, SK: tl.constexpr, BD: tl.constexpr, W: tl.constexpr,
+):
+    qi = tl.program_id(0) // (BQ // SQ)
+    r = tl.program_id(0) % (BQ // SQ)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    rows = qi * BQ + r * SQ + tl.arange(0, SQ)
+    offs_d = tl.arange(0, BD)
+    offs_k = tl.arange(0, SK)
+    d_ok = offs_d < D
+    r_ok = rows < M
+    q = tl.load(q_ptr + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h + rows.to(tl.int64)[:, None] * sq_n + offs_d[None, :] * sq_d,
+                mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = k_ptr + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h
+    WS: tl.constexpr = W * SK // BK
+    PER: tl.constexpr = SK // WS
+    bit_offs = (r * SQ + tl.arange(0, SQ))[:, None] * W + tl.arange(0, WS)[None, :]
+    bit_shift = tl.arange(0, PER)[None, None, :]
+    m_i = tl.full([SQ], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([SQ], dtype=tl.float32)
+    if HAS_PLAN:
+        start = tl.load(row_ptr + b * nQ + qi)
+        end = tl.load(row_ptr + b * nQ + qi + 1)
+    else:
+        start = 0
+        end = tl.cdiv(N, BK)
+    for e in range(start, end):
+        if HAS_PLAN:
+            kt = tl.load(col_idx + e)
+            bi = tl.load(entry_bits + e)
+        else:
+            kt = e
+            bi = 1
+        for j in tl.static_range(BK // SK):
+            cols = kt * BK + j * SK + offs_k
+            kk = tl.load(k_base + cols.to(tl.int64)[:, None] * sk_n + offs_d[None, :] * sk_d,
+                         mask=(cols < N)[:, None] & d_ok[None, :], other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(kk), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(kk))
+            s = s * qk_scale
+            if HAS_LS:
+                ls = tl.load(ls_ptr + b.to(tl.int64) * sls_b + cols.to(tl.int64) * sls_n, mask=cols < N, other=0.0)
+                s = s + ls[None, :] * LOG2E
+            s = tl.where((cols < N)[None, :], s, float("-inf"))
+            if bi != 1:
+                words = tl.load(bits_ptr + bi.to(tl.int64) * (BQ * W) + j * WS + bit_offs)
+                keep = tl.reshape(((words[:, :, None] >> bit_shift) & 1) != 0, [SQ, SK])
+                s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_ref) + tl.sum(tl.exp2(s - m_ref[:, None]), axis=1)
+            m_i = m_new
+    empty = l_i == 0.0
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    tl.store(lse_ptr + bh.to(tl.int64) * M + rows, lse, mask=r_ok)
+
+
+@triton.jit
+def _received_kernel(
+    q_ptr, k_ptr, ls_ptr, lse_ptr, out_ptr,
+    col_ptr, row_idx, entry_bits_t, bits_ptr,
+    M, N, H, GROUP, nK, qk_scale, row_start, row_end,
+    sq_b, sq_h, sq_n, sq_d,
+    sk_b, sk_h, sk_n, sk_d,
+    sls_b, sls_n,
+    D,
+    HAS_LS: tl.constexpr, HAS_PLAN: tl.constexpr, IEEE: tl.constexpr,
+    BQ: tl.constexpr, BK: tl.constexpr, SQ: tl.constexpr, SK: tl.constexpr, BD: tl.constexpr, W: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kt = pid // (BK // SK)
+    j = pid % (BK // SK)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
+    cols = kt * BK + j * SK + tl.arange(0, SK)
+    offs_d = tl.arange(0, BD)
+    d_ok = offs_d < D
+    c_ok = cols < N
+    kk = tl.load(k_ptr + b.to(tl.int64) * sk_b + hk.to(tl.int64) * sk_h + cols.to(tl.int64)[:, None] * sk_n + offs_d[None, :] * sk_d,
+                 mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+    if HAS_LS:
+        ls2 = tl.load(ls_ptr + b.to(tl.int64) * sls_b + cols.to(tl.int64) * sls_n, mask=c_ok, other=0.0) * LOG2E
+    q_base = q_ptr + b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h
+    WS: tl.constexpr = W * SK // BK
+    PER: tl.constexpr = SK // WS
+    bit_offs = tl.arange(0, SQ)[:, None] * W + tl.arange(0, WS)[None, :]
+    bit_shift = tl.arange(0, PER)[None, None, :]
+    acc = tl.zeros([SK], dtype=tl.float32)
+    if HAS_PLAN:
+        start = tl.load(col_ptr + b * nK + kt)
+        end = tl.load(col_ptr + b * nK + kt + 1)
+    else:
+        start = row_start // BQ
+        end = tl.cdiv(row_end, BQ)
+    for e in range(start, end):
+        if HAS_PLAN:
+            qi = tl.load(row_idx + e)
+            bi = tl.load(entry_bits_t + e)
+        else:
+            qi = e
+            bi = 1
+        if (qi * BQ < row_end) & (qi * BQ + BQ > row_start):  # a tile with rows that count
+            for r in tl.static_range(BQ // SQ):
+                rows = qi * BQ + r * SQ + tl.arange(0, SQ)
+                r_ok = (rows >= row_start) & (rows < row_end) & (rows < M)
+                q = tl.load(q_base + rows.to(tl.int64)[:, None] * sq_n + offs_d[None, :] * sq_d,
+                            mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+                lse2 = tl.load(lse_ptr + bh.to(tl.int64) * M + rows, mask=r_ok, other=float("-inf")) * LOG2E
+                # rows without keys (lse -inf) or with a NaN give nothing
+                finite = (lse2 == lse2) & (lse2 != float("-inf")) & (lse2 != float("inf"))
+                if IEEE:
+                    s = tl.dot(q, tl.trans(kk), input_precision="ieee")
+                else:
+                    s = tl.dot(q, tl.trans(kk))
+                s = s * qk_scale
+                if HAS_LS:
+                    s = s + ls2[None, :]
+                p = tl.exp2(s - tl.where(finite, lse2, 0.0)[:, None])
+                ok = finite[:, None] & c_ok[None, :]
+                if bi != 1:
+                    words = tl.load(bits_ptr + bi.to(tl.int64) * (BQ * W) + (r * SQ) * W + j * WS + bit_offs)
+                    ok = ok & tl.reshape(((words[:, :, None] >> bit_shift) & 1) != 0, [SQ, SK])
+                acc += tl.sum(tl.where(ok, p, 0.0), axis=0)
+    tl.store(out_ptr + bh.to(tl.int64) * N + cols, acc, mask=c_ok)
+
+
+def _received_rows(block_q: int) -> int:
+    # query rows per step: 32 (the dK/dV kernel's choice for the same [rows, keys] tiles)
+    return min(block_q, 32)
+
+
+def attention_received_reasons(q, k, lse, kv_log_size, tiles, block_q, block_k, scale, row_start, row_end) -> list[str]:
+    out = []
+    if q.shape[-1] > MAX_HEAD_DIM:
+        out.append(f"the Triton kernel takes head dimensions D <= {MAX_HEAD_DIM} (zero-padded to a power of two), got D = {q.shape[-1]}")
+    if q.device.type == "cuda" and q.dtype == torch.float32:
+        # float32 tiles (IEEE dot products) spill hundreds of bytes to kilobytes at these tiles on
+        # sm_80/sm_90 (python -m vidtok aot)
+        out.append("on GPUs the Triton kernel takes float16 or bfloat16; float32 runs on the reference backend")
+    return out
+
+
+@on_tensor_device
+def attention_received(q, k, lse, kv_log_size, tiles, block_q: int, block_k: int, scale: float, row_start: int, row_end: int):
+    """received fp32 [B, H, N]: column sums of P over query rows [row_start, row_end), P from ``lse``
+    (computed by a first kernel when None). q [B, H, M, D], k [B, Hk, N, D] any strides; with
+    ``tiles`` (a plan's PlanTensors, M = N) only the plan's pairs; block_q/block_k the plan's tiles
+    (64 x 64 without a plan)."""
+    B, H, M, D = q.shape
+    Hk, N = k.shape[1], k.shape[2]
+    out = torch.zeros((B, H, N), device=q.device, dtype=torch.float32)
+    if out.numel() == 0 or M == 0 or row_end <= row_start:
+        return out
+    has_plan, has_ls = tiles is not None, kv_log_size is not None
+    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    csr = (tiles.row_ptr, tiles.col_idx, tiles.entry_bits, tiles.bits) if has_plan else (dummy,) * 4
+    csr_t = (tiles.col_ptr, tiles.row_idx, tiles.entry_bits_t, tiles.bits) if has_plan else (dummy,) * 4
+    W = tiles.bits.shape[-1] if has_plan else max(block_k // 32, 1)
+    ls = kv_log_size if has_ls else out
+    ls_strides = kv_log_size.stride() if has_ls else (0, 0)
+    SQ, SK, BD = _received_rows(block_q), _key_block(block_k), _head_block(D)
+    common = dict(HAS_LS=has_ls, HAS_PLAN=has_plan, IEEE=q.dtype == torch.float32, BQ=block_q, BK=block_k, SQ=SQ, SK=SK,
+                  BD=BD, W=W, num_warps=_num_warps(SQ, SK, BD))
+    n_q, n_k = -(-M // block_q), -(-N // block_k)
+    if lse is None:
+        lse = torch.empty((B, H, M), device=q.device, dtype=torch.float32)
+        _received_lse_kernel[(n_q * (block_q // SQ), B * H)](
+            q, k, ls, lse, *csr, M, N, H, H // Hk, n_q, scale * 1.4426950408889634,
+            *q.stride(), *k.stride(), *ls_strides, D, **common,
+        )
+    lse = lse.to(torch.float32).contiguous()
+    _received_kernel[(n_k * (block_k // SK), B * H)](
+        q, k, ls, lse, out, *csr_t, M, N, H, H // Hk, n_k, scale * 1.4426950408889634, row_start, row_end,
+        *q.stride(), *k.stride(), *ls_strides, D, **common,
+    )
+    return out
+
+
+def _received_aot_cases() -> list[AotCase]:
+    # The launcher on meta tensors of the benchmarks' shape (9,216 tokens, H = 16), without an LSE (so
+    # both kernels launch): 16-bit (float32 runs on the reference on GPUs: attention_received_reasons),
+    # with and without a plan, at the plan tiles the benchmarks use, D = 128 with kv_log_size (the
+    # heaviest) and D = 64 without.
+    B, H, N = 1, 16, 16 * 24 * 24
+    cases = []
+    for dtype in (torch.float16, torch.bfloat16):
+        ty = TRITON_DTYPES[dtype]
+        for (BQ, BK), D, has_ls, has_plan in [((64, 64), 128, True, False), ((64, 64), 64, False, False),
+                                             ((64, 64), 128, True, True), ((128, 128), 128, True, True)]:
+            q, k = meta(B, H, N, D, dtype=dtype), meta(B, H, N, D, dtype=dtype)
+            ls = meta(B, N) if has_ls else None
+            tiles = _aot_plan(B, N, BQ, BK, 64) if has_plan else None
+            tag = f"{ty}-q{BQ}k{BK}-d{D}{'-logsize' if has_ls else ''}{'-plan' if has_plan else ''}"
+            cases.append(AotCase(f"attention_received-{tag}",
+                                 functools.partial(attention_received, q, k, None, ls, tiles, BQ, BK, D**-0.5, 0, N)))
+    return cases
+
+
+AOT_CASES = AOT_CASES + _received_aot_cases()

@@ -2,8 +2,10 @@
 
 The loop implementation follows Bolya et al., "Token Merging: Your ViT But Faster" (ICLR 2023,
 arXiv 2210.09461, Sec. 3 "Bipartite Soft Matching") and the output order of the authors' merge.py
-(facebookresearch/ToMe, tome/merge.py): unmerged A tokens (by descending score,
-re-sorted by position when a class token exists), then the B tokens; r = 0 returns the input.
+(facebookresearch/ToMe, tome/merge.py): the protected tokens (class, distillation) in position order,
+the unmerged A tokens (by descending score, re-sorted by position when a class token exists), then
+the unprotected B tokens; r = 0 returns the input. tests/test_tome_order.py checks the same order
+against a step-by-step re-derivation of ToMe's bipartite_soft_matching.
 """
 
 import math
@@ -49,7 +51,10 @@ def tome_loop(x, metric, size, r, protect, mode, order):
     members = {j: [Bset[j]] for j in range(len(Bset))}
     for i in src:
         members[partner[i]].append(A[i])
-    groups = [(A[i], [A[i]]) for i in unm] + [(Bset[j], members[j]) for j in range(len(Bset))]
+    # ToMe's output: protected tokens in position order, unmerged A, then the unprotected B tokens
+    groups = [(n, members[n // 2] if n % 2 else [n]) for n in range(protect)]
+    groups += [(A[i], [A[i]]) for i in unm if A[i] >= protect]
+    groups += [(Bset[j], members[j]) for j in range(len(Bset)) if Bset[j] >= protect]
     if order == "keep":
         groups.sort(key=lambda g: g[0])
     out, sizes, origin = [], [], []
@@ -297,8 +302,10 @@ def test_unmerge_bad_input():
 @pytest.mark.parametrize("backend", runnable_backends("bipartite_merge", "cpu", torch.float32))
 def test_opcheck(backend):
     x = _tokens(2, 9, 4, seed=3).requires_grad_()
-    torch.library.opcheck(torch.ops.vidtok.bipartite_assignment.default, (x.detach(), 3, 1, "tome", backend))
-    index, origin = torch.ops.vidtok.bipartite_assignment.default(x.detach(), 3, 1, "keep", backend)
+    op = torch.ops.vidtok.bipartite_assignment.default  # (metric, r, protect, order, a_mask, backend)
+    torch.library.opcheck(op, (x.detach(), 3, 1, "tome", None, backend))
+    torch.library.opcheck(op, (x.detach(), 3, 1, "tome", (torch.arange(9) >= 5).expand(2, 9), backend))
+    index, origin = op(x.detach(), 3, 1, "keep", None, backend)
     size = torch.rand(2, 9) + 0.5
     for mode in ref.MERGE_MODES:
         torch.library.opcheck(torch.ops.vidtok.merge_tokens.default, (x, size, index, origin, mode, backend))

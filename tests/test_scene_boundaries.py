@@ -52,7 +52,7 @@ def slow_boundaries(a, method, threshold=None, k=None, min_len=1, window=2, min_
                 ratio.append(0.0)
                 continue
             mean = sum(nb) / len(nb)
-            ratio.append(min(change[t] / mean, 255.0) if abs(mean) >= 1e-5 else 255.0)
+            ratio.append(change[t] / max(mean, 0.02))  # a still neighbourhood counts as a mean change of 0.02
         thr = 3.0 if threshold is None else threshold
         strength = ratio
         cut = [valid[t] and ratio[t] >= thr and change[t] >= min_change for t in range(len(a))]
@@ -103,6 +103,19 @@ def test_equals_slow_loop(opts):
         for b in range(B):
             expected = slow_boundaries(a[b].tolist(), length=None if lens is None else int(lens[b]), **opts)
             assert seg[b].tolist() == expected, (seed, b)
+
+
+def test_adaptive_ignores_still_neighbourhoods():
+    """Exact repeats and a small motion after a freeze are not cuts (the neighbours' mean change is
+    floored at 0.02); a real cut out of a freeze is. Hand-computed: change = 1 - a."""
+    a = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.99, 1.0, 1.0, 1.0, 0.2, 1.0, 1.0, 1.0]])
+    # ratios: 0 for the repeats, 0.01 / 0.02 = 0.5 at pair 4, 0.8 / 0.02 = 40 at pair 8
+    seg = vidtok.scene_boundaries(a, method="adaptive")
+    assert seg.tolist() == [[0] * 9 + [1] * 4]
+    # slow motion made of repeated frames: a new picture every third frame (1 - cos = 0.05)
+    slow = torch.tensor([[1.0, 1.0, 0.95] * 6 + [0.1] + [1.0, 1.0, 0.95] * 3])
+    cuts = vidtok.scene_boundaries(slow, method="adaptive")
+    assert torch.nonzero(cuts[0, 1:] != cuts[0, :-1]).flatten().tolist() == [18]
 
 
 def test_depth_scan_equals_climb_on_tie_heavy_sequences():

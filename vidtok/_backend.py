@@ -92,6 +92,10 @@ OPS: dict[str, OpRecord] = {
         OpRecord("match", "merge", ("match",), ("reference", "triton"), _GPU_TRITON),
         OpRecord("bipartite_merge", "merge", ("bipartite_assignment", "merge_tokens"), ("reference", "triton"), _GPU_TRITON),
         OpRecord("temporal_merge", "merge", ("temporal_assignment", "merge_tokens"), ("reference", "triton"), _GPU_TRITON),
+        OpRecord("merge_by_assignment", "merge", ("merge_tokens",), ("reference", "triton"), _GPU_TRITON),
+        # the clustering runs in PyTorch everywhere; the merge step dispatches through merge_by_assignment
+        OpRecord("connected_components_merge", "merge", ("components_assignment",), ("reference",), {}),
+        OpRecord("dpc_knn_merge", "merge", ("dpc_knn_assignment",), ("reference",), {}),
         OpRecord("patch_delta", "motion", ("patch_delta",), ("reference", "triton"), _GPU_TRITON, VIDEO_DTYPES),
         OpRecord("motion_gate", "motion", ("motion_gate", "motion_gate_compensated"), ("reference", "triton"),
                  _GPU_TRITON, VIDEO_DTYPES),
@@ -105,6 +109,7 @@ OPS: dict[str, OpRecord] = {
                  {"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")}),
         OpRecord("sparse_attention", "sparse", ("sparse_attention", "sparse_attention_backward"),
                  ("reference", "triton", "cpu"), {"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")}),
+        OpRecord("attention_received", "sparse", ("attention_received",), ("reference", "triton"), _GPU_TRITON),
     )
 }
 

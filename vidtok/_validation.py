@@ -84,7 +84,7 @@ def allow_nan() -> Iterator[None]:
         _nan_allowed.pop()
 
 
-def _require(ok: torch.Tensor, message: str) -> None:
+def require(ok: torch.Tensor, message: str) -> None:
     """Raise ValueError(message) unless the 0-d bool tensor ``ok`` is True (see above)."""
     if ok.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(ok):
@@ -93,18 +93,12 @@ def _require(ok: torch.Tensor, message: str) -> None:
         torch._assert_async(ok, message)
 
 
-def require(ok: torch.Tensor, message: str) -> None:
-    """Raise ValueError(message) unless the 0-d bool tensor ``ok`` is True: at once on CPU tensors,
-    as a device-side assert on GPUs and under torch.compile (no host sync)."""
-    _require(ok, message)
-
-
 def check_no_nan(op: str, name: str, t: torch.Tensor | None, where: torch.Tensor | None = None) -> None:
     """``t`` (optionally only where ``where``) must hold no NaN, unless inside ``allow_nan()``."""
     if t is None or not t.is_floating_point() or _nan_allowed or t.numel() == 0:
         return
     nan = torch.isnan(t) if where is None else torch.isnan(t) & where
-    _require(~nan.any(), f"vidtok.{op}: {name} contains NaN, which would silently change what is kept "
+    require(~nan.any(), f"vidtok.{op}: {name} contains NaN, which would silently change what is kept "
                          f"(wrap the call in vidtok.allow_nan() for the documented NaN behaviour)")
 
 
@@ -112,7 +106,7 @@ def check_positive(name: str, t: torch.Tensor | None) -> None:
     """Every value of ``t`` must be > 0 (token sizes: how many tokens each stands for)."""
     if t is None or t.numel() == 0:
         return
-    _require((t > 0).all(), f"{name} must be positive (how many tokens each stands for), got values <= 0")
+    require((t > 0).all(), f"{name} must be positive (how many tokens each stands for), got values <= 0")
 
 
 def check_unit_range(name: str, t: torch.Tensor, why: str) -> None:
@@ -121,4 +115,4 @@ def check_unit_range(name: str, t: torch.Tensor, why: str) -> None:
     if not t.is_floating_point() or t.numel() == 0:
         return
     inside = ~((t < 0) | (t > 1)).any() if _nan_allowed else ((t >= 0) & (t <= 1)).all()
-    _require(inside, f"{name} must hold values in [0, 1]{'' if _nan_allowed else ', without NaN'}: {why}")
+    require(inside, f"{name} must hold values in [0, 1]{'' if _nan_allowed else ', without NaN'}: {why}")

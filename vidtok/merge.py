@@ -13,10 +13,13 @@ import torch
 
 from vidtok import _backend
 from vidtok._numerics import REFERENCE_DTYPES, accumulation_dtype
-from vidtok._validation import check_int, check_no_nan, check_positive, check_same_device, check_tensor
+from vidtok._validation import check_float, check_int, check_no_nan, check_positive, check_same_device, check_tensor, require
 from vidtok.reference import merge as reference
 
-__all__ = ["Merged", "bipartite_merge", "match", "paired_similarity", "temporal_merge", "unmerge"]
+__all__ = [
+    "Merged", "bipartite_merge", "connected_components_merge", "dpc_knn_merge", "match", "merge_by_assignment",
+    "paired_similarity", "temporal_merge", "unmerge",
+]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -168,8 +171,9 @@ class Merged(NamedTuple):
     represents (fp32; fp64 for fp64 x). index: int32 ``[B, N]``, the output slot of every input token.
     origin: int32 ``[B, L]``, the input position of each output's representative (the token that kept
     its place: a destination or an unmerged token). lengths: int64 ``[B]``, the valid outputs of each
-    video when outputs are padded (temporal_merge; padding has x = 0, size = 0, origin = -1, so
-    log_size is -inf there); None for bipartite_merge. grid: (T, h, w) of the merged positions for
+    video when outputs are padded (temporal_merge, connected_components_merge; padding has x = 0,
+    size = 0, origin = -1, so log_size is -inf there); None for bipartite_merge, merge_by_assignment
+    and dpc_knn_merge. grid: (T, h, w) of the merged positions for
     temporal_merge (what ``VideoLayout.from_merge`` needs to place the outputs); None for
     bipartite_merge, whose caller knows how its N tokens lie.
     """
@@ -190,13 +194,13 @@ class Merged(NamedTuple):
 
 @torch.library.custom_op("vidtok::bipartite_assignment", mutates_args=())
 def _bipartite_assignment_op(
-    metric: torch.Tensor, r: int, protect: int, order: str, backend: str
+    metric: torch.Tensor, r: int, protect: int, order: str, a_mask: torch.Tensor | None, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backend.implementation("bipartite_merge", backend, "bipartite_assignment")(metric, r, protect, order)
+    return _backend.implementation("bipartite_merge", backend, "bipartite_assignment")(metric, r, protect, order, a_mask)
 
 
 @_bipartite_assignment_op.register_fake
-def _(metric, r, protect, order, backend):
+def _(metric, r, protect, order, a_mask, backend):
     B, N, _ = metric.shape
     return metric.new_empty((B, N), dtype=torch.int32), metric.new_empty((B, N - r), dtype=torch.int32)
 
@@ -254,6 +258,25 @@ def _check_companion(name: str, t: torch.Tensor | None, x: torch.Tensor, rank: i
         raise ValueError(f"{name} {layout} must match x [B, N, C] on B and N = {tuple(x.shape[:dims])}, got shape {tuple(t.shape)}")
 
 
+def _check_a_mask(a_mask, x: torch.Tensor, r: int, protect: int) -> torch.Tensor:
+    """a_mask as bool [B, N] after checking its type, shape, device and that every video can merge r tokens."""
+    B, N, _ = x.shape
+    if not isinstance(a_mask, torch.Tensor) or a_mask.dtype != torch.bool:
+        got = f"{a_mask.dtype} tensor" if isinstance(a_mask, torch.Tensor) else type(a_mask).__name__
+        raise TypeError(f"a_mask must be a bool tensor [N] or [B, N], got {got}")
+    if tuple(a_mask.shape) not in ((N,), (B, N)):
+        raise ValueError(f"a_mask must be [N] = [{N}] or [B, N] = [{B}, {N}], got shape {tuple(a_mask.shape)}")
+    check_same_device(x=x, a_mask=a_mask)
+    a_mask = a_mask.expand(B, N)
+    if r > 0 and B > 0:
+        free = a_mask[:, protect:]
+        n_a = free.sum(1)
+        require(((n_a >= r) & (n_a < N - protect)).all(),
+                        f"a_mask must give every video at least r = {r} unprotected A tokens (True) and one "
+                        f"unprotected B token (False) after the first protect = {protect} tokens")
+    return a_mask
+
+
 def bipartite_merge(
     x: torch.Tensor,
     r: int,
@@ -263,6 +286,7 @@ def bipartite_merge(
     protect: int = 0,
     mode: str = "wmean",
     order: str = "keep",
+    a_mask: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> Merged:
     """ToMe's bipartite soft matching (Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023).
@@ -275,15 +299,28 @@ def bipartite_merge(
     Args:
         x: ``[B, N, C]`` tokens, float32/float16/bfloat16 (float64 on the reference backend).
         r: tokens to remove, ``0 <= r <= ceil((N - protect) / 2)`` rounded to the unprotected A tokens
-            (0 when no unprotected B token exists). Unlike ToMe this does not silently clamp r.
+            (0 when no unprotected B token exists); with ``a_mask``, at most the unprotected A tokens
+            of every video. Unlike ToMe this does not silently clamp r.
         metric: ``[B, N, D]`` features to match on (ToMe: attention keys averaged over heads); default x.
             The matching is not differentiable (ToMe runs it under no_grad). Any float dtype on the
             reference backend; cast to x's dtype on the Triton backend.
         size: ``[B, N]`` positive token sizes (default ones), for ToMe's size tracking across layers.
         mode: "wmean" (size-weighted mean with the destination, ToMe's merge_wavg), "mean", "sum" or
             "replace" (keep the destination's value).
-        order: "keep" (outputs in input order) or "tome" (ToMe's order: unmerged A tokens by descending
-            similarity — ascending position when protect > 0 — then all B tokens; r = 0 is the identity).
+        order: "keep" (outputs in input order) or "tome" (ToMe's order: the protected tokens in
+            position order, the unmerged A tokens by descending similarity — ascending position when
+            protect > 0 — then the unprotected B tokens; r = 0 is the identity). With protect = 2
+            this is [class, distillation, unmerged A, B], as ToMe's merge with class_token and
+            distill_token returns it.
+        a_mask: bool ``[N]`` or ``[B, N]``: True marks the tokens of set A (the sources), False those of
+            set B (the destinations), in place of the even/odd alternation; the first ``protect``
+            tokens stay out of both sets whatever the mask says. TempMe (Shen et al., ICLR 2025) merges
+            the tokens of clip i into those of clip i + 1: a_mask True on clip i. Every video needs
+            at least r unprotected A tokens and, when r > 0, an unprotected B token (a ValueError;
+            a device-side assert on GPUs). The match then compares all N x N token pairs (the
+            alternation needs N/2 x N/2), keeping A rows to B columns by group ids; ranks, ties and
+            both orders are read with A and B from the mask, so the alternating mask gives exactly
+            the default result.
         backend: "reference", "triton" or "auto". Triton: the fused match kernel, the ranking (a stable
             sort) in PyTorch, and a one-pass merge kernel (a segmented reduction over each output's
             members in position order: no atomics, bit-identical every run). The reference merges
@@ -304,8 +341,12 @@ def bipartite_merge(
     _check_companion("metric", metric, x, 3, "[B, N, D]", 2)
     _check_companion("size", size, x, 2, "[B, N]", 2)
     check_int("protect", protect, low=0, high=N, why=f" for x with N = {N} tokens")
-    cap = reference.max_merge(N, protect)
-    check_int("r", r, low=0, high=cap, why=f" (the unprotected even tokens of N = {N} with protect = {protect})")
+    if a_mask is None:
+        cap = reference.max_merge(N, protect)
+        check_int("r", r, low=0, high=cap, why=f" (the unprotected even tokens of N = {N} with protect = {protect})")
+    else:
+        check_int("r", r, low=0, high=N - protect, why=f" (the unprotected tokens of N = {N} with protect = {protect})")
+        a_mask = _check_a_mask(a_mask, x, r, protect)
     if mode not in reference.MERGE_MODES:
         raise ValueError(f"mode must be one of {reference.MERGE_MODES}, got {mode!r}")
     if order not in reference.MERGE_ORDERS:
@@ -318,7 +359,7 @@ def bipartite_merge(
         metric = metric.to(x.dtype)
     if size is None:
         size = torch.ones(B, N, device=x.device, dtype=accumulation_dtype(x.dtype))
-    index, origin = _bipartite_assignment_op(metric.detach(), r, protect, order, chosen)
+    index, origin = _bipartite_assignment_op(metric.detach(), r, protect, order, a_mask, chosen)
     out, size_out = _merge_tokens_op(x, size.detach(), index, origin, mode, chosen)
     return Merged(out, size_out, index, origin)
 
@@ -352,16 +393,20 @@ def unmerge(y: torch.Tensor, merged: Merged, *, frames: int | None = None) -> to
 
 @torch.library.custom_op("vidtok::temporal_assignment", mutates_args=())
 def _temporal_assignment_op(
-    metric: torch.Tensor, threshold: float | None, r: int | None, lag: int, radius: int | None, h: int, w: int, backend: str
+    metric: torch.Tensor, threshold: float | None, r: int | None, r_video: torch.Tensor | None, out_len: int | None,
+    lag: int, radius: int | None, h: int, w: int, segment_id: torch.Tensor | None, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     assign = _backend.implementation("temporal_merge", backend, "temporal_assignment")
-    return assign(metric, threshold, r, lag, radius, (h, w))
+    return assign(metric, threshold, r if r_video is None else r_video, lag, radius, (h, w), segment_id, out_len)
 
 
 @_temporal_assignment_op.register_fake
-def _(metric, threshold, r, lag, radius, h, w, backend):
+def _(metric, threshold, r, r_video, out_len, lag, radius, h, w, segment_id, backend):
     B, T, N, _ = metric.shape
-    L = T * N - r if r is not None else torch.library.get_ctx().new_dynamic_size()
+    if out_len is not None:
+        L = out_len
+    else:
+        L = T * N - r if r is not None else torch.library.get_ctx().new_dynamic_size()
     return (
         metric.new_empty((B, T * N), dtype=torch.int32),
         metric.new_empty((B, L), dtype=torch.int32),
@@ -383,6 +428,24 @@ def _frame_grid(N: int, grid) -> tuple[int, int]:
     return int(grid[0]), int(grid[1])
 
 
+def _check_segment_id(segment_id, x: torch.Tensor, lag: int, r, r_video) -> torch.Tensor:
+    """segment_id as int64 [B, T] after checking it, and that every video has its r links left."""
+    B, T, N, _ = x.shape
+    check_tensor("segment_id", segment_id, rank=2, layout="[B, T]", dtypes=GROUP_DTYPES)
+    if tuple(segment_id.shape) != (B, T):
+        raise ValueError(f"segment_id must be [B, T] = [{B}, {T}], got shape {tuple(segment_id.shape)}")
+    check_same_device(x=x, segment_id=segment_id)
+    segment_id = segment_id.to(torch.int64)
+    if r is not None and B > 0 and T > lag:
+        same = (segment_id[:, lag:] == segment_id[:, :-lag]) & (segment_id[:, lag:] >= 0)
+        left = same.sum(1) * N
+        wanted = r_video if r_video is not None else torch.full_like(left, r)
+        require((wanted <= left).all(),
+                        f"r asks for more links than segment_id leaves: video b has N * (frames in the segment "
+                        f"of the frame lag = {lag} earlier) links, N = {N}")
+    return segment_id
+
+
 def temporal_merge(
     x: torch.Tensor,
     *,
@@ -394,6 +457,7 @@ def temporal_merge(
     size: torch.Tensor | None = None,
     mode: str = "wmean",
     grid: tuple[int, int] | None = None,
+    segment_id: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> Merged:
     """Merge tokens that persist across frames into one token per chain of matches.
@@ -411,7 +475,9 @@ def temporal_merge(
         x: ``[B, T, N, C]`` tokens, N = h * w per frame in row-major order; float32/float16/bfloat16
             (float64 on the reference backend).
         threshold: keep links with similarity >= threshold, in [-1, 1]. Exactly one of threshold and r.
-        r: keep the r best links of each video, ``0 <= r <= (T - lag) * N``.
+        r: keep the r best links of each video, ``0 <= r <= (T - lag) * N``: one int for every video,
+            or one per video (a list of B ints, or an integer tensor ``[B]``), so each video keeps
+            exactly T*N - r_b tokens (budgets per video, e.g. from a budget allocation).
         lag: frames between linked tokens, ``1 <= lag < T`` (T = 1 with r = 0 or a threshold is fine).
         radius: search radius on the grid (int >= 0), or None for the whole frame.
         metric: ``[B, T, N, D]`` features to match on (default x); not differentiable. Cast to x's
@@ -419,16 +485,23 @@ def temporal_merge(
         size: ``[B, T, N]`` positive token sizes (default ones).
         mode: "wmean" (size-weighted mean of the tree), "mean", "sum" or "replace" (the root's value).
         grid: (h, w) when N is not a perfect square.
+        segment_id: integer ``[B, T]`` segment of every frame (``scene_boundaries``; ids < 0, its
+            padding, belong to no segment): a token links only to a token of a frame with the same
+            segment id, so no chain crosses a segment boundary (merging never crosses a scene cut,
+            as GRT and DyCoke require). With r, r_b must not exceed the links video b has left,
+            N * (frames t >= lag in the segment of frame t - lag) (a ValueError; a device-side
+            assert on GPUs).
         backend: "reference", "triton" or "auto". Triton: links by the paired_similarity kernel
             (radius=0), the window kernel (radius > 0) or the match kernel (radius=None); the link
             ranking (a stable sort) and pointer jumping in PyTorch; the one-pass merge kernel.
 
     Returns:
         ``Merged(x [B, L, C], size [B, L], index int32 [B, T*N], origin int32 [B, L], lengths [B])``
-        with positions flattened as t * N + n. With r, every video has L = T*N - r outputs (static).
-        With a threshold, L = the most outputs of any video: a data-dependent size (one host sync to
-        read it; under torch.compile an unbacked size); shorter videos are padded with x = 0, size = 0,
-        origin = -1. Differentiable in x. NaN in the metric (x by default) and sizes <= 0 are a
+        with positions flattened as t * N + n. With one int r, every video has L = T*N - r outputs
+        (static). With per-video r, video b has lengths[b] = T*N - r_b valid outputs and L = T*N -
+        min r (known without a sync for a list; one host sync for a tensor). With a threshold, L =
+        the most outputs of any video: a data-dependent size (one host sync to read it; under
+        torch.compile an unbacked size). Shorter videos are padded with x = 0, size = 0, origin = -1. Differentiable in x. NaN in the metric (x by default) and sizes <= 0 are a
         ValueError; inside ``vidtok.allow_nan()`` a NaN token never passes a threshold and with r its
         links rank last.
     """
@@ -446,9 +519,28 @@ def temporal_merge(
     if (threshold is None) == (r is None):
         raise ValueError("pass exactly one of threshold= and r=")
     check_int("lag", lag, low=1, high=max(T - 1, 1), why=f" for x with T = {T} frames")
-    if r is not None:
-        check_int("r", r, low=0, high=max(T - lag, 0) * N, why=f" (the links of T = {T}, N = {N}, lag = {lag})")
-    else:
+    links = max(T - lag, 0) * N
+    r_video, out_len = None, None
+    if isinstance(r, (list, tuple)):
+        if len(r) != B:
+            raise ValueError(f"r given per video must hold B = {B} counts, got {len(r)}")
+        for b, r_b in enumerate(r):
+            check_int(f"r[{b}]", r_b, low=0, high=links, why=f" (the links of T = {T}, N = {N}, lag = {lag})")
+        r_video = torch.tensor(r, dtype=torch.int64, device=x.device)
+        out_len = T * N - (min(r) if B > 0 else 0)
+    elif isinstance(r, torch.Tensor):
+        check_tensor("r", r, rank=1, layout="[B] (one count per video)", dtypes=GROUP_DTYPES)
+        if tuple(r.shape) != (B,):
+            raise ValueError(f"r given as a tensor must be [B] = [{B}] (one count per video), got shape {tuple(r.shape)}")
+        check_same_device(x=x, r=r)
+        r_video = r.to(torch.int64)
+        if B > 0:
+            require(((r_video >= 0) & (r_video <= links)).all(),
+                            f"r must hold per-video counts in [0, {links}] (the links of T = {T}, N = {N}, lag = {lag})")
+        out_len = T * N - (int(r_video.min()) if B > 0 else 0)  # the padded length: one host sync
+    elif r is not None:
+        check_int("r", r, low=0, high=links, why=f" (the links of T = {T}, N = {N}, lag = {lag})")
+    if r is None:
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
             raise TypeError(f"threshold must be a float, got {type(threshold).__name__}")
         if not -1.0 <= threshold <= 1.0:
@@ -459,6 +551,8 @@ def temporal_merge(
     if mode not in reference.MERGE_MODES:
         raise ValueError(f"mode must be one of {reference.MERGE_MODES}, got {mode!r}")
     check_same_device(x=x, metric=metric, size=size)
+    if segment_id is not None:
+        segment_id = _check_segment_id(segment_id, x, lag, r, r_video)
     check_no_nan("temporal_merge", "metric" if metric is not x else "x", metric)
     check_positive("size", size)
     chosen = _backend.choose("temporal_merge", x.device, x.dtype, backend)
@@ -466,6 +560,207 @@ def temporal_merge(
         metric = metric.to(x.dtype)
     flat_size = (torch.ones(B, T * N, device=x.device, dtype=accumulation_dtype(x.dtype)) if size is None
                  else size.reshape(B, T * N))
-    index, origin, lengths = _temporal_assignment_op(metric.detach(), threshold, r, lag, radius, h, w, chosen)
+    r_int = r if r_video is None else None
+    index, origin, lengths = _temporal_assignment_op(metric.detach(), threshold, r_int, r_video, out_len, lag, radius,
+                                                     h, w, segment_id, chosen)
     out, size_out = _merge_tokens_op(x.reshape(B, T * N, C), flat_size.detach(), index, origin, mode, chosen)
     return Merged(out, size_out, index, origin, lengths, (T, h, w))
+
+
+# ---------------------------------------------------------------------------------------------------
+# merge_by_assignment and the clustering merges that end with it
+
+
+def _merged_from_assignment(x, size, index, origin, mode, chosen, lengths=None) -> Merged:
+    """Merge x by a computed assignment: the merge_tokens step every merge ends with."""
+    B, N, _ = x.shape
+    if size is None:
+        size = torch.ones(B, N, device=x.device, dtype=accumulation_dtype(x.dtype))
+    out, size_out = _merge_tokens_op(x, size.detach(), index, origin, mode, chosen)
+    return Merged(out, size_out, index, origin, lengths)
+
+
+def _check_merge_inputs(op: str, x, metric, size, mode):
+    """The checks every clustering merge shares; returns the metric (x by default)."""
+    check_tensor("x", x, rank=3, layout="[B, N, C]", dtypes=REFERENCE_DTYPES)
+    metric = x if metric is None else metric
+    _check_companion("metric", metric, x, 3, "[B, N, D]", 2)
+    _check_companion("size", size, x, 2, "[B, N]", 2)
+    if mode not in reference.MERGE_MODES:
+        raise ValueError(f"mode must be one of {reference.MERGE_MODES}, got {mode!r}")
+    check_same_device(x=x, metric=metric, size=size)
+    check_no_nan(op, "metric" if metric is not x else "x", metric)
+    check_positive("size", size)
+    return metric
+
+
+def merge_by_assignment(
+    x: torch.Tensor,
+    assign: torch.Tensor,
+    *,
+    groups: int | None = None,
+    size: torch.Tensor | None = None,
+    mode: str = "wmean",
+    backend: str | None = None,
+) -> Merged:
+    """Merge tokens by a given assignment: token n joins group ``assign[b, n]``, one output per group.
+
+    The step every clustering merge ends with (PruneVid's and HoliTom's cluster means, VisionZip's
+    contextual tokens, FastVID's anchors, k-means or any assignment a caller computes), on the same
+    one-pass merge as bipartite_merge and temporal_merge.
+
+    Args:
+        x: ``[B, N, C]`` tokens, float32/float16/bfloat16 (float64 on the reference backend).
+        assign: integer ``[B, N]`` group of every token, in ``[0, groups)``.
+        groups: the number of groups L (static: no host sync); default ``assign.max() + 1`` over the
+            batch (one host sync).
+        size: ``[B, N]`` positive token sizes (default ones).
+        mode: "wmean" (size-weighted mean), "mean", "sum" or "replace" (the representative's value).
+        backend: "reference", "triton" or "auto" (Triton: the deterministic segmented-reduction merge
+            kernel; the reference uses index_add_, float atomics on CUDA).
+
+    Returns:
+        ``Merged(x [B, L, C], size [B, L], index int32 [B, N] (= assign), origin int32 [B, L])``: group
+        j's representative (origin) is its lowest position; a group without members gives x = 0,
+        size = 0, origin = -1. Differentiable in x; the value checks (assign in range, sizes > 0) are
+        a ValueError on CPU tensors and a device-side assert on GPUs.
+    """
+    check_tensor("x", x, rank=3, layout="[B, N, C]", dtypes=REFERENCE_DTYPES)
+    B, N, _ = x.shape
+    check_tensor("assign", assign, rank=2, layout="[B, N]", dtypes=GROUP_DTYPES)
+    if tuple(assign.shape) != (B, N):
+        raise ValueError(f"assign must be [B, N] = [{B}, {N}], got shape {tuple(assign.shape)}")
+    _check_companion("size", size, x, 2, "[B, N]", 2)
+    if mode not in reference.MERGE_MODES:
+        raise ValueError(f"mode must be one of {reference.MERGE_MODES}, got {mode!r}")
+    check_same_device(x=x, assign=assign, size=size)
+    if groups is None:
+        groups = int(assign.max()) + 1 if assign.numel() else 0  # one host sync
+    check_int("groups", groups, low=0, high=2**31 - 1)
+    if assign.numel():
+        require(((assign >= 0) & (assign < groups)).all(), f"assign must hold group ids in [0, {groups}) (groups = {groups})")
+    check_positive("size", size)
+    chosen = _backend.choose("merge_by_assignment", x.device, x.dtype, backend)
+    index = assign.to(torch.int32)
+    origin = reference.first_members(index, groups).to(torch.int32)
+    return _merged_from_assignment(x, size, index, origin, mode, chosen)
+
+
+@torch.library.custom_op("vidtok::components_assignment", mutates_args=())
+def _components_assignment_op(metric: torch.Tensor, threshold: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    assign = _backend.implementation("connected_components_merge", backend, "components_assignment")
+    return assign(metric, threshold)
+
+
+@_components_assignment_op.register_fake
+def _(metric, threshold, backend):
+    B, N, _ = metric.shape
+    L = torch.library.get_ctx().new_dynamic_size()
+    return (metric.new_empty((B, N), dtype=torch.int32), metric.new_empty((B, L), dtype=torch.int32),
+            metric.new_empty((B,), dtype=torch.int64))
+
+
+def connected_components_merge(
+    x: torch.Tensor,
+    threshold: float,
+    *,
+    metric: torch.Tensor | None = None,
+    size: torch.Tensor | None = None,
+    mode: str = "wmean",
+    backend: str | None = None,
+) -> Merged:
+    """One token per connected component of the graph whose edges join tokens with cosine >= threshold.
+
+    LLaVA-Scissor's semantic connected components (Sun et al. 2025): tokens i and j are linked when
+    cos(metric_i, metric_j) >= threshold, and every component (all tokens reachable through links)
+    becomes one output token. Components are found by min-label propagation with hooking and
+    pointer jumping on the device (vidtok.reference.merge.component_labels), checked against
+    scipy.sparse.csgraph.connected_components in the tests.
+
+    Args:
+        x: ``[B, N, C]`` tokens (one video's, one frame's or a segment's; batch them as B).
+        threshold: cosine in [-1, 1].
+        metric: ``[B, N, D]`` features for the similarity (default x); not differentiable.
+        size: ``[B, N]`` positive token sizes (default ones).
+        mode: "wmean", "mean", "sum" or "replace" (the component's lowest-position token).
+        backend: "reference" or "auto": the graph and its components are PyTorch on every device (an
+            [N, N] bool graph per video, built 1024 rows at a time); the merge step runs on
+            merge_by_assignment's backend (Triton's merge kernel on GPUs).
+
+    Returns:
+        ``Merged(x [B, L, C], size [B, L], index int32 [B, N], origin int32 [B, L], lengths int64 [B])``:
+        components in order of their lowest position, which is their representative (origin, so
+        origin ascends); L = the most components of any video, shorter videos padded with x = 0,
+        size = 0, origin = -1. The count depends on the data: host syncs read it, and one per round
+        of label propagation (a few rounds; at most the components' diameter). Differentiable in x.
+        NaN in the metric is a ValueError; inside ``vidtok.allow_nan()`` a NaN token has no link
+        and stays alone.
+    """
+    metric = _check_merge_inputs("connected_components_merge", x, metric, size, mode)
+    threshold = check_float("threshold", threshold)
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [-1, 1] (a cosine similarity), got {threshold}")
+    chosen = _backend.choose("connected_components_merge", x.device, x.dtype, backend)
+    merge_backend = _backend.choose("merge_by_assignment", x.device, x.dtype, backend)
+    index, origin, lengths = _components_assignment_op(metric.detach(), threshold, chosen)
+    return _merged_from_assignment(x, size, index, origin, mode, merge_backend, lengths)
+
+
+@torch.library.custom_op("vidtok::dpc_knn_assignment", mutates_args=())
+def _dpc_knn_assignment_op(metric: torch.Tensor, k: int, clusters: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backend.implementation("dpc_knn_merge", backend, "dpc_knn_assignment")(metric, k, clusters)
+
+
+@_dpc_knn_assignment_op.register_fake
+def _(metric, k, clusters, backend):
+    B, N, _ = metric.shape
+    return metric.new_empty((B, N), dtype=torch.int32), metric.new_empty((B, clusters), dtype=torch.int32)
+
+
+def dpc_knn_merge(
+    x: torch.Tensor,
+    k: int,
+    clusters: int,
+    *,
+    metric: torch.Tensor | None = None,
+    size: torch.Tensor | None = None,
+    mode: str = "wmean",
+    backend: str | None = None,
+) -> Merged:
+    """Density-peaks clustering with k nearest neighbours (DPC-kNN), one token per cluster.
+
+    The clustering of HoliTom (Shao et al. 2025), PruneVid (Huang et al. 2025), FastVID and TCFormer
+    (Zeng et al. 2022): with d the Euclidean distance / sqrt(D) on ``metric``, every token's density
+    is exp(-mean d^2 to its k nearest tokens, itself included); its distance to the nearest denser
+    token (denser: higher density, ties to the lower position; the densest token takes the video's
+    largest distance) times its density ranks it; the ``clusters`` best are the centres (ties: lower
+    position) and every other token joins its nearest centre (ties: the lower centre position).
+    The paper code breaks density ties with random noise; vidtok's rule is deterministic.
+
+    Args:
+        x: ``[B, N, C]`` tokens.
+        k: neighbours for the density, ``1 <= k <= N``.
+        clusters: output tokens per video, ``1 <= clusters <= N`` (an exact budget).
+        metric: ``[B, N, D]`` features to cluster on (default x); not differentiable.
+        size: ``[B, N]`` positive token sizes (default ones).
+        mode: "wmean" (default; the cluster mean with unit sizes, as PruneVid and HoliTom merge),
+            "mean", "sum" or "replace" (the centre's value).
+        backend: "reference" or "auto": the clustering is PyTorch on every device ([N, N] distances
+            per video from one matmul, top-k and masked minima); the merge step runs on
+            merge_by_assignment's backend (Triton's merge kernel on GPUs).
+
+    Returns:
+        ``Merged(x [B, clusters, C], size [B, clusters], index int32 [B, N], origin int32 [B, clusters])``:
+        clusters in order of their centre's position, which is their representative (origin
+        ascends). Static shapes, no host sync. Differentiable in x. NaN in the metric is a
+        ValueError; inside ``vidtok.allow_nan()`` a NaN token is infinitely far from every other: it
+        is a centre only when clusters exceed the other tokens, else it joins the first centre.
+    """
+    metric = _check_merge_inputs("dpc_knn_merge", x, metric, size, mode)
+    N = x.shape[1]
+    check_int("k", k, low=1, high=max(N, 1), why=f" for x with N = {N} tokens")
+    check_int("clusters", clusters, low=1, high=max(N, 1), why=f" for x with N = {N} tokens")
+    chosen = _backend.choose("dpc_knn_merge", x.device, x.dtype, backend)
+    merge_backend = _backend.choose("merge_by_assignment", x.device, x.dtype, backend)
+    index, origin = _dpc_knn_assignment_op(metric.detach(), k, clusters, chosen)
+    return _merged_from_assignment(x, size, index, origin, mode, merge_backend)

@@ -26,10 +26,10 @@ import torch
 from vidtok import _backend
 from vidtok import masks as _masks
 from vidtok._numerics import REFERENCE_DTYPES, accumulation_dtype, kept_rank
-from vidtok._validation import check_int, check_same_device, check_tensor
+from vidtok._validation import check_int, check_no_nan, check_same_device, check_tensor
 from vidtok.reference.sparse import PlanTensors, dense_mask
 
-__all__ = ["SparsePlan", "VideoLayout", "build_plan", "sparse_attention"]
+__all__ = ["SparsePlan", "VideoLayout", "attention_received", "build_plan", "sparse_attention"]
 
 _KIND_PAD, _KIND_VIDEO, _KIND_GLOBAL = 0, 1, 2
 
@@ -740,3 +740,132 @@ def sparse_attention(
     chosen = _backend.choose("sparse_attention", q.device, q.dtype, backend, args)
     out, lse = _sparse_attention_op(q, k, v, kv_log_size, list(plan.tensors), BQ, BK, float(scale), chosen)
     return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------------
+# attention_received
+
+RECEIVED_REDUCTIONS = ("sum", "cls", "last")
+
+
+@torch.library.custom_op("vidtok::attention_received", mutates_args=())
+def _attention_received_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor | None,
+    kv_log_size: torch.Tensor | None,
+    plan_tensors: list[torch.Tensor],
+    block_q: int,
+    block_k: int,
+    scale: float,
+    row_start: int,
+    row_end: int,
+    backend: str,
+) -> torch.Tensor:
+    received = _backend.implementation("attention_received", backend)
+    tiles = PlanTensors(*plan_tensors) if plan_tensors else None
+    return received(q, k, lse, kv_log_size, tiles, block_q, block_k, scale, row_start, row_end)
+
+
+@_attention_received_op.register_fake
+def _(q, k, lse, kv_log_size, plan_tensors, block_q, block_k, scale, row_start, row_end, backend):
+    B, H, _, _ = q.shape
+    return q.new_empty((B, H, k.shape[2]), dtype=accumulation_dtype(q.dtype))
+
+
+def attention_received(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor | None = None,
+    *,
+    reduce: str = "sum",
+    plan: SparsePlan | None = None,
+    scale: float | None = None,
+    kv_log_size: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The attention mass each key receives, without the ``[M, N]`` attention matrix.
+
+    For softmax attention P = softmax(scale q k^T + kv_log_size) (per head, over each query's allowed
+    keys), ``received[b, j]`` = the mean over query heads of the sum over the chosen query rows i of
+    P[b, h, i, j]. This is the importance signal of FastV (Chen et al. 2024: attention the visual
+    tokens receive), VisionZip (Yang et al. 2025: [CLS] attention), HoliTom's dominant tokens and
+    FlashVID's [CLS]-calibrated diversity; the paper code takes it from a materialised attention
+    matrix, which flash and sparse kernels never form.
+
+    Args:
+        q: ``[B, H, M, D]`` queries; k: ``[B, Hk, N, D]`` keys with H % Hk == 0 (GQA). float32,
+            float16 or bfloat16 (float64 on the reference backend), one dtype, any strides.
+        lse: ``[B, H, M]`` natural-log log-sum-exp of every query row, as
+            ``sparse_attention(..., return_lse=True)`` returns it: reusing the forward's value makes
+            this one pass over the keys. None computes it first (a second pass). It must come from the
+            same attention (q, k, scale, kv_log_size, plan); a row with lse = -inf (no allowed key)
+            gives nothing.
+        reduce: which query rows count: "sum" all M, "cls" row 0 (the class token), "last" row M - 1
+            (FastV's last instruction token).
+        plan: a ``SparsePlan`` (from ``build_plan``): only its allowed pairs count, as in
+            ``sparse_attention`` (then M = N = the plan's token count).
+        scale: logit scale, default D ** -0.5.
+        kv_log_size: float ``[B, N]`` added to every logit of key j (ToMe's proportional attention).
+        backend: "reference", "triton" or "auto". Triton: one program per (key tile, sequence, head)
+            walks the query tiles (with a plan: the plan's transposed CSR, partial tiles masked by
+            its token bits), recomputes P from the LSE and sums it, in a fixed order (no atomics);
+            float16/bfloat16 on GPUs (float32 there runs on the reference).
+
+    Returns:
+        float32 (float64 for float64 q) ``[B, N]``. With reduce="sum" every query row with an allowed
+        key adds 1 in all (the rows of P sum to 1), so the result sums to (rows with keys) per video.
+        Not differentiable (a decision signal, like ToMe's matching). NaN in q, k, lse or kv_log_size
+        is a ValueError; inside ``vidtok.allow_nan()`` a query row whose attention holds a NaN adds
+        nothing. No host sync.
+    """
+    for name, t, layout in (("q", q, "[B, H, M, D]"), ("k", k, "[B, Hk, N, D]")):
+        check_tensor(name, t, rank=4, layout=layout, dtypes=REFERENCE_DTYPES)
+    if q.dtype != k.dtype:
+        raise TypeError(f"q and k must have one dtype, got {q.dtype} and {k.dtype}")
+    B, H, M, D = q.shape
+    Hk, N = k.shape[1], k.shape[2]
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k must be [B, Hk, N, D] = [{B}, Hk, N, {D}] to fit q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if Hk == 0 or H % Hk:
+        raise ValueError(f"q's head count H = {H} must be a multiple of k's head count Hk = {Hk}")
+    if D == 0:
+        raise ValueError(f"q and k must have a head dimension D >= 1, got q of shape {tuple(q.shape)}")
+    if reduce not in RECEIVED_REDUCTIONS:
+        raise ValueError(f"reduce must be one of {RECEIVED_REDUCTIONS}, got {reduce!r}")
+    if plan is not None:
+        if not isinstance(plan, SparsePlan):
+            raise TypeError(f"plan must be a vidtok.SparsePlan from vidtok.build_plan, got {type(plan).__name__}")
+        if (B, M, N) != (plan.batch, plan.num_tokens, plan.num_tokens):
+            raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must be [B, H, N, D] with the plan's B = "
+                             f"{plan.batch} sequences of N = {plan.num_tokens} tokens")
+        block_q, block_k = plan.block
+        plan_tensors = list(plan.tensors)
+    else:
+        block_q, block_k, plan_tensors = 64, 64, []
+    if lse is not None:
+        check_tensor("lse", lse, rank=3, layout="[B, H, M]", dtypes=REFERENCE_DTYPES)
+        if tuple(lse.shape) != (B, H, M):
+            raise ValueError(f"lse must be [B, H, M] = [{B}, {H}, {M}] (one value per query row), got {tuple(lse.shape)}")
+        lse = lse.to(accumulation_dtype(q.dtype))
+    if kv_log_size is not None:
+        check_tensor("kv_log_size", kv_log_size, rank=2, layout="[B, N]", dtypes=REFERENCE_DTYPES)
+        if tuple(kv_log_size.shape) != (B, N):
+            raise ValueError(f"kv_log_size must be [B, N] = [{B}, {N}], got {tuple(kv_log_size.shape)}")
+        kv_log_size = kv_log_size.to(accumulation_dtype(q.dtype))
+    check_same_device(q=q, k=k, lse=lse, kv_log_size=kv_log_size, plan=None if plan is None else plan.tile_map)
+    if scale is None:
+        scale = D**-0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float, got {scale!r}")
+    for name, t in (("q", q), ("k", k), ("lse", lse), ("kv_log_size", kv_log_size)):
+        check_no_nan("attention_received", name, t)
+    row_start, row_end = {"sum": (0, M), "cls": (0, min(M, 1)), "last": (max(M - 1, 0), M)}[reduce]
+    tiles = PlanTensors(*plan_tensors) if plan_tensors else None
+    args = (q, k, lse, kv_log_size, tiles, block_q, block_k, float(scale), row_start, row_end)
+    chosen = _backend.choose("attention_received", q.device, q.dtype, backend, args)
+    lse = None if lse is None else lse.detach()
+    kv_log_size = None if kv_log_size is None else kv_log_size.detach()
+    received = _attention_received_op(q.detach(), k.detach(), lse, kv_log_size, plan_tensors, block_q, block_k,
+                                      float(scale), row_start, row_end, chosen)
+    return received.mean(1)

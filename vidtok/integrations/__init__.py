@@ -2,9 +2,11 @@
 
 - ``vidtok.integrations.policies``: the policy contract (what happens to one video's tokens) and the
   ready-made policies ``KeepAll``, ``DropStatic`` (threshold EVS / DyCoke-style), ``MergeTemporal``
-  (``vidtok.temporal_merge``), ``SelectFrames`` (DPP / MMR / uniform frame selection), and the
-  exact-count ``EVS(q)`` (the serving engines' rule) and ``Budget(total)`` (``allocate_budget`` +
-  ``topk_per_frame``), whose token counts are known from the grid before any encoder runs.
+  (``vidtok.temporal_merge``), ``SelectFrames`` (DPP / MMR / uniform frame selection), the exact-count
+  ``EVS(q)`` (the serving engines' rule) and ``Budget(total)`` (``allocate_budget`` + ``topk_per_frame``),
+  whose token counts are known from the grid before any encoder runs, and the importance-aware
+  ``KeepAttended`` (attention received), ``MergeClusters`` (DPC-kNN) and ``MergeComponents``
+  (LLaVA-Scissor's connected components).
 - ``vidtok.integrations.transformers``: ``apply(model, policy)`` / ``remove(model)`` for Hugging Face
   Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision (``video_token_counts``: the prompt tokens of each
   video from the config alone); ``apply_sparse_attention(model, layout, spec)`` /
@@ -21,9 +23,12 @@ from __future__ import annotations
 
 import importlib
 
-from vidtok.integrations.policies import EVS, Budget, DropStatic, KeepAll, MergeTemporal, Policy, SelectFrames
+from vidtok.integrations.policies import (
+    EVS, Budget, DropStatic, KeepAll, KeepAttended, MergeClusters, MergeComponents, MergeTemporal, Policy, SelectFrames,
+)
 
-__all__ = ["Budget", "DropStatic", "EVS", "KeepAll", "MergeTemporal", "Policy", "SelectFrames", "policies", "timm", "transformers"]
+__all__ = ["Budget", "DropStatic", "EVS", "KeepAll", "KeepAttended", "MergeClusters", "MergeComponents", "MergeTemporal",
+           "Policy", "SelectFrames", "policies", "timm", "transformers"]
 
 
 def __getattr__(name: str):

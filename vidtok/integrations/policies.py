@@ -37,7 +37,7 @@ from typing import Protocol
 import torch
 
 from vidtok._numerics import REFERENCE_DTYPES
-from vidtok.merge import paired_similarity, temporal_merge
+from vidtok.merge import connected_components_merge, dpc_knn_merge, paired_similarity, temporal_merge
 from vidtok.select import (
     ALLOCATION_MODES,
     allocate_budget,
@@ -48,9 +48,10 @@ from vidtok.select import (
     topk_per_frame,
     uniform_indices,
 )
+from vidtok.sparse import attention_received
 
-__all__ = ["Budget", "DropStatic", "EVS", "KeepAll", "MergeTemporal", "Policy", "SelectFrames", "check_input",
-           "check_output", "predicted_tokens"]
+__all__ = ["Budget", "DropStatic", "EVS", "KeepAll", "KeepAttended", "MergeClusters", "MergeComponents", "MergeTemporal",
+           "Policy", "SelectFrames", "check_input", "check_output", "predicted_tokens"]
 
 
 class Policy(Protocol):
@@ -436,3 +437,135 @@ class Budget:
     def __repr__(self) -> str:
         size = f"total={self.total}" if self.total is not None else f"ratio={self.ratio}"
         return f"Budget({size}, allocate={self.allocate!r}, token_score={self.token_score!r})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Importance-aware policies: attention received and clustering (exact counts where a budget is given)
+
+
+def _frames_or_video(features: torch.Tensor, grid, per_frame: bool) -> torch.Tensor:
+    """[B', n, C]: the video as one sequence, or its T frames as T sequences of h*w tokens."""
+    T, h, w = check_input(features, grid)
+    return features.reshape(T, h * w, -1) if per_frame else features[None]
+
+
+def _flat_origin(origin: torch.Tensor, n: int) -> torch.Tensor:
+    """int64 [L']: per-sequence ascending positions [B', L] (no padding) as flat (t, h, w) indices."""
+    return (origin.long() + n * torch.arange(origin.shape[0], device=origin.device)[:, None]).reshape(-1)
+
+
+class KeepAttended:
+    """Keep the tokens that receive the most attention, exactly ``tokens`` of them.
+
+    Every token's importance is the attention mass it receives in one softmax self-attention over
+    the video's tokens, with the features as queries and keys (``vidtok.attention_received``,
+    scale C^-1/2, no [N, N] matrix), the signal FastV (Chen et al. 2024) and VisionZip (Yang et al.
+    2025) rank visual tokens by, here computed from the tokens the policy sees. The ``tokens``
+    highest are kept (ties: the lower position), in (t, h, w) order, at their own prompt slots and
+    M-RoPE positions.
+
+    Args:
+        tokens: tokens to keep per video (per frame with ``per_frame``), an int >= 1; a video (frame)
+            with fewer keeps all of them, so the count is min(tokens, T*h*w) (min(tokens, h*w) per
+            frame): known from the grid alone.
+        per_frame: rank within each frame (attention among the frame's tokens), as VisionZip does
+            for video, instead of over the whole video.
+        backend: passed to ``attention_received``.
+    """
+
+    def __init__(self, tokens: int, *, per_frame: bool = False, backend: str | None = None):
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"tokens must be an int >= 1, got {tokens!r}")
+        self.tokens, self.per_frame, self.backend = tokens, bool(per_frame), backend
+
+    def num_tokens(self, grid) -> int:
+        """The number of tokens this policy keeps for a video of ``grid`` (T, h, w)."""
+        T, h, w = _check_grid(grid)
+        return T * min(self.tokens, h * w) if self.per_frame else min(self.tokens, T * h * w)
+
+    def scores(self, features: torch.Tensor, grid) -> torch.Tensor:
+        """float32 [B', n]: the attention each token receives (B' = 1, or T with per_frame)."""
+        x = _frames_or_video(features, grid, self.per_frame)
+        qk = x[:, None]  # one head: [B', 1, n, C]
+        return attention_received(qk, qk, backend=self.backend)
+
+    def __call__(self, features: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.scores(features, grid)
+        n = scores.shape[1]
+        keep = min(self.tokens, n)
+        ranked = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :keep]
+        origin = _flat_origin(ranked.sort(dim=1).values, n)
+        return features.index_select(0, origin), origin
+
+    def __repr__(self) -> str:
+        return f"KeepAttended(tokens={self.tokens}, per_frame={self.per_frame})"
+
+
+class MergeClusters:
+    """Merge the tokens into exactly ``clusters`` tokens per video (or per frame) by DPC-kNN.
+
+    ``vidtok.dpc_knn_merge``: density peaks with k nearest neighbours pick the centres, every token
+    joins its nearest centre, and each cluster becomes its tokens' mean at the centre's position
+    (prompt slot and M-RoPE position), as HoliTom's and PruneVid's spatial merging do.
+
+    Args:
+        clusters: output tokens per video (per frame with ``per_frame``), an int >= 1; a video
+            (frame) with fewer tokens keeps them all: min(clusters, T*h*w) (T * min(clusters, h*w)).
+        k: neighbours for the density (clamped to the tokens present), default 5.
+        per_frame: cluster each frame's tokens separately.
+        mode: "wmean" (default, the mean), "mean", "sum" or "replace" (the centre's value).
+        backend: passed to ``dpc_knn_merge``.
+    """
+
+    def __init__(self, clusters: int, *, k: int = 5, per_frame: bool = False, mode: str = "wmean",
+                 backend: str | None = None):
+        for name, value in (("clusters", clusters), ("k", k)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.clusters, self.k, self.per_frame, self.mode, self.backend = clusters, k, bool(per_frame), mode, backend
+
+    def num_tokens(self, grid) -> int:
+        """The number of tokens this policy returns for a video of ``grid`` (T, h, w)."""
+        T, h, w = _check_grid(grid)
+        return T * min(self.clusters, h * w) if self.per_frame else min(self.clusters, T * h * w)
+
+    def __call__(self, features: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
+        x = _frames_or_video(features, grid, self.per_frame)
+        n = x.shape[1]
+        merged = dpc_knn_merge(x, min(self.k, n), min(self.clusters, n), mode=self.mode, backend=self.backend)
+        return merged.x.reshape(-1, x.shape[-1]), _flat_origin(merged.origin, n)
+
+    def __repr__(self) -> str:
+        return f"MergeClusters(clusters={self.clusters}, k={self.k}, per_frame={self.per_frame}, mode={self.mode!r})"
+
+
+class MergeComponents:
+    """One token per connected component of the tokens' similarity graph (LLaVA-Scissor).
+
+    ``vidtok.connected_components_merge``: tokens with cosine >= ``threshold`` are linked, every
+    component becomes its tokens' mean at its lowest position. The count depends on the data (read
+    on the host).
+
+    Args:
+        threshold: cosine in [-1, 1].
+        per_frame: find components within each frame only.
+        mode: "wmean" (default, the mean), "mean", "sum" or "replace".
+        backend: passed to ``connected_components_merge``.
+    """
+
+    def __init__(self, threshold: float, *, per_frame: bool = False, mode: str = "wmean", backend: str | None = None):
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be a cosine in [-1, 1], got {threshold!r}")
+        self.threshold, self.per_frame, self.mode, self.backend = float(threshold), bool(per_frame), mode, backend
+
+    def __call__(self, features: torch.Tensor, grid) -> tuple[torch.Tensor, torch.Tensor]:
+        x = _frames_or_video(features, grid, self.per_frame)
+        n = x.shape[1]
+        merged = connected_components_merge(x, self.threshold, mode=self.mode, backend=self.backend)
+        valid = merged.origin >= 0  # frames with fewer components are padded: drop the padding (a host sync)
+        origin = (merged.origin.long() + n * torch.arange(x.shape[0], device=x.device)[:, None])[valid]
+        return merged.x[valid], origin
+
+    def __repr__(self) -> str:
+        return f"MergeComponents(threshold={self.threshold}, per_frame={self.per_frame}, mode={self.mode!r})"
+

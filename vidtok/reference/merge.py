@@ -111,7 +111,9 @@ def max_merge(n: int, protect: int) -> int:
     return max(n_a - pa, 0) if n_b > pb else 0
 
 
-def bipartite_assignment(metric: torch.Tensor, r: int, protect: int = 0, order: str = "keep", *, match_fn=match):
+def bipartite_assignment(
+    metric: torch.Tensor, r: int, protect: int = 0, order: str = "keep", a_mask: torch.Tensor | None = None, *, match_fn=match
+):
     """Which tokens merge where: (index int32 [B, N], origin int32 [B, N - r]).
 
     A = tokens 0, 2, 4, ..., B = tokens 1, 3, 5, ...; protected tokens (the first ``protect``) take no
@@ -121,43 +123,97 @@ def bipartite_assignment(metric: torch.Tensor, r: int, protect: int = 0, order: 
     lower position) merge into their partners. ``index[n]`` is the output slot of token n,
     ``origin[j]`` the position of the token kept at slot j (a destination or an unmerged token).
 
-    order="keep": outputs in the original token order. order="tome": ToMe's order — the unmerged A
-    tokens by descending score (ascending position when protect > 0, as ToMe re-sorts them when there
-    is a class token), then every B token in order; r = 0 returns the input order in both.
+    order="keep": outputs in the original token order. order="tome": ToMe's order — the protected
+    tokens in position order, then the unmerged A tokens by descending score (ascending position when
+    protect > 0, as ToMe re-sorts them when there is a class token), then the unprotected B tokens in
+    order; r = 0 returns the input order in both. For protect = 1 and 2 this is the order of ToMe's
+    merge with class_token (and distill_token): [class, unmerged A, B] and [class, distillation,
+    unmerged A, B without the distillation token].
     A token without any partner (a NaN metric) ranks last; if r reaches it anyway it merges into the
     first unprotected B token.
+
+    a_mask: bool [B, N], True for the tokens of set A (the sources) and False for set B (the
+    destinations) in place of the alternation; the first ``protect`` tokens stay out of both. Every
+    video needs at least r unprotected A tokens and, when r > 0, one unprotected B token (the caller
+    checks). The same ranks, ties and orders apply, with "A" and "B" read from the mask.
     """
     B, N, _ = metric.shape
     device = metric.device
     if r == 0:  # ToMe returns its input untouched (do_nothing), in either order
         identity = torch.arange(N, dtype=torch.int32, device=device).expand(B, N).contiguous()
         return identity, identity.clone()
+    if a_mask is not None:
+        return _masked_assignment(metric, r, protect, order, a_mask, match_fn)
     pa, pb = protected_split(protect)
     n_a, n_b = (N + 1) // 2, N // 2
-    score, partner = match_fn(metric[:, 2 * pa :: 2], metric[:, 2 * pb + 1 :: 2])
+    score, partner = match_fn(metric[:, 2 * pa :: 2], metric[:, 2 * pb + 1 :: 2], None, None)
     rank = torch.sort(score, dim=1, descending=True, stable=True).indices  # over unprotected A
     src = rank[:, :r] + pa  # A indices that merge
     dst = partner.gather(1, rank[:, :r]).clamp_min(0).long() + pb  # their B partners
     n_unm = n_a - r
     kept = torch.ones(B, N, dtype=torch.bool, device=device).scatter_(1, 2 * src, False)
     if order == "tome":
+        # slots: protected tokens at their own positions, then the unprotected unmerged A tokens, then
+        # the unprotected B tokens
         unm = rank[:, r:] + pa
         if protect > 0:
-            unm = torch.cat([torch.arange(pa, device=device).expand(B, pa), unm.sort(dim=1).values], dim=1)
-        a_slot = torch.zeros(B, n_a, dtype=torch.long, device=device)
-        a_slot.scatter_(1, unm, torch.arange(n_unm, device=device).expand(B, n_unm))
-        a_slot.scatter_(1, src, n_unm + dst)
+            unm = unm.sort(dim=1).values
+        n_free = n_unm - pa
+        b_slot = torch.cat([2 * torch.arange(pb, device=device) + 1,
+                            protect + n_free + torch.arange(n_b - pb, device=device)]).expand(B, n_b)
+        a_slot = (2 * torch.arange(n_a, device=device)).expand(B, n_a).clone()  # right for the protected ones
+        a_slot.scatter_(1, unm, protect + torch.arange(n_free, device=device).expand(B, n_free))
+        a_slot.scatter_(1, src, b_slot.gather(1, dst))
         index = torch.empty(B, N, dtype=torch.long, device=device)
         index[:, 0::2] = a_slot
-        index[:, 1::2] = n_unm + torch.arange(n_b, device=device)
+        index[:, 1::2] = b_slot
     else:
         slot = kept_rank(kept)[0]
         index = slot.scatter(1, 2 * src, slot.gather(1, 2 * dst + 1))
-    # each slot holds exactly one kept token, its representative; merged sources write to a spare slot
-    L = N - r
-    origin = torch.zeros(B, L + 1, dtype=torch.long, device=device)
-    origin.scatter_(1, torch.where(kept, index, L), torch.arange(N, device=device).expand(B, N))
+    return _with_origin(index, kept, N - r)
+
+
+def _with_origin(index: torch.Tensor, kept: torch.Tensor, L: int):
+    """(index int32, origin int32 [B, L]): each slot holds exactly one kept token, its representative;
+    merged tokens write to a spare slot L."""
+    B, N = index.shape
+    origin = torch.zeros(B, L + 1, dtype=torch.long, device=index.device)
+    origin.scatter_(1, torch.where(kept, index, L), torch.arange(N, device=index.device).expand(B, N))
     return index.to(torch.int32), origin[:, :L].to(torch.int32)
+
+
+def _masked_assignment(metric: torch.Tensor, r: int, protect: int, order: str, a_mask: torch.Tensor, match_fn):
+    """bipartite_assignment with the sets read from a_mask [B, N] (see there). The match compares every
+    token with every token, the group ids keeping A rows to B columns: N x N similarities where the
+    alternation needs N/2 x N/2."""
+    B, N, _ = metric.shape
+    device = metric.device
+    pos = torch.arange(N, device=device).expand(B, N)
+    free = pos >= protect
+    is_a, is_b = a_mask & free, ~a_mask & free
+    a_group = torch.where(is_a, 0, -1).to(torch.int32)  # rows outside A meet no column
+    b_group = torch.where(is_b, 0, -2).to(torch.int32)
+    score, partner = match_fn(metric, metric, a_group, b_group)
+    # A tokens by score (ties: lower position), then every other token
+    by_score = torch.sort(score, dim=1, descending=True, stable=True).indices
+    rank = by_score.gather(1, torch.sort((~is_a).gather(1, by_score).to(torch.int8), dim=1, stable=True).indices)
+    src = rank[:, :r]
+    first_b = torch.where(is_b, pos, N).min(dim=1, keepdim=True).values.clamp_max(N - 1)
+    dst = partner.gather(1, src).long()
+    dst = torch.where(dst >= 0, dst, first_b)  # a token without a partner (NaN) goes to the first B token
+    kept = torch.ones(B, N, dtype=torch.bool, device=device).scatter_(1, src, False)
+    if order == "tome":
+        # protected tokens (by position), unmerged A (by score rank; by position when protect > 0), B (by position)
+        within = pos
+        if protect == 0:
+            within = torch.where(is_a, torch.empty_like(rank).scatter_(1, rank, pos), pos)
+        category = torch.where(free, torch.where(is_a, 1, 2), 0)
+        key = torch.where(kept, category * N + within, 3 * N)
+        slot = torch.empty_like(pos).scatter_(1, torch.sort(key, dim=1, stable=True).indices, pos)
+    else:
+        slot = kept_rank(kept)[0]
+    index = slot.scatter(1, src, slot.gather(1, dst))
+    return _with_origin(index, kept, N - r)
 
 
 def merge_tokens(x: torch.Tensor, size: torch.Tensor, index: torch.Tensor, origin: torch.Tensor, mode: str = "wmean"):
@@ -286,7 +342,7 @@ def temporal_links(
         return score, parent
     if radius is None:
         cur = metric[:, lag:].reshape(B * (T - lag), N, D)
-        s, idx = match_fn(cur, metric[:, :-lag].reshape(B * (T - lag), N, D))
+        s, idx = match_fn(cur, metric[:, :-lag].reshape(B * (T - lag), N, D), None, None)
         s, idx = s.view(B, T - lag, N), idx.view(B, T - lag, N)
     else:
         s, idx = window_fn(metric, lag, radius, grid)
@@ -316,23 +372,47 @@ def resolve_forest(linked: torch.Tensor, parent: torch.Tensor, hops: int):
 
 
 def temporal_assignment(
-    metric: torch.Tensor, threshold: float | None, r: int | None, lag: int, radius: int | None, grid: tuple[int, int],
+    metric: torch.Tensor, threshold: float | None, r, lag: int, radius: int | None, grid: tuple[int, int],
+    segment_id: torch.Tensor | None = None, out_len: int | None = None,
     *, match_fn=match, paired_fn=paired_similarity, window_fn=window_links,
 ):
     """(index int32 [B, T*N], origin int32 [B, L], lengths int64 [B]) of ``temporal_merge``.
 
-    With r: the r best links of each video are kept (ties: higher score, then lower position), so every
-    video has exactly T*N - r trees and L = T*N - r. With a threshold: links with score >= threshold,
-    L = the most trees of any video (a host sync: the output size depends on the data).
+    With r (an int, or an int64 tensor [B] of per-video counts): the r best links of each video are
+    kept (ties: higher score, then lower position), so video b has exactly T*N - r_b trees; L = T*N - r
+    for an int, ``out_len`` (default T*N - min r, a host sync) for a tensor, shorter videos padded
+    (origin -1). With a threshold: links with score >= threshold, L = the most trees of any video (a
+    host sync: the output size depends on the data).
+
+    segment_id: int [B, T] (``scene_boundaries``): a link from frame t to frame t - lag exists only
+    where both frames have the same segment id >= 0, so no tree crosses a segment boundary; with r,
+    forbidden links rank after every allowed one and the caller ensures r_b never exceeds the allowed
+    links of video b.
     """
     B, T, N, _ = metric.shape
     P = T * N
     score, parent = temporal_links(metric, lag, radius, grid, match_fn, paired_fn, window_fn)
     score, parent = score.reshape(B, P), parent.reshape(B, P)
+    allowed = None
+    if segment_id is not None:
+        seg = segment_id.long()
+        same = torch.zeros(B, T, dtype=torch.bool, device=metric.device)
+        same[:, lag:] = (seg[:, lag:] == seg[:, :-lag]) & (seg[:, lag:] >= 0)
+        allowed = same[:, :, None].expand(B, T, N).reshape(B, P)
+        score = torch.where(allowed, score, float("-inf"))
     if r is not None:  # rank the links of frames lag.. only: the first frames have none
-        rank = torch.sort(score[:, lag * N :], dim=1, descending=True, stable=True).indices[:, :r] + lag * N
-        linked = torch.zeros(B, P, dtype=torch.bool, device=metric.device).scatter_(1, rank, True)
-        L = P - r
+        order = torch.sort(score[:, lag * N :], dim=1, descending=True, stable=True).indices
+        if allowed is not None:  # forbidden links after every allowed one (ties in -inf otherwise)
+            forbidden = (~allowed[:, lag * N :]).gather(1, order).to(torch.int8)
+            order = order.gather(1, torch.sort(forbidden, dim=1, stable=True).indices)
+        linked = torch.zeros(B, P, dtype=torch.bool, device=metric.device)
+        if isinstance(r, torch.Tensor):
+            place = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+            linked[:, lag * N :] = place < r[:, None]
+            L = out_len if out_len is not None else P - int(r.min()) if B > 0 else P
+        else:
+            linked.scatter_(1, order[:, :r] + lag * N, True)
+            L = P - r
     else:
         linked = score >= threshold
         L = None
@@ -343,3 +423,111 @@ def temporal_assignment(
     origin = torch.full((B, L + 1), -1, dtype=torch.long, device=metric.device)
     origin.scatter_(1, torch.where(is_root, index, L), torch.arange(P, device=metric.device).expand(B, P))
     return index.to(torch.int32), origin[:, :L].to(torch.int32), lengths
+
+
+# ---------------------------------------------------------------------------------------------------
+# Clustering merges: each ends with merge_tokens on an assignment of tokens to groups
+
+
+def first_members(index: torch.Tensor, L: int) -> torch.Tensor:
+    """origin int64 [B, L]: the lowest position of every group of ``index`` [B, N] (group ids in
+    [0, L)), -1 for a group without members. An integer scatter-min: deterministic on every device."""
+    B, N = index.shape
+    pos = torch.arange(N, device=index.device).expand(B, N)
+    first = torch.full((B, L), N, dtype=torch.long, device=index.device).scatter_reduce(1, index.long(), pos, "amin")
+    return torch.where(first < N, first, -1)
+
+
+def similarity_graph(metric: torch.Tensor, threshold: float, chunk: int = 1024) -> torch.Tensor:
+    """bool [B, N, N]: cos(metric_i, metric_j) >= threshold (a NaN similarity is no edge); built
+    ``chunk`` rows at a time from ``cosine_matrix``."""
+    B, N, _ = metric.shape
+    out = torch.empty(B, N, N, dtype=torch.bool, device=metric.device)
+    for i0 in range(0, N, chunk):
+        out[:, i0 : i0 + chunk] = cosine_matrix(metric[:, i0 : i0 + chunk], metric) >= threshold
+    return out
+
+
+def component_labels(adjacency: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """int64 [B, N]: the lowest position of every token's connected component in the graph
+    ``adjacency`` [B, N, N] (bool, read as undirected: an edge either way joins).
+
+    Min-label propagation with hooking and pointer jumping (in the manner of Shiloach and Vishkin):
+    each round every token takes the lowest label among itself and its neighbours, the old root of
+    its label takes it too, then labels follow their labels ceil(log2 N) times. Labels only decrease
+    and always name a token of the same component, so the fixed point gives every component its
+    lowest position. Rounds run until no label changes: one host sync per round (a few rounds on
+    real graphs; at most the component diameter).
+    """
+    B, N, _ = adjacency.shape
+    device = adjacency.device
+    label = torch.arange(N, device=device).expand(B, N).contiguous()
+    jumps = max(N - 1, 1).bit_length()
+    while True:
+        lowest = label.clone()
+        for i0 in range(0, N, chunk):  # min label over neighbours, [B, chunk, N] at a time
+            rows = adjacency[:, i0 : i0 + chunk] | adjacency[:, :, i0 : i0 + chunk].transpose(1, 2)
+            seen = torch.where(rows, label[:, None, :], N).amin(-1)
+            lowest[:, i0 : i0 + chunk] = torch.minimum(lowest[:, i0 : i0 + chunk], seen)
+        new = torch.minimum(lowest, label.scatter_reduce(1, label, lowest, "amin"))  # hook the old roots
+        for _ in range(jumps):
+            new = new.gather(1, new)
+        if torch.equal(new, label):
+            return label
+        label = new
+
+
+def components_assignment(metric: torch.Tensor, threshold: float):
+    """(index int32 [B, N], origin int32 [B, L], lengths int64 [B]) of ``connected_components_merge``:
+    components numbered by their lowest position, which is their representative; L = the most
+    components of any video (a host sync), shorter videos padded with origin -1."""
+    B, N, _ = metric.shape
+    label = component_labels(similarity_graph(metric, threshold))
+    is_root = label == torch.arange(N, device=metric.device)
+    slot, lengths = kept_rank(is_root)
+    index = slot.gather(1, label)
+    L = int(lengths.max()) if B > 0 else 0
+    origin = torch.full((B, L + 1), -1, dtype=torch.long, device=metric.device)
+    origin.scatter_(1, torch.where(is_root, index, L), torch.arange(N, device=metric.device).expand(B, N))
+    return index.to(torch.int32), origin[:, :L].to(torch.int32), lengths
+
+
+def pairwise_distance(metric: torch.Tensor) -> torch.Tensor:
+    """[B, N, N] Euclidean distances / sqrt(D) in fp32 (fp64 for fp64), from |a|^2 + |b|^2 - 2 a.b
+    (clamped at 0), with an exact zero diagonal; TCFormer's (Zeng et al. 2022) scaled cdist."""
+    B, N, D = metric.shape
+    m = metric.to(accumulation_dtype(metric.dtype))
+    sq = m.square().sum(-1)
+    d2 = (sq[:, :, None] + sq[:, None, :] - 2 * (m @ m.transpose(-1, -2))).clamp_min(0)
+    d2.diagonal(dim1=1, dim2=2).zero_()
+    return d2.sqrt() / D**0.5
+
+
+def dpc_knn_assignment(metric: torch.Tensor, k: int, clusters: int):
+    """(index int32 [B, N], origin int32 [B, clusters]) of ``dpc_knn_merge``.
+
+    Density peaks clustering with k nearest neighbours (Rodriguez and Laio 2014; Du et al. 2016),
+    as TCFormer, PruneVid and HoliTom use it on tokens: distances d (``pairwise_distance``); density
+    rho_i = exp(-mean of d^2 over the k nearest tokens, the token itself among them); delta_i = the
+    distance to the nearest denser token (denser: higher rho, ties to the lower position), the
+    largest distance of the video for the densest token; the ``clusters`` tokens of highest
+    rho * delta (ties: lower position) are the centres; every token joins its nearest centre (ties:
+    the lower centre position), a centre itself. Clusters are numbered by their centre's position,
+    which is their representative.
+    """
+    B, N, _ = metric.shape
+    device = metric.device
+    dist = pairwise_distance(metric).nan_to_num(nan=float("inf"))  # a NaN token: infinitely far from the others
+    density = (-dist.topk(k, dim=-1, largest=False).values.square().mean(-1)).exp()
+    # rank in the density order (higher first, ties: the lower position): j is denser than i when it ranks before
+    order = torch.sort(density, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=device).expand(B, N))
+    delta = torch.where(rank[:, None, :] < rank[:, :, None], dist, float("inf")).amin(-1)
+    farthest = dist.flatten(1).amax(1)[:, None]
+    delta = torch.where(rank == 0, farthest, delta)  # the densest token
+    score = (density * delta).nan_to_num(nan=float("-inf"))  # 0 * inf for a NaN token: never before a real one
+    centres = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :clusters].sort(dim=1).values
+    to_centre = dist.gather(2, centres[:, None, :].expand(B, N, clusters))  # [B, N, clusters]
+    index = to_centre.argmin(-1)  # first minimum: the lower centre position
+    index = index.scatter(1, centres, torch.arange(clusters, device=device).expand(B, clusters))
+    return index.to(torch.int32), centres.to(torch.int32)

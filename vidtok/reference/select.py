@@ -234,10 +234,21 @@ def depth_scores(adjacent: torch.Tensor) -> torch.Tensor:
     return left + right - 2 * a
 
 
-def adaptive_ratio(change: torch.Tensor, window: int = 2) -> torch.Tensor:
-    """change_t / mean(change over the up-to-``window`` neighbours on each side, excluding t), as
-    PySceneDetect's AdaptiveDetector does with content_val (capped at 255; 255 when the neighbours'
-    mean is below 1e-5). Near the ends the mean is over the neighbours that exist."""
+# The least mean change the adaptive rule divides by, in units of 1 - cos (a cosine of 0.98). Where
+# the neighbours of a pair barely change (a freeze, a frame shown several times in slow motion, a
+# still shot), their mean change is near zero and any small motion would give a huge ratio: a false
+# cut. Flooring the mean means a cut out of a still neighbourhood needs a change of at least
+# threshold * ADAPTIVE_MIN_CONTEXT (0.06, cos 0.94 at the default 3.0), the role PySceneDetect's
+# AdaptiveDetector gives its min_content_val. Measured in bench/select_quality.py.
+ADAPTIVE_MIN_CONTEXT = 0.02
+
+
+def adaptive_ratio(change: torch.Tensor, window: int = 2, min_context: float = ADAPTIVE_MIN_CONTEXT) -> torch.Tensor:
+    """change_t / max(mean(change over the up-to-``window`` neighbours on each side, excluding t),
+    min_context): PySceneDetect's AdaptiveDetector ratio (content_val over its neighbours' mean) with
+    the mean floored at ``min_context`` (see ADAPTIVE_MIN_CONTEXT). Near the ends the mean is over the
+    neighbours that exist; a pair without any finite neighbour gets 0 (no context, no cut). NaN
+    changes are not neighbours and give NaN."""
     n = change.shape[-1]
     finite = torch.isfinite(change)
     v = torch.where(finite, change, torch.zeros_like(change))
@@ -249,7 +260,7 @@ def adaptive_ratio(change: torch.Tensor, window: int = 2) -> torch.Tensor:
     total = csum[..., hi] - csum[..., lo] - v
     count = ccount[..., hi] - ccount[..., lo] - finite.to(v.dtype)
     mean = total / count.clamp_min(1)
-    ratio = torch.where(mean.abs() >= 1e-5, (change / mean).clamp_max(255.0), torch.full_like(change, 255.0))
+    ratio = change / mean.clamp_min(min_context)
     return torch.where(count > 0, ratio, torch.zeros_like(ratio))
 
 
@@ -292,7 +303,8 @@ def scene_boundaries(
     in brackets): "threshold" a_t < threshold [threshold - a_t]; "lowest_k" the k lowest a_t, TDC
     [-a_t]; "mean_std" depth_t > mean + threshold * std over the video (threshold = alpha, default 0.5),
     VideoLLaMB SceneTilling [depth_t]; "adaptive" ratio_t >= threshold (default 3.0) and change_t >=
-    min_change with change = 1 - a, PySceneDetect AdaptiveDetector [ratio_t]. For methods other
+    min_change with change = 1 - a and ratio = change over its neighbours' mean change floored at
+    ADAPTIVE_MIN_CONTEXT, PySceneDetect AdaptiveDetector [ratio_t]. For methods other
     than lowest_k, k caps the number of cuts (the strongest kept, ties to the lower index). Then
     min_len drops, in time order, every cut that would close a segment shorter than min_len frames
     (so a short segment merges into the next; the last segment may be shorter).

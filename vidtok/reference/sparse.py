@@ -174,3 +174,57 @@ def sparse_attention_backward(
         dk = dk.reshape(B, Hk, H // Hk, N, D).sum(2)
         dv = dv.reshape(B, Hk, H // Hk, N, v.shape[-1]).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dls
+
+
+# ---------------------------------------------------------------------------------------------------
+# attention_received: the attention mass each key receives (FastV, VisionZip, HoliTom, FlashVID)
+
+
+def attention_received(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor | None,
+    kv_log_size: torch.Tensor | None,
+    tiles: PlanTensors | None,
+    block_q: int,
+    block_k: int,
+    scale: float,
+    row_start: int,
+    row_end: int,
+) -> torch.Tensor:
+    """received [B, H, N] fp32 (fp64 for fp64 q): sum over query rows row_start <= i < row_end of
+    P[b, h, i, j] = exp(scale q_i k_j + kv_log_size[j] - lse[i]) over the allowed pairs (all pairs
+    without a plan; the plan's token mask with one, q and k then on the plan's N tokens).
+
+    q [B, H, M, D]; k [B, Hk, N, D] with H % Hk == 0; lse [B, H, M] natural log, or None to compute it
+    here (the same logsumexp over each row's allowed keys). A row with no allowed key (lse -inf)
+    gives nothing. Computed a band of query rows at a time, like ``sparse_attention``: the [M, N]
+    matrix is never whole.
+    """
+    B, H, M, D = q.shape
+    N = k.shape[2]
+    acc = accumulation_dtype(q.dtype)
+    qf, kf = q.to(acc), _expand_heads(k.to(acc), H)
+    ls = None if kv_log_size is None else kv_log_size.to(acc)
+    out = torch.zeros(B, H, N, dtype=acc, device=q.device)
+    rows_per_band = max(block_q, ROWS_SCORES // max(1, B * H * N) // block_q * block_q)
+    start = row_start - row_start % block_q  # bands aligned to the plan's query tiles
+    for r0 in range(start, row_end, rows_per_band):
+        r1 = min(r0 + rows_per_band, -(-row_end // block_q) * block_q, M)
+        if tiles is None:
+            s = torch.matmul(qf[:, :, r0:r1], kf.transpose(-1, -2)).mul_(scale)
+            if ls is not None:
+                s.add_(ls[:, None, None, :])
+        else:
+            s = _scores(qf, kf, ls, tiles, block_q, block_k, scale, r0 // block_q, -(-r1 // block_q), r0, r1)
+        if lse is None:  # a row without keys (all -inf) or with a NaN softmaxes to NaN: it gives nothing
+            p = torch.softmax(s, -1).nan_to_num_(0.0)
+        else:
+            band_lse = lse[:, :, r0:r1].to(acc)
+            p = s.sub_(band_lse[..., None]).exp_()  # in place: P of the band
+            p.masked_fill_(~torch.isfinite(band_lse)[..., None], 0.0)  # rows without keys (or NaN) give nothing
+        if r0 < row_start or r1 > row_end:  # a band that reaches past the rows that count
+            rows = torch.arange(r0, r1, device=q.device)
+            p.mul_(((rows >= row_start) & (rows < row_end)).to(acc)[:, None])
+        out += p.sum(2)
+    return out
