@@ -500,7 +500,7 @@ def test_cuda_backend_explains_what_it_cannot_run():
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="realistic sizes run on a GPU only")
-def test_cuda_at_realistic_sizes(backend, capsys):
+def test_cuda_at_realistic_sizes(backend, record_property):
     """A realistic workload (T = 4096 frames, C = 1152, Q = 16, k = 256), float32: without similarities
     identical to the reference on the GPU; with them certified against float64 up to near-ties."""
     g = torch.Generator().manual_seed(0)
@@ -514,9 +514,8 @@ def test_cuda_at_realistic_sizes(backend, capsys):
         got = vidtok.greedy_select(rel, 256, x=x, backend=backend, **opts)
         want = vidtok.greedy_select(rel, 256, x=x, backend="reference", **opts)
         near = certify_greedy(got, rel, 256, x, **opts)
-        with capsys.disabled():
-            print(f"\ncuda greedy {opts}: {int((got != want).any(-1).sum())}/32 problems differ from the reference, "
-                  f"{int(near.sum())} near-tie steps")
+        record_property(f"cuda greedy vs reference {opts}", f"{int((got != want).any(-1).sum())}/32 problems differ, "
+                                                             f"{int(near.sum())} near-tie steps")
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 0), (0, 2, 5), (2, 0, 5)], ids=str)

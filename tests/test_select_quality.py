@@ -56,7 +56,7 @@ def _boundary_f1(seg, cuts, tol=1):
     return 2 * precision * recall / max(precision + recall, 1e-12), precision, recall
 
 
-def test_selection_tradeoffs(video, capsys):
+def test_selection_tradeoffs(video, record_property):
     v = video
     s = vidtok.frame_scores(v.x, v.query)
     rel = s.relevance
@@ -72,12 +72,9 @@ def test_selection_tradeoffs(video, capsys):
         "DPP q=exp(rel/0.1)": vidtok.dpp_select(v.x, K, quality=torch.exp(rel[:, 0] / 0.1))[0],
     }
     results = {name: _metrics(idx, v, xn) for name, idx in methods.items()}
-    with capsys.disabled():
-        print(f"\nselection quality, {B} synthetic videos, T={T}, C={C}, k={K} "
-              "(recall / all-hit / centroid coverage / max gap / redundancy):")
-        for name, m in results.items():
-            print(f"  {name:<34} {m['recall']:.2f} / {m['all_hit']:.2f} / {m['coverage']:.2f} / "
-                  f"{m['max_gap']:7.1f} / {m['redundancy']:.2f}")
+    for name, m in results.items():  # in the JUnit XML: recall / all-hit / coverage / max gap / redundancy
+        record_property(f"selection {name}", f"{m['recall']:.2f} / {m['all_hit']:.2f} / {m['coverage']:.2f} / "
+                                             f"{m['max_gap']:.1f} / {m['redundancy']:.2f}")
     u, top, mmr, tass, nms, dpp = (results[n] for n in ["uniform", "top-k", "MMR lam=0.5", "TASS-style (above mean, gap 20)",
                                                          "NMS cos>0.85", "DPP q=exp(rel/0.1)"])
     assert top["recall"] == 1.0 and u["recall"] < 0.5  # relevance finds the planted events; uniform misses them
@@ -92,7 +89,7 @@ def test_selection_tradeoffs(video, capsys):
     assert u["max_gap"] < min(m["max_gap"] for m in results.values() if m is not u)
 
 
-def test_boundary_f1(video, capsys):
+def test_boundary_f1(video, record_property):
     v = video
     adj = vidtok.frame_scores(v.x).adjacent
     n_true = int(v.cuts.sum()) // B
@@ -104,13 +101,10 @@ def test_boundary_f1(video, capsys):
         "adaptive (defaults)": dict(method="adaptive"),
     }
     scores = {}
-    with capsys.disabled():
-        print(f"\nscene_boundaries vs {int(v.cuts.sum())} hard cuts (+-1 frame; gradual transitions and flashes "
-              "are not cuts): F1 (precision, recall)")
-        for name, opts in cases.items():
-            f1, p, r = _boundary_f1(vidtok.scene_boundaries(adj, **opts), v.cuts)
-            scores[name] = f1
-            print(f"  {name:<26} {f1:.3f} ({p:.3f}, {r:.3f})")
+    for name, opts in cases.items():
+        f1, p, r = _boundary_f1(vidtok.scene_boundaries(adj, **opts), v.cuts)
+        scores[name] = f1
+        record_property(f"scene_boundaries {name}", f"F1 {f1:.3f} (precision {p:.3f}, recall {r:.3f})")
     assert scores["threshold 0.5"] > 0.8
     assert scores["threshold 0.5, min_len 3"] > scores["threshold 0.5"]  # min_len drops the flash's second cut
     assert scores["adaptive (defaults)"] > 0.9
