@@ -8,7 +8,7 @@ device, e.g. bench/gpu_session.sh's stages, one JSON each) under the first one's
 info, then renders OUT.json; an IN.json that is not a complete run is left out with a message.
 For each JSON file: <name>.md (one table per benchmark group: median time, achieved GB/s, fraction
 of the device's measured copy bandwidth, speed-up over the eager baseline of the same group) and
-<name>.png (the same speed-ups as bars).
+<name>.png (one panel per op: every implementation's time per call, with its speed-up over eager).
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _impl(bench: dict) -> str:
+    """The implementation a benchmark timed: its ``impl`` parameter (names may hold hyphens)."""
+    params = bench.get("params") or {}
+    if "impl" in params:
+        return str(params["impl"])
     return bench["param"].rsplit("-", 1)[-1] if "param" in bench else bench["name"]
 
 
@@ -63,27 +67,68 @@ def markdown(path: Path) -> str:
     return "\n".join(lines)
 
 
+def _op(group: str) -> str:
+    """The op a benchmark group measures: its name before the shape ("bipartite_merge B=16 ..." -> "bipartite_merge")."""
+    return group.split(" ", 1)[0]
+
+
 def chart(path: Path, out: Path) -> None:
+    """Write ``figure(path)`` to ``out``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(path)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def figure(path: Path):
+    """One panel per op; in it every group (shape) as a block of bars, one per implementation: the median
+    time per call on a log axis (so no bar is empty, whatever the device), labelled with the time and
+    the speed-up over the group's eager baseline. Eager PyTorch grey, vidtok blue, others orange."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     machine, _, groups = load(path)
-    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 2.2 * len(groups) + 0.8), squeeze=False)
-    for ax, (group, benches) in zip(axes[:, 0], groups.items()):
-        names = [_impl(b) for b in benches]
-        fractions = [b["extra_info"]["fraction_of_copy_bandwidth"] for b in benches]
-        colors = ["tab:gray" if n.startswith("eager") else "tab:blue" for n in names]
-        ax.barh(names, fractions, color=colors)
-        ax.set_title(group, fontsize=9)
-        ax.set_xlim(0, max(1.0, max(fractions) * 1.1))
-        ax.tick_params(labelsize=8)
-    axes[-1, 0].set_xlabel("achieved bandwidth / measured copy bandwidth (higher is better)")
-    fig.suptitle(str(machine.get("vidtok_device")), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    ops = defaultdict(list)
+    for group, benches in groups.items():
+        ops[_op(group)].append((group, benches))
+    heights = [sum(len(benches) + 1 for _, benches in blocks) for blocks in ops.values()]
+    fig, axes = plt.subplots(len(ops), 1, figsize=(10, 0.22 * sum(heights) + 1.2 * len(ops) + 0.6), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, (op, blocks) in zip(axes[:, 0], ops.items()):
+        labels, times, colors, notes = [], [], [], []
+        for group, benches in blocks:
+            base = _baseline(benches)
+            shape = group[len(op):].strip()
+            for b in sorted(benches, key=lambda b: b["extra_info"]["seconds_per_call"]):
+                seconds = b["extra_info"]["seconds_per_call"]
+                name = _impl(b)
+                labels.append(f"{shape}  {name}")
+                times.append(seconds * 1e3)
+                colors.append("tab:gray" if name.startswith("eager") else "tab:blue" if name.startswith("vidtok") else "tab:orange")
+                notes.append(f"{seconds * 1e3:.3g} ms" + (f"  ({base / seconds:.2f}x eager)" if base and not name.startswith("eager") else ""))
+            labels.append("")  # a gap between groups
+            times.append(float("nan"))
+            colors.append("white")
+            notes.append("")
+        y = list(range(len(labels)))[::-1]
+        ax.barh(y, times, color=colors)
+        ax.set_yticks(y, labels, fontsize=7)
+        ax.set_xscale("log")
+        finite = [t for t in times if t == t]
+        ax.set_xlim(min(finite) / 2, max(finite) * 20)  # room for the labels right of the bars
+        for yi, t, note in zip(y, times, notes):
+            if note:
+                ax.text(t * 1.1, yi, note, va="center", fontsize=7)
+        ax.set_title(op, fontsize=9, loc="left")
+        ax.tick_params(axis="x", labelsize=7)
+    axes[-1, 0].set_xlabel("median time per call, ms (log scale; lower is better)", fontsize=8)
+    fig.suptitle(f"{machine.get('vidtok_device')}: vidtok (blue) beside eager PyTorch (grey) and other libraries (orange)",
+                 fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    return fig
 
 
 def merge(out: Path, paths: list[Path]) -> None:

@@ -129,3 +129,30 @@ def test_device_session_dry_run_stages_budget_cutoff_and_packing(tmp_path):
     summary = (tmp_path / "tiny" / "summary.txt").read_text()
     assert [fields[0] for fields in _stage_lines(summary).values()] == ["skipped", "skipped"], summary
     assert summary.splitlines()[-1].startswith("total ")
+
+
+def test_chart_has_one_panel_per_op_and_no_empty_bars(tmp_path):
+    """The chart groups benchmark groups by op (one panel each) and draws time per call on a log axis,
+    so a CPU run whose bandwidth fractions are ~1e-6 still shows every bar; names with hyphens stay
+    whole."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render", ROOT / "bench" / "render.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+
+    def bench(group, impl, seconds):
+        info = {"seconds_per_call": seconds, "GBps": 1e-3, "fraction_of_copy_bandwidth": 1e-6}
+        return {"group": group, "name": f"bench[{impl}]", "param": f"x-{impl}", "params": {"impl": impl}, "extra_info": info}
+
+    run = {"machine_info": {"vidtok_device": "test cpu"}, "commit_info": {}, "benchmarks": [
+        bench("opA B=1", "eager RLT-style gate", 2e-3), bench("opA B=1", "vidtok reference", 1e-3),
+        bench("opA B=2", "vidtok reference", 4e-3), bench("opB N=9", "vidtok cpu", 5e-6),
+    ]}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    fig = render.figure(path)
+    assert [ax.get_title(loc="left") for ax in fig.axes] == ["opA", "opB"]
+    widths = [p.get_width() for ax in fig.axes for p in ax.patches if p.get_width() == p.get_width()]
+    assert len(widths) == 4 and min(widths) > 0
+    assert "eager RLT-style gate" in render.markdown(path)
