@@ -305,7 +305,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _aot_bipartite(metric: torch.Tensor, r: int) -> None:
-    bipartite_assignment(metric, r, 0, "keep")  # defined below
+    bipartite_assignment(metric, r, 0, "keep", None)  # defined below
 
 
 def _match_aot_cases() -> list[AotCase]:
