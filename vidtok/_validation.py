@@ -97,6 +97,11 @@ def check_no_nan(op: str, name: str, t: torch.Tensor | None, where: torch.Tensor
     """``t`` (optionally only where ``where``) must hold no NaN, unless inside ``allow_nan()``."""
     if t is None or not t.is_floating_point() or _nan_allowed or t.numel() == 0:
         return
+    if where is None and t.device.type == "cpu" and not torch.compiler.is_compiling():
+        # one sum is ~7x cheaper than isnan().any() on CPUs; it is NaN if t holds a NaN (or both
+        # infinities): only then is the exact test run
+        if not bool(torch.isnan(t.sum())):
+            return
     nan = torch.isnan(t) if where is None else torch.isnan(t) & where
     require(~nan.any(), f"vidtok.{op}: {name} contains NaN, which would silently change what is kept "
                          f"(wrap the call in vidtok.allow_nan() for the documented NaN behaviour)")
