@@ -119,5 +119,9 @@ def check_unit_range(name: str, t: torch.Tensor, why: str) -> None:
     ``allow_nan()``. ``why`` ends the message (what to do instead)."""
     if not t.is_floating_point() or t.numel() == 0:
         return
-    inside = ~((t < 0) | (t > 1)).any() if _nan_allowed else ((t >= 0) & (t <= 1)).all()
+    if _nan_allowed:
+        inside = ~((t < 0) | (t > 1)).any()
+    else:  # one pass: a NaN makes both extremes NaN, which compare False
+        lo, hi = torch.aminmax(t)
+        inside = (lo >= 0) & (hi <= 1)
     require(inside, f"{name} must hold values in [0, 1]{'' if _nan_allowed else ', without NaN'}: {why}")
