@@ -203,8 +203,8 @@ def sparse_truth_mask(layout, spec) -> torch.Tensor:
 
 
 def sparse_attention_oracle(q, k, v, mask, scale, kv_log_size=None):
-    """Dense masked attention in float64 (mask bool [B, N, N]): rows with no allowed key give 0 and
-    LSE -inf. The oracle every sparse_attention backend is checked against."""
+    """Dense masked attention in float64 (mask bool [B, N, N], or [B, H, N, N] per head): rows with
+    no allowed key give 0 and LSE -inf. The oracle every sparse_attention backend is checked against."""
     qd, kd, vd = q.double(), k.double(), v.double()
     H = q.shape[1]
     kd = kd.repeat_interleave(H // k.shape[1], dim=1)
@@ -212,7 +212,7 @@ def sparse_attention_oracle(q, k, v, mask, scale, kv_log_size=None):
     s = qd @ kd.transpose(-1, -2) * scale
     if kv_log_size is not None:
         s = s + kv_log_size.double()[:, None, None, :]
-    s = s.masked_fill(~mask[:, None], float("-inf"))
+    s = s.masked_fill(~(mask if mask.dim() == 4 else mask[:, None]), float("-inf"))
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     return p @ vd, lse

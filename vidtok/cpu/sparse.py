@@ -1,7 +1,7 @@
 """Block-sparse attention tuned for CPUs: the ``cpu`` backend of vidtok.sparse_attention.
 
 The math is the reference's (vidtok.reference.sparse); the work is proportional to the plan's tiles,
-not N^2. Both passes walk query tiles. Consecutive query tiles whose key sets overlap are taken
+not N^2. Both passes walk query tiles (of each plan head, for a per-head plan). Consecutive query tiles whose key sets overlap are taken
 together (``_TileMasks.groups``): each group is one attention problem, its queries against one key
 set -- a range of key tiles (a view of k and v, no copy) or the runs of 8 keys in which some query of
 the group attends to some key (gathered) -- with the token mask as an additive bias (0 or -inf, from
@@ -44,7 +44,8 @@ def _rows_speed(rows: int) -> float:
 
 @dataclass
 class _Group:
-    """Query tiles [i0, i1) of sequence b (query tokens [r0, r1), cut at N) and the keys they attend
+    """Query tiles [i0, i1) of sequence b and plan head p (query tokens [r0, r1), cut at N; every
+    query head when the plan is shared, head p alone when it is per-head) and the keys they attend
     to, either a range of key tiles (cols, keys: slices; keys cut at N) or compacted: the runs of 8
     keys (one byte of the bit words) in which some query of the group attends to some key (cols:
     their tiles, ascending; key_bytes: the runs' positions among those tiles' BK / 8 * len(cols)
@@ -52,6 +53,9 @@ class _Group:
     bias one table look-up per byte."""
 
     b: int
+    p: int
+    shared: bool
+    row: int  # the tile-map row, b * Hp + p
     i0: int
     i1: int
     r0: int
@@ -61,17 +65,23 @@ class _Group:
     key_bytes: torch.Tensor | None
     num_keys: int
 
+    @property
+    def heads(self) -> slice:
+        """The query heads the group serves."""
+        return slice(None) if self.shared else slice(self.p, self.p + 1)
+
     def key_rows(self, x: torch.Tensor, scratch: "_Scratch", name: str) -> torch.Tensor:
-        """[1, H, L, C]: the group's keys of x [B, H, N, C]: a view for a range, else gathered into
-        ``scratch``'s buffer ``name`` (overwritten by the next group)."""
+        """[1, H', L, C]: the group's keys of x [B, H, N, C] (its heads): a view for a range, else
+        gathered into ``scratch``'s buffer ``name`` (overwritten by the next group)."""
         if isinstance(self.keys, slice):
-            return x[self.b : self.b + 1, :, self.keys]
-        H, _, C = x.shape[1:]
-        return torch.index_select(x[self.b], 1, self.keys, out=scratch.get(name, (H, self.num_keys, C), x.dtype))[None]
+            return x[self.b : self.b + 1, self.heads, self.keys]
+        x = x[self.b, self.heads]
+        H, _, C = x.shape
+        return torch.index_select(x, 1, self.keys, out=scratch.get(name, (H, self.num_keys, C), x.dtype))[None]
 
     def query_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """[1, H, M, C]: the group's queries of x [B, H, N, C], a view."""
-        return x[self.b : self.b + 1, :, self.r0 : self.r1]
+        """[1, H', M, C]: the group's queries of x [B, H, N, C], a view."""
+        return x[self.b : self.b + 1, self.heads, self.r0 : self.r1]
 
 
 class _Scratch:
@@ -97,8 +107,11 @@ class _TileMasks:
     build_plan set none there)."""
 
     def __init__(self, tile_map: torch.Tensor, bits: torch.Tensor, block_q: int, block_k: int, n: int, dtype: torch.dtype):
-        self.tile_map, self.block_q, self.block_k, self.n = tile_map, block_q, block_k, n
-        tail = n - (tile_map.shape[2] - 1) * block_k  # keys of the last key tile that exist
+        # tile_map [B, Hp, nQ, nK]: sequences and plan heads are walked alike, as rows b * Hp + p
+        self.shared = tile_map.shape[1] == 1
+        self.plan_heads = tile_map.shape[1]
+        self.tile_map, self.block_q, self.block_k, self.n = tile_map.flatten(0, 1), block_q, block_k, n
+        tail = n - (tile_map.shape[3] - 1) * block_k  # keys of the last key tile that exist
         device = bits.device
         byte_words = key_bytes(bits)[..., : block_k // 8]  # [S, BQ, BK / 8] (BK >= 16, a power of two)
         self.bytes = byte_words.int()  # indices into byte_bias
@@ -111,7 +124,7 @@ class _TileMasks:
         self.tail_bytes = np.array([(1 << min(8, max(0, tail - 8 * j))) - 1 for j in range(block_k // 8)], dtype=np.uint8)
 
     def groups(self, H: int, C: int) -> list[_Group]:
-        """Consecutive query tiles of a sequence in groups, each one attention problem against one
+        """Consecutive query tiles of a sequence (and plan head) in groups, each one attention problem against one
         key set, the cheapest by the cost model above (greedy, cost per query tile). Larger groups
         run faster per pair in the kernel; each group's keys are either a range of key tiles (a
         view of k and v, but with the pairs no query of the range attends to computed and masked)
@@ -119,7 +132,8 @@ class _TileMasks:
         and v). Query tiles without any key are left out (their output is 0). Reads the tile map
         on the host."""
         BQ, BK, n = self.block_q, self.block_k, self.n
-        B, nQ, nK = self.tile_map.shape
+        B, nQ, nK = self.tile_map.shape  # B: sequences x plan heads
+        H = H if self.shared else 1  # the heads of one group
         used = self.key_used.cpu().numpy()[self.tile_map.long().cpu().numpy()]  # [B, nQ, nK, BK / 8]
         used[:, :, -1] &= self.tail_bytes
         nonempty = used.any(-1)  # tiles with a pair that attends (partial tiles may have none)
@@ -154,21 +168,23 @@ class _TileMasks:
                 i += g
         return groups
 
-    def _group(self, b: int, i0: int, i1: int, first: int, last: int, keys: np.ndarray | None) -> _Group:
-        """The group of query tiles [i0, i1): key tiles [first, last] as a range, or, with ``keys``
-        (their used-key bytes [g, nK, BK / 8]), just the keys that some query of theirs uses."""
+    def _group(self, row: int, i0: int, i1: int, first: int, last: int, keys: np.ndarray | None) -> _Group:
+        """The group of query tiles [i0, i1) of tile-map row ``row`` (sequence and plan head): key
+        tiles [first, last] as a range, or, with ``keys`` (their used-key bytes [g, nK, BK / 8]), just
+        the keys that some query of theirs uses."""
         BQ, BK, n, device = self.block_q, self.block_k, self.n, self.tile_map.device
         r0, r1 = i0 * BQ, min(i1 * BQ, n)
+        b, p = divmod(row, self.plan_heads)
         if keys is None:
             key_range = slice(first * BK, min((last + 1) * BK, n))
-            return _Group(b, i0, i1, r0, r1, slice(first, last + 1), key_range, None, key_range.stop - key_range.start)
+            return _Group(b, p, self.shared, row, i0, i1, r0, r1, slice(first, last + 1), key_range, None, key_range.stop - key_range.start)
         used_bytes = np.bitwise_or.reduce(keys, axis=0) != 0  # [nK, BK / 8]
         cols = used_bytes.any(-1).nonzero()[0]
         run_bytes = used_bytes[cols].reshape(-1).nonzero()[0]  # positions among the tiles' bytes
         tokens = ((cols.repeat(BK // 8) * BK + np.tile(np.arange(0, BK, 8), len(cols)))[run_bytes, None] + np.arange(8)).reshape(-1)
         tokens = tokens[tokens < n]  # ascending: only the last run can pass N, and its bias columns go last
         as_tensor = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
-        return _Group(b, i0, i1, r0, r1, as_tensor(cols), as_tensor(tokens), as_tensor(run_bytes), len(tokens))
+        return _Group(b, p, self.shared, row, i0, i1, r0, r1, as_tensor(cols), as_tensor(tokens), as_tensor(run_bytes), len(tokens))
 
     def bias(self, grp: _Group, scratch: "_Scratch", log_size: torch.Tensor | None = None):
         """(bias [1, 1, M, L] or None, empty rows [M] or None) of the group's M queries and L keys, in
@@ -176,7 +192,7 @@ class _TileMasks:
         added to every allowed pair. Empty rows are those whose bias is all -inf (a log size of -inf
         removes a key). No bias and no empty row when every tile pair is full and there is no log
         size: full tiles have no padding and no empty row."""
-        state = self.tile_map[grp.b, grp.i0 : grp.i1][:, grp.cols]  # [g, T]
+        state = self.tile_map[grp.row, grp.i0 : grp.i1][:, grp.cols]  # [g, T]
         M = grp.r1 - grp.r0
         if log_size is None and grp.key_bytes is None and bool((state == 1).all()):
             return None, None
@@ -262,8 +278,8 @@ def sparse_attention(
             if empty is not None:  # rows with no allowed key: output 0, LSE -inf
                 o = o.masked_fill(empty[:, None], 0.0)
                 m = m.masked_fill(empty, float("-inf"))
-            out[grp.b, :, grp.r0 : grp.r1] = o[0]
-            lse[grp.b, :, grp.r0 : grp.r1] = m[0]
+            out[grp.b, grp.heads, grp.r0 : grp.r1] = o[0]
+            lse[grp.b, grp.heads, grp.r0 : grp.r1] = m[0]
     return out.to(dtype), lse
 
 
@@ -321,11 +337,11 @@ def sparse_attention_backward(
             bias, _ = masks.bias(grp, scratch)
             dqg, dkg, dvg = _attend_backward(
                 grp.query_rows(ge), grp.query_rows(qe), grp.key_rows(ke, scratch, "k"), grp.key_rows(ve, scratch, "v"),
-                grp.query_rows(oe), lse[grp.b : grp.b + 1, :, grp.r0 : grp.r1], bias, scale,
+                grp.query_rows(oe), lse[grp.b : grp.b + 1, grp.heads, grp.r0 : grp.r1], bias, scale,
             )
-            dq[grp.b, :, grp.r0 : grp.r1] = dqg[0]
-            _add_rows(dk[grp.b], grp.keys, dkg[0].transpose(0, 1))
-            _add_rows(dv[grp.b], grp.keys, dvg[0].transpose(0, 1))
+            dq[grp.b, grp.heads, grp.r0 : grp.r1] = dqg[0]
+            _add_rows(dk[grp.b][:, grp.heads], grp.keys, dkg[0].transpose(0, 1))
+            _add_rows(dv[grp.b][:, grp.heads], grp.keys, dvg[0].transpose(0, 1))
     dls = None if kv_log_size is None else dk[..., D].sum(-1)
     dq, dk, dv = dq[..., :D], dk[..., :D].transpose(1, 2), dv[..., :D].transpose(1, 2)
     if Hk != H:
