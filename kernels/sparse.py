@@ -329,7 +329,8 @@ def tile_config(kernel: str, block_q: int, block_k: int, D: int, float32: bool) 
         warps = _num_warps(SK, SQ, BD)
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
-    return {"SQ": SQ, "SK": SK, "BD": BD, "num_warps": warps}
+    # float32 keeps two pipeline stages: three overflowed sm_80's 163 KB of shared memory at 128-token tiles
+    return {"SQ": SQ, "SK": SK, "BD": BD, "num_warps": warps, "num_stages": 2 if float32 else 3}
 
 
 # Head dimensions the kernels take (zero-padded in registers to the next power of two >= 16).
@@ -348,8 +349,9 @@ def sparse_attention_reasons(q, k, v, kv_log_size, tiles, block_q: int, block_k:
 
 def _launch(kernel, name, grid, block_q, block_k, D, dtype, *args, **constexprs):
     config = tile_config(name, block_q, block_k, D, dtype == torch.float32)
-    warps = config.pop("num_warps")
-    kernel[grid(config)](*args, BQ=block_q, BK=block_k, IEEE=dtype == torch.float32, num_warps=warps, **config, **constexprs)
+    warps, stages = config.pop("num_warps"), config.pop("num_stages")
+    kernel[grid(config)](*args, BQ=block_q, BK=block_k, IEEE=dtype == torch.float32, num_warps=warps, num_stages=stages,
+                         **config, **constexprs)
 
 
 @on_tensor_device
@@ -459,12 +461,12 @@ def _aot_cases() -> list[AotCase]:
         for (BQ, BK), D, has_ls in variants:
             for what, kernel in kernels.items():
                 config = tile_config(what, BQ, BK, D, dtype == torch.float32)
-                warps = config.pop("num_warps")
+                warps, stages = config.pop("num_warps"), config.pop("num_stages")
                 consts = {"sq_d": 1, "sk_d": 1, "sv_d": 1, "sls_n": 1, "HAS_LS": has_ls, "IEEE": dtype == torch.float32,
                           "BQ": BQ, "BK": BK, "W": BK // 32, **config}
                 cases.append(AotCase(
                     f"sparse_attention_{what}-{ty}-q{BQ}k{BK}-d{D}{'-logsize' if has_ls else ''}",
-                    kernel, _signature(kernel, ty), consts, num_warps=warps))
+                    kernel, _signature(kernel, ty), consts, num_warps=warps, num_stages=stages))
         for D in (64, 128):
             kernel = _sparse_attention_bwd_preprocess_kernel
             cases.append(AotCase(

@@ -10,11 +10,13 @@ from vidtok._validation import allow_nan
 from vidtok.merge import Merged, bipartite_merge, match, paired_similarity, temporal_merge, unmerge
 from vidtok.select import Scores, dpp_select, frame_scores, greedy_select, scene_boundaries, segment_topk, uniform_indices
 from vidtok import masks, nn
-from vidtok.sparse import SparsePlan, VideoLayout, build_plan, sparse_attention
+from vidtok.sparse import (
+    SparsePlan, VideoLayout, build_plan, build_plan_topk, classify_heads, default_head_specs, per_head_plan, sparse_attention,
+)
 from vidtok.motion import Gate, Packed, block_match, motion_gate, motion_report, pack, patch_delta, unpack
 
 __version__ = "0.1.0"
 
 load_backends()
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "allow_nan", "paired_similarity", "Merged", "bipartite_merge", "match", "temporal_merge", "unmerge", "use_backend", "masks", "nn", "SparsePlan", "VideoLayout", "build_plan", "sparse_attention", "Scores", "dpp_select", "frame_scores", "greedy_select", "scene_boundaries", "segment_topk", "uniform_indices", "Gate", "Packed", "block_match", "motion_gate", "motion_report", "pack", "patch_delta", "unpack", "__version__"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "allow_nan", "paired_similarity", "Merged", "bipartite_merge", "match", "temporal_merge", "unmerge", "use_backend", "masks", "nn", "SparsePlan", "VideoLayout", "build_plan", "build_plan_topk", "classify_heads", "default_head_specs", "per_head_plan", "sparse_attention", "Scores", "dpp_select", "frame_scores", "greedy_select", "scene_boundaries", "segment_topk", "uniform_indices", "Gate", "Packed", "block_match", "motion_gate", "motion_report", "pack", "patch_delta", "unpack", "__version__"]

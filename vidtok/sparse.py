@@ -917,8 +917,8 @@ def build_plan_topk(
 
     nQ, nK = base.tile_map.shape[2:]
     valid = layout.kind != _KIND_PAD
-    qp, q_count = _pooled(q, valid, group, nQ * BQ // group)  # [B, H, Gq, D] fp32, [B, Gq]
-    kp, k_count = _pooled(k, valid, group, nK * BK // group)
+    qp, q_count = _pooled(q, valid, group, nQ * BQ)  # [B, H, Gq, D] fp32, [B, Gq]
+    kp, k_count = _pooled(k, valid, group, nK * BK)
     kp = kp.repeat_interleave(H // Hk, dim=1)
     scores = torch.matmul(qp, kp.transpose(-1, -2)) * scale + k_count.log()[:, None, None, :]  # log 0 = -inf
     scores = scores.masked_fill((q_count == 0)[:, None, :, None], float("-inf"))

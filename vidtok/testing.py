@@ -255,6 +255,9 @@ def sparse_random_spec(rng, grid, depth: int = 0):
             is_causal=(rng.random() < 0.3, rng.random() < 0.2, False),
         ),
         lambda: masks.global_tokens(),
+        lambda: masks.cube_window((rng.randint(1, 2), rng.randint(1, 3), rng.randint(1, 3)),
+                                  radius=(rng.randint(0, 1), rng.randint(0, 1), 0)),
+        lambda: masks.all_pairs(),
         # a spec without its own pred_words: the plan evaluates it through the generic fallback
         lambda: masks.frame_pairs(torch.tensor([[rng.random() < 0.5 for _ in range(T)] for _ in range(T)])),
     ]
@@ -269,8 +272,9 @@ def sparse_random_spec(rng, grid, depth: int = 0):
 
 
 def sparse_random_layout(seed: int, *, max_grid=(4, 6, 6)):
-    """(layout, rng): a small random VideoLayout -- a full grid, or a random keep mask (varying tokens
-    per frame, padded sequences) -- with 0-3 global tokens, and the ``random.Random`` that drew it."""
+    """(layout, rng): a small random VideoLayout -- a full grid (global tokens anywhere in it, tokens
+    in row-major or cube order, cubes padded), or a random keep mask (varying tokens per frame, padded
+    sequences) -- with 0-3 global tokens, and the ``random.Random`` that drew it."""
     import random
 
     from vidtok.sparse import VideoLayout
@@ -279,7 +283,10 @@ def sparse_random_layout(seed: int, *, max_grid=(4, 6, 6)):
     grid = tuple(rng.randint(1, m) for m in max_grid)
     G = rng.randint(0, 3)
     if rng.random() < 0.4:
-        return VideoLayout.from_grid(*grid, num_global=G, batch=rng.randint(1, 2)), rng
+        n = grid[0] * grid[1] * grid[2]
+        at = rng.choice([0, n, rng.randint(0, n)])
+        cube = rng.choice([None, (1, 2, 2), (2, 2, 4), (1, 1, 4)])
+        return VideoLayout.from_grid(*grid, num_global=G, global_at=at, cube=cube, batch=rng.randint(1, 2)), rng
     keep = torch.rand(rng.randint(1, 3), *grid, generator=torch.Generator().manual_seed(seed)) < rng.uniform(0.2, 0.9)
     return VideoLayout.from_keep(keep, num_global=G), rng
 
