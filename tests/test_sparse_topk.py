@@ -153,6 +153,27 @@ def test_topk_matches_brute_force(case):
     assert torch.equal(by_row, plan.tile_map) and torch.equal(by_col, plan.tile_map)
 
 
+def test_plan_from_tiles_allows_every_valid_pair_of_the_selected_tiles():
+    layout = vidtok.VideoLayout.from_grid(2, 3, 5, num_global=2, global_at=30, cube=(1, 2, 4))
+    g = torch.Generator().manual_seed(4)
+    nQ = -(-layout.num_tokens // 16)
+    valid = torch.zeros(nQ * 16, dtype=torch.bool)
+    valid[: layout.num_tokens] = layout.kind[0] != 0
+    for shape in ((1, nQ, nQ), (1, 3, nQ, nQ)):
+        tiles = torch.rand(shape, generator=g) < 0.4
+        plan = vidtok.plan_from_tiles(layout, tiles, always=M.global_tokens(), block=(16, 16))
+        per_head = tiles if tiles.dim() == 4 else tiles[:, None]
+        want = (per_head[0][:, :, None, :, None] & valid.view(nQ, 16)[None, :, :, None, None] & valid.view(nQ, 16)[None, None, None])
+        want = want.reshape(per_head.shape[1], nQ * 16, nQ * 16)[:, : layout.num_tokens, : layout.num_tokens]
+        want = want | sparse_truth_mask(layout, M.global_tokens())
+        dense = plan.to_dense()
+        assert torch.equal(dense[0] if tiles.dim() == 4 else dense[0][None], want)
+    with pytest.raises(ValueError, match=r"tiles must be \[B, \(H,\) nQ, nK\]"):
+        vidtok.plan_from_tiles(layout, torch.ones(1, nQ, nQ + 1, dtype=torch.bool), block=(16, 16))
+    with pytest.raises(TypeError, match="tiles must be a bool tensor"):
+        vidtok.plan_from_tiles(layout, torch.ones(1, nQ, nQ), block=(16, 16))
+
+
 def test_topk_at_full_density_is_dense_attention():
     """topk = every key tile: the plan is every valid pair, and the attention equals dense SDPA."""
     layout = vidtok.VideoLayout.from_grid(3, 4, 4, num_global=4, global_at=48, cube=(1, 2, 4))

@@ -11,7 +11,8 @@ from vidtok.merge import Merged, bipartite_merge, match, paired_similarity, temp
 from vidtok.select import Scores, dpp_select, frame_scores, greedy_select, scene_boundaries, segment_topk, uniform_indices
 from vidtok import masks, nn
 from vidtok.sparse import (
-    SparsePlan, VideoLayout, build_plan, build_plan_topk, classify_heads, default_head_specs, per_head_plan, sparse_attention,
+    SparsePlan, VideoLayout, build_plan, build_plan_topk, classify_heads, default_head_specs, per_head_plan, plan_from_tiles,
+    sparse_attention,
 )
 from vidtok.motion import Gate, Packed, block_match, motion_gate, motion_report, pack, patch_delta, unpack
 
@@ -19,4 +20,4 @@ __version__ = "0.1.0"
 
 load_backends()
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "allow_nan", "paired_similarity", "Merged", "bipartite_merge", "match", "temporal_merge", "unmerge", "use_backend", "masks", "nn", "SparsePlan", "VideoLayout", "build_plan", "build_plan_topk", "classify_heads", "default_head_specs", "per_head_plan", "sparse_attention", "Scores", "dpp_select", "frame_scores", "greedy_select", "scene_boundaries", "segment_topk", "uniform_indices", "Gate", "Packed", "block_match", "motion_gate", "motion_report", "pack", "patch_delta", "unpack", "__version__"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "allow_nan", "paired_similarity", "Merged", "bipartite_merge", "match", "temporal_merge", "unmerge", "use_backend", "masks", "nn", "SparsePlan", "VideoLayout", "build_plan", "build_plan_topk", "classify_heads", "default_head_specs", "per_head_plan", "plan_from_tiles", "sparse_attention", "Scores", "dpp_select", "frame_scores", "greedy_select", "scene_boundaries", "segment_topk", "uniform_indices", "Gate", "Packed", "block_match", "motion_gate", "motion_report", "pack", "patch_delta", "unpack", "__version__"]

@@ -1,18 +1,26 @@
-"""Sparse attention for video: token layouts, mask plans built from tile bounds, block-sparse attention.
+"""Sparse attention for video: token layouts, mask plans built from tile bounds or from the data,
+block-sparse attention.
 
 - ``VideoLayout``: the (t, h, w) position of every token of every sequence on the (T, h, w) token grid
-  (global register tokens first), so masks can be stated in video terms whatever pruning or merging
-  did to the token count; built from a grid, a keep mask, a ``Packed`` or a ``Merged``.
+  (global register or text tokens anywhere), so masks can be stated in video terms whatever pruning or
+  merging did to the token count; built from a grid (optionally ordered in 3-D cubes, with
+  ``permute`` / ``unpermute`` between the model's order and the layout's), a keep mask, a ``Packed``
+  or a ``Merged``.
 - ``build_plan(layout, spec, block=(BQ, BK))``: classifies every (query tile, key tile) pair as empty,
   full or partial from the tiles' coordinate bounds (vidtok.masks) -- the token predicate is evaluated
   only inside partial tiles, never on all N^2 pairs -- and stores the non-empty tiles in CSR form, with
-  its transpose, and the token masks of the partial tiles as bits.
+  its transpose, and the token masks of the partial tiles as bits. One plan serves every head.
+- Per-head plans chosen from the data, on the device without host syncs: ``build_plan_topk`` (the
+  key tiles of highest pooled attention per query tile and head, VSA / SVG2), ``classify_heads`` +
+  ``per_head_plan`` (Sparse VideoGen's spatial and temporal heads), ``plan_from_tiles`` (any tile
+  selection).
 - ``sparse_attention(q, k, v, plan)``: attention on the plan's tiles only -- Triton forward and
   backward kernels on GPUs, the tuned cpu backend on CPUs, the readable reference anywhere -- with
   ToMe's proportional attention as ``kv_log_size``.
 
 Patterns: FlexAttention's BlockMask (full + partial block lists, mask_mod inside partial blocks),
-NATTEN's neighborhood windows, ToMe's proportional attention.
+NATTEN's neighborhood windows and token permutation, ToMe's proportional attention, Video Sparse
+Attention's coarse top-k stage, Sparse VideoGen's head profiling.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from vidtok._validation import check_int, check_same_device, check_tensor
 from vidtok.reference.sparse import PlanTensors, dense_mask
 
 __all__ = ["SparsePlan", "TileValidity", "VideoLayout", "build_plan", "build_plan_topk", "classify_heads", "default_head_specs",
-           "per_head_plan", "sparse_attention"]
+           "per_head_plan", "plan_from_tiles", "sparse_attention"]
 
 _KIND_PAD, _KIND_VIDEO, _KIND_GLOBAL = 0, 1, 2
 
@@ -897,17 +905,7 @@ def build_plan_topk(
         check_int("topk", topk, low=1)
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise ValueError(f"top_p must be a float in (0, 1], got {top_p!r}")
-    if isinstance(always, SparsePlan):
-        if always.layout is not layout:
-            raise ValueError("the always plan was built for another layout: build it with build_plan(layout, spec) from this layout")
-        if block is not None and tuple(block) != always.block:
-            raise ValueError(f"block {tuple(block)} differs from the always plan's block {always.block}")
-        base = always
-    else:
-        spec = ~_masks.all_pairs() if always is None else always
-        if not isinstance(spec, _masks.MaskSpec):
-            raise TypeError(f"always must be a vidtok.masks spec, a SparsePlan or None, got {type(always).__name__}")
-        base = build_plan(layout, spec, block=(64, 64) if block is None else _check_block(block))
+    base = _always_plan(layout, always, block)
     BQ, BK = base.block
     if scale is None:
         scale = D**-0.5
@@ -934,11 +932,56 @@ def build_plan_topk(
     width = nK if topk is None else min(topk, nK)
     order = torch.where(keep[..., :width], order[..., :width], nK)  # the unkept go to a scratch column
     chosen = torch.zeros(B, H, nQ, nK + 1, dtype=torch.bool, device=q.device).scatter_(-1, order, True)[..., :nK]
+    return _union(base, chosen, width)
+
+
+def plan_from_tiles(layout: VideoLayout, tiles: torch.Tensor, *, always: _masks.MaskSpec | SparsePlan | None = None,
+                    block: tuple[int, int] | None = None) -> SparsePlan:
+    """The plan of a tile selection made elsewhere (a router, k-means clusters, a learned gate, the
+    exact top-k tiles of a dense attention): ``tiles`` bool [B, nQ, nK] (every head) or [B, H, nQ,
+    nK] (per head) says which (query tile, key tile) pairs attend on every valid token pair; the
+    pairs of ``always`` (a spec, or its plan from ``build_plan`` on this layout) keep their token
+    mask where not selected. Built on the device with no host sync (given ``always`` as a plan or
+    None); CSR rows of capacity nK. block: default the ``always`` plan's, else (64, 64).
+    """
+    if not isinstance(layout, VideoLayout):
+        raise TypeError(f"layout must be a vidtok.VideoLayout, got {type(layout).__name__}")
+    base = _always_plan(layout, always, block)
+    B, _, nQ, nK = base.tile_map.shape
+    if not isinstance(tiles, torch.Tensor) or tiles.dtype != torch.bool or tiles.dim() not in (3, 4):
+        what = f"{tiles.dtype} of shape {tuple(tiles.shape)}" if isinstance(tiles, torch.Tensor) else type(tiles).__name__
+        raise TypeError(f"tiles must be a bool tensor [B, nQ, nK] or [B, H, nQ, nK], got {what}")
+    tiles = tiles[:, None] if tiles.dim() == 3 else tiles
+    if tiles.shape[0] != B or tiles.shape[2:] != (nQ, nK):
+        raise ValueError(f"tiles must be [B, (H,) nQ, nK] = [{B}, (H,) {nQ}, {nK}] for this layout and block {base.block}, "
+                         f"got {tuple(tiles.shape)}")
+    check_same_device(tiles=tiles, layout=layout.coords)
+    return _union(base, tiles, nK)
+
+
+def _always_plan(layout: VideoLayout, always, block) -> SparsePlan:
+    """The static plan an ``always=`` argument stands for (built here from a spec, host syncs)."""
+    if isinstance(always, SparsePlan):
+        if always.layout is not layout:
+            raise ValueError("the always plan was built for another layout: build it with build_plan(layout, spec) from this layout")
+        if block is not None and tuple(block) != always.block:
+            raise ValueError(f"block {tuple(block)} differs from the always plan's block {always.block}")
+        return always
+    spec = ~_masks.all_pairs() if always is None else always
+    if not isinstance(spec, _masks.MaskSpec):
+        raise TypeError(f"always must be a vidtok.masks spec, a SparsePlan or None, got {type(always).__name__}")
+    return build_plan(layout, spec, block=(64, 64) if block is None else _check_block(block))
+
+
+def _union(base: SparsePlan, chosen: torch.Tensor, width: int) -> SparsePlan:
+    """``base`` with the ``chosen`` tile pairs [B, H or 1, nQ, nK] (at most ``width`` per row) made
+    "every valid pair"; CSR rows of capacity min(nK, width + base.row_capacity)."""
+    B, _, nQ, nK = base.tile_map.shape
     full = base.validity.full_states()[:, None]  # [B, 1, nQ, nK]
     tile_map = torch.where(chosen, full, base.tile_map).contiguous()
     capacity = min(nK, width + base.row_capacity)
     return dataclasses.replace(
-        base, tile_map=tile_map, **_csr(tile_map, B * H * nQ * capacity)._asdict(), row_capacity=capacity,
+        base, tile_map=tile_map, **_csr(tile_map, B * tile_map.shape[1] * nQ * capacity)._asdict(), row_capacity=capacity,
     )
 
 
@@ -1177,7 +1220,8 @@ def sparse_attention(
         q: [B, H, N, D]; k, v: [B, Hk, N, D] with H % Hk == 0 (GQA: query head h reads key/value head
             h // (H / Hk)); B and N those of the plan's layout. float32, float16 or bfloat16 (float64
             on the reference and cpu backends, for gradcheck), one dtype, any strides.
-        plan: from ``build_plan``.
+        plan: from ``build_plan`` (one plan for every head), or per head (``build_plan_topk``,
+            ``per_head_plan``, ``plan_from_tiles``: plan.heads == H).
         scale: logit scale, default D ** -0.5.
         kv_log_size: optional float [B, N] added to every logit of key j (ToMe's proportional
             attention, Bolya et al. 2023: a key of size s behaves as s copies of itself when this is
@@ -1193,15 +1237,17 @@ def sparse_attention(
 
     Backends: "triton" runs FlashAttention-2-style kernels over the plan's CSR tiles only: the
     forward (online softmax in exp2, fp32 accumulation, full tiles unmasked, partial tiles masked by
-    the plan's token bits), and a backward that recomputes P from the saved LSE in separate dQ
-    programs (forward CSR) and dK/dV programs (transposed CSR). "cpu" (auto on CPU tensors)
+    the plan's token bits, IEEE division), and a backward of three launches: delta = rowsum(dO * O)
+    - dLSE, dQ programs (forward CSR) and dK/dV programs (transposed CSR, keys as every product's M
+    dimension), P recomputed from the saved LSE. float32 inputs run IEEE fp32 products (no TF32) on
+    smaller sub-tiles, 16-bit ones the tensor cores. "cpu" (auto on CPU tensors)
     computes the same tiles in PyTorch, a group of consecutive query tiles at a time against one
     key set (a range of key tiles, read as a view, or the runs of keys the group's queries attend
     to, gathered), as a small cost model picks, each group in ATen's fused CPU flash-attention
     kernels (the ones torch's own SDPA uses there); its backward is one walk over the groups adding
     dK, dV into their keys in a fixed order. "reference" is the readable spec: every query row
     against every key with the mask as a -inf bias, a band of rows at a time (N^2 work; the tests'
-    oracle, and the path for float32 on GPUs). Deterministic (no float atomics in the Triton
+    oracle). Deterministic (no float atomics in the Triton
     kernels; the cpu backend adds to each key once per group); no host sync in the Triton and
     reference paths (the cpu backend reads the plan's tile map on the host to pick its groups).
     """

@@ -291,6 +291,38 @@ def sparse_random_layout(seed: int, *, max_grid=(4, 6, 6)):
     return VideoLayout.from_keep(keep, num_global=G), rng
 
 
+def attention_like_qkv(grid, B: int, H: int, D: int, *, seed: int = 0, sharpness: float = 8.0, content: float = 0.5):
+    """q, k, v float32 [B, H, T * h * w, D] in (t, h, w) row-major order whose attention has the
+    structure of a video diffusion transformer's (Sparse VideoGen's spatial and temporal heads):
+    head h % 3 == 0 attends to the tokens of nearby frames at any position ("spatial" heads), 1 to
+    nearby positions in any frame ("temporal" heads), 2 to a 3-D neighbourhood.
+
+    Positions enter through random Fourier features: q and k hold a * [cos(w . p), sin(w . p)] for
+    D / 2 frequencies w ~ N(0, 1 / sigma^2) per axis (sigma per head type; 0 frequency on the axes a
+    head ignores), so q . k is a Gaussian kernel of the position difference; the logits of the
+    nearest keys reach ``sharpness``. ``content``: the weight of a per-token random part (a query
+    and its own key correlated), which makes the attention depend on the data and not only on the
+    positions. v is standard normal. Deterministic in ``seed``."""
+    T, h, w = grid
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in grid), indexing="ij"), -1).reshape(-1, 3)
+    N, F = pos.shape[0], D // 2
+    sigmas = {0: (1.0, float("inf"), float("inf")), 1: (float("inf"), 1.5, 1.5), 2: (1.5, 2.5, 2.5)}
+    q = torch.empty(B, H, N, D)
+    k = torch.empty(B, H, N, D)
+    for b in range(B):
+        for head in range(H):
+            sigma = torch.tensor(sigmas[head % 3])
+            freq = torch.randn(3, F, generator=g) / sigma[:, None]  # inf sigma: 0 frequency
+            phase = pos @ freq
+            feat = torch.cat([phase.cos(), phase.sin()], -1) * (sharpness * D**0.5 / F) ** 0.5  # q . k / sqrt(D) <= sharpness
+            noise = torch.randn(N, D, generator=g) * content
+            q[b, head] = feat + noise
+            k[b, head] = feat + 0.7 * noise + 0.7 * content * torch.randn(N, D, generator=g)
+    v = torch.randn(B, H, N, D, generator=g)
+    return q, k, v
+
+
 # ---------------------------------------------------------------------------------------------------
 # Synthetic long-video frame embeddings (issue 5: frame selection quality without a pretrained model)
 
