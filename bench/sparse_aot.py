@@ -6,7 +6,8 @@ At launch Triton specialises pointer and integer arguments that are multiples of
 attention ``AOT_CASES`` entry with the hints a typical input gets -- 16-byte aligned pointers; N, the
 strides, D and H multiples of 16; one key/value head per query head and a plan shared by every head
 (GROUP = PLAN_H = 1), or PLAN_H = H = 16 for a per-head plan -- and prints, per kernel and arch,
-registers, spilled bytes, shared memory, and whether the PTX uses Hopper warpgroup MMAs (wgmma),
+registers, spilled (local) bytes, stack frame bytes (spills of a kernel that makes calls land
+there, not in LOCAL), shared memory, and whether the PTX uses Hopper warpgroup MMAs (wgmma),
 Ampere MMAs (mma.sync) and asynchronous copies (cp.async, or TMA's cp.async.bulk), and whether
 its divisions are IEEE (div.rn) or approximate (div.full / div.approx).
 
@@ -59,7 +60,7 @@ def report(case, arch: int, per_head: bool) -> dict:
         (usage,) = resource_usage(cubin).values()
     return {
         "kernel": case.name, "arch": f"sm_{arch}", "warps": case.num_warps, "registers": usage["REG"],
-        "spilled": usage["LOCAL"], "shared": max(usage.get("SHARED", 0), compiled.metadata.shared),
+        "spilled": usage["LOCAL"], "stack": usage.get("STACK", 0), "shared": max(usage.get("SHARED", 0), compiled.metadata.shared),
         "wgmma": ptx.count("wgmma.mma_async"), "mma.sync": len(re.findall(r"\bmma\.sync", ptx)),
         "cp.async": len(re.findall(r"cp\.async\.(?:ca|cg)", ptx)), "bulk/TMA": ptx.count("cp.async.bulk"),
         "div.rn": len(re.findall(r"div\.rn\.f32", ptx)), "div approx": len(re.findall(r"div\.(?:full|approx)\.f32", ptx)),

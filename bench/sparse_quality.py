@@ -102,13 +102,15 @@ def main():
     specs = vidtok.default_head_specs(layout.grid)
     choice = vidtok.classify_heads(q, k, layout, specs, sample=64)
     svg = vidtok.per_head_plan([vidtok.build_plan(layout, s, block=BLOCK) for s in specs], choice)
-    rows.append(evaluate(f"classify_heads -> {specs[0]!r} / {specs[1]!r} (chose {choice[0].tolist()})", svg, q, k, v, out, mass, probs))
+    label = f"classify_heads: temporal_window(1, 1) or {specs[1].a!r} per head, + global tokens (chose {choice[0].tolist()})"
+    rows.append(evaluate(label, svg, q, k, v, out, mass, probs))
     statics = [
         M.temporal_window(1, 1), M.spatial_window(7, 7), M.neighborhood((3, 7, 7)), M.neighborhood((5, 9, 9)),
         M.cube_window(CUBE, radius=(1, 1, 1)), M.cube_window(CUBE, radius=(0, 1, 1)), M.cube_window(CUBE, radius=(1, 0, 0)),
     ]
     for spec in statics:
-        rows.append(evaluate(f"static {spec!r}", vidtok.build_plan(layout, spec, block=BLOCK), q, k, v, out, mass, probs))
+        rows.append(evaluate(f"static {spec!r}".replace(", is_causal=(False, False, False)", ""),
+                             vidtok.build_plan(layout, spec, block=BLOCK), q, k, v, out, mass, probs))
     seconds = time.perf_counter() - start
 
     head_kinds = ", ".join(f"{h}: {['nearby frames', 'nearby positions', '3-D neighbourhood'][h % 3]}" for h in range(H))

@@ -31,7 +31,7 @@ def _sparse_attention_fwd_kernel(
     sv_b, sv_h, sv_n, sv_d,
     sls_b, sls_n,
     D,
-    HAS_LS: tl.constexpr, IEEE: tl.constexpr,
+    HAS_LS: tl.constexpr, FP32: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr, SQ: tl.constexpr, SK: tl.constexpr, BD: tl.constexpr, W: tl.constexpr,
 ):
     # One program owns SQ rows (sub-tile r of plan query tile qi; SQ = BQ in 16 bits) of one head.
@@ -72,7 +72,7 @@ def _sparse_attention_fwd_kernel(
             cols = kt * BK + j * SK + offs_k
             kv_mask = (cols < N)[:, None] & d_ok[None, :]
             kk = tl.load(k_base + cols.to(tl.int64)[:, None] * sk_n + offs_d[None, :] * sk_d, mask=kv_mask, other=0.0)
-            if IEEE:
+            if FP32:
                 s = tl.dot(q, tl.trans(kk), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(kk))
@@ -90,7 +90,7 @@ def _sparse_attention_fwd_kernel(
             p = tl.exp2(s - m_ref[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             vv = tl.load(v_base + cols.to(tl.int64)[:, None] * sv_n + offs_d[None, :] * sv_d, mask=kv_mask, other=0.0)
-            if IEEE:
+            if FP32:
                 acc = acc * alpha[:, None] + tl.dot(p, vv, input_precision="ieee")
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
@@ -134,7 +134,7 @@ def _sparse_attention_bwd_dq_kernel(
     sv_b, sv_h, sv_n, sv_d,
     sls_b, sls_n,
     D,
-    HAS_LS: tl.constexpr, IEEE: tl.constexpr,
+    HAS_LS: tl.constexpr, FP32: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr, SQ: tl.constexpr, SK: tl.constexpr, BD: tl.constexpr, W: tl.constexpr,
 ):
     # dQ of SQ rows (sub-tile r of plan query tile qi) of one head, walking the forward CSR: P is
@@ -178,7 +178,7 @@ def _sparse_attention_bwd_dq_kernel(
             kv_mask = (cols < N)[:, None] & d_ok[None, :]
             kk = tl.load(k_base + cols.to(tl.int64)[:, None] * sk_n + offs_d[None, :] * sk_d, mask=kv_mask, other=0.0)
             vv = tl.load(v_base + cols.to(tl.int64)[:, None] * sv_n + offs_d[None, :] * sv_d, mask=kv_mask, other=0.0)
-            if IEEE:
+            if FP32:
                 s = tl.dot(q, tl.trans(kk), input_precision="ieee")
                 dp = tl.dot(do, tl.trans(vv), input_precision="ieee")
             else:
@@ -194,7 +194,7 @@ def _sparse_attention_bwd_dq_kernel(
                 keep = tl.reshape(((words[:, :, None] >> bit_shift) & 1) != 0, [SQ, SK])
                 p = tl.where(keep, p, 0.0)
             ds = p * (dp - delta[:, None])
-            if IEEE:
+            if FP32:
                 dq += tl.dot(ds, kk, input_precision="ieee")
             else:
                 dq += tl.dot(ds.to(kk.dtype), kk)
@@ -212,7 +212,7 @@ def _sparse_attention_bwd_dkdv_kernel(
     sv_b, sv_h, sv_n, sv_d,
     sls_b, sls_n,
     D,
-    HAS_LS: tl.constexpr, IEEE: tl.constexpr,
+    HAS_LS: tl.constexpr, FP32: tl.constexpr,
     BQ: tl.constexpr, BK: tl.constexpr, SQ: tl.constexpr, SK: tl.constexpr, BD: tl.constexpr, W: tl.constexpr,
 ):
     # dK, dV (and the per-key d kv_log_size partial sum of this key/value head) of SK keys -- sub-tile
@@ -265,7 +265,7 @@ def _sparse_attention_bwd_dkdv_kernel(
                 lse2 = tl.load(lse_ptr + o_rows, mask=r_ok, other=0.0) * LOG2E
                 lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
                 delta = tl.load(delta_ptr + o_rows, mask=r_ok, other=0.0)
-                if IEEE:
+                if FP32:
                     st = tl.dot(kk, tl.trans(q), input_precision="ieee")  # [SK, SQ]
                     dpt = tl.dot(vv, tl.trans(do), input_precision="ieee")
                 else:
@@ -279,7 +279,7 @@ def _sparse_attention_bwd_dkdv_kernel(
                     words = tl.load(bits_ptr + bi.to(tl.int64) * (BQ * W) + (r * SQ) * W + word_offs)
                     pt = tl.where(((words >> bit_shift) & 1) != 0, pt, 0.0)
                 dst = pt * (dpt - delta[None, :])
-                if IEEE:
+                if FP32:
                     dv += tl.dot(pt, do, input_precision="ieee")
                     dk += tl.dot(dst, q, input_precision="ieee")
                 else:
@@ -351,7 +351,7 @@ def sparse_attention_reasons(q, k, v, kv_log_size, tiles, block_q: int, block_k:
 def _launch(kernel, name, grid, block_q, block_k, D, dtype, *args, **constexprs):
     config = tile_config(name, block_q, block_k, D, dtype == torch.float32)
     warps, stages = config.pop("num_warps"), config.pop("num_stages")
-    kernel[grid(config)](*args, BQ=block_q, BK=block_k, IEEE=dtype == torch.float32, num_warps=warps, num_stages=stages,
+    kernel[grid(config)](*args, BQ=block_q, BK=block_k, FP32=dtype == torch.float32, num_warps=warps, num_stages=stages,
                          **config, **constexprs)
 
 
@@ -463,7 +463,7 @@ def _aot_cases() -> list[AotCase]:
             for what, kernel in kernels.items():
                 config = tile_config(what, BQ, BK, D, dtype == torch.float32)
                 warps, stages = config.pop("num_warps"), config.pop("num_stages")
-                consts = {"sq_d": 1, "sk_d": 1, "sv_d": 1, "sls_n": 1, "HAS_LS": has_ls, "IEEE": dtype == torch.float32,
+                consts = {"sq_d": 1, "sk_d": 1, "sv_d": 1, "sls_n": 1, "HAS_LS": has_ls, "FP32": dtype == torch.float32,
                           "BQ": BQ, "BK": BK, "W": BK // 32, **config}
                 cases.append(AotCase(
                     f"sparse_attention_{what}-{ty}-q{BQ}k{BK}-d{D}{'-logsize' if has_ls else ''}",

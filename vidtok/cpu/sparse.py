@@ -1,7 +1,7 @@
 """Block-sparse attention tuned for CPUs: the ``cpu`` backend of vidtok.sparse_attention.
 
 The math is the reference's (vidtok.reference.sparse); the work is proportional to the plan's tiles,
-not N^2. Both passes walk query tiles (of each plan head, for a per-head plan). Consecutive query tiles whose key sets overlap are taken
+not N^2. Both passes walk query tiles. Consecutive query tiles whose key sets overlap are taken
 together (``_TileMasks.groups``): each group is one attention problem, its queries against one key
 set -- a range of key tiles (a view of k and v, no copy) or the runs of 8 keys in which some query of
 the group attends to some key (gathered) -- with the token mask as an additive bias (0 or -inf, from
@@ -11,6 +11,11 @@ ATen's fused CPU flash-attention kernels (``aten::_scaled_dot_product_flash_atte
 its backward: the blocked online softmax torch's own SDPA runs on CPUs). The backward adds each
 group's dK and dV into its keys in group order: deterministic. Picking the groups reads the plan's
 tile map on the host (free on CPUs).
+
+Per-head plans (``build_plan_topk``, ``per_head_plan``) choose different key tiles in every head, so
+query tiles share no key set: there every (sequence, head, query tile) row of the plan's CSR is its
+own problem, its key tiles gathered, and a batch of rows runs in one fused call (``_RowBatches``;
+VSA's layout of the same computation), the rows padded to the longest with an all-masked tile.
 """
 
 from __future__ import annotations
@@ -44,8 +49,7 @@ def _rows_speed(rows: int) -> float:
 
 @dataclass
 class _Group:
-    """Query tiles [i0, i1) of sequence b and plan head p (query tokens [r0, r1), cut at N; every
-    query head when the plan is shared, head p alone when it is per-head) and the keys they attend
+    """Query tiles [i0, i1) of sequence b (query tokens [r0, r1), cut at N) and the keys they attend
     to, either a range of key tiles (cols, keys: slices; keys cut at N) or compacted: the runs of 8
     keys (one byte of the bit words) in which some query of the group attends to some key (cols:
     their tiles, ascending; key_bytes: the runs' positions among those tiles' BK / 8 * len(cols)
@@ -53,9 +57,6 @@ class _Group:
     bias one table look-up per byte."""
 
     b: int
-    p: int
-    shared: bool
-    row: int  # the tile-map row, b * Hp + p
     i0: int
     i1: int
     r0: int
@@ -65,23 +66,17 @@ class _Group:
     key_bytes: torch.Tensor | None
     num_keys: int
 
-    @property
-    def heads(self) -> slice:
-        """The query heads the group serves."""
-        return slice(None) if self.shared else slice(self.p, self.p + 1)
-
     def key_rows(self, x: torch.Tensor, scratch: "_Scratch", name: str) -> torch.Tensor:
-        """[1, H', L, C]: the group's keys of x [B, H, N, C] (its heads): a view for a range, else
-        gathered into ``scratch``'s buffer ``name`` (overwritten by the next group)."""
+        """[1, H, L, C]: the group's keys of x [B, H, N, C]: a view for a range, else gathered into
+        ``scratch``'s buffer ``name`` (overwritten by the next group)."""
         if isinstance(self.keys, slice):
-            return x[self.b : self.b + 1, self.heads, self.keys]
-        x = x[self.b, self.heads]
-        H, _, C = x.shape
-        return torch.index_select(x, 1, self.keys, out=scratch.get(name, (H, self.num_keys, C), x.dtype))[None]
+            return x[self.b : self.b + 1, :, self.keys]
+        H, _, C = x.shape[1:]
+        return torch.index_select(x[self.b], 1, self.keys, out=scratch.get(name, (H, self.num_keys, C), x.dtype))[None]
 
     def query_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """[1, H', M, C]: the group's queries of x [B, H, N, C], a view."""
-        return x[self.b : self.b + 1, self.heads, self.r0 : self.r1]
+        """[1, H, M, C]: the group's queries of x [B, H, N, C], a view."""
+        return x[self.b : self.b + 1, :, self.r0 : self.r1]
 
 
 class _Scratch:
@@ -107,11 +102,8 @@ class _TileMasks:
     build_plan set none there)."""
 
     def __init__(self, tile_map: torch.Tensor, bits: torch.Tensor, block_q: int, block_k: int, n: int, dtype: torch.dtype):
-        # tile_map [B, Hp, nQ, nK]: sequences and plan heads are walked alike, as rows b * Hp + p
-        self.shared = tile_map.shape[1] == 1
-        self.plan_heads = tile_map.shape[1]
-        self.tile_map, self.block_q, self.block_k, self.n = tile_map.flatten(0, 1), block_q, block_k, n
-        tail = n - (tile_map.shape[3] - 1) * block_k  # keys of the last key tile that exist
+        self.tile_map, self.block_q, self.block_k, self.n = tile_map, block_q, block_k, n
+        tail = n - (tile_map.shape[2] - 1) * block_k  # keys of the last key tile that exist
         device = bits.device
         byte_words = key_bytes(bits)[..., : block_k // 8]  # [S, BQ, BK / 8] (BK >= 16, a power of two)
         self.bytes = byte_words.int()  # indices into byte_bias
@@ -124,7 +116,7 @@ class _TileMasks:
         self.tail_bytes = np.array([(1 << min(8, max(0, tail - 8 * j))) - 1 for j in range(block_k // 8)], dtype=np.uint8)
 
     def groups(self, H: int, C: int) -> list[_Group]:
-        """Consecutive query tiles of a sequence (and plan head) in groups, each one attention problem against one
+        """Consecutive query tiles of a sequence in groups, each one attention problem against one
         key set, the cheapest by the cost model above (greedy, cost per query tile). Larger groups
         run faster per pair in the kernel; each group's keys are either a range of key tiles (a
         view of k and v, but with the pairs no query of the range attends to computed and masked)
@@ -132,8 +124,7 @@ class _TileMasks:
         and v). Query tiles without any key are left out (their output is 0). Reads the tile map
         on the host."""
         BQ, BK, n = self.block_q, self.block_k, self.n
-        B, nQ, nK = self.tile_map.shape  # B: sequences x plan heads
-        H = H if self.shared else 1  # the heads of one group
+        B, nQ, nK = self.tile_map.shape
         used = self.key_used.cpu().numpy()[self.tile_map.long().cpu().numpy()]  # [B, nQ, nK, BK / 8]
         used[:, :, -1] &= self.tail_bytes
         nonempty = used.any(-1)  # tiles with a pair that attends (partial tiles may have none)
@@ -168,23 +159,21 @@ class _TileMasks:
                 i += g
         return groups
 
-    def _group(self, row: int, i0: int, i1: int, first: int, last: int, keys: np.ndarray | None) -> _Group:
-        """The group of query tiles [i0, i1) of tile-map row ``row`` (sequence and plan head): key
-        tiles [first, last] as a range, or, with ``keys`` (their used-key bytes [g, nK, BK / 8]), just
-        the keys that some query of theirs uses."""
+    def _group(self, b: int, i0: int, i1: int, first: int, last: int, keys: np.ndarray | None) -> _Group:
+        """The group of query tiles [i0, i1): key tiles [first, last] as a range, or, with ``keys``
+        (their used-key bytes [g, nK, BK / 8]), just the keys that some query of theirs uses."""
         BQ, BK, n, device = self.block_q, self.block_k, self.n, self.tile_map.device
         r0, r1 = i0 * BQ, min(i1 * BQ, n)
-        b, p = divmod(row, self.plan_heads)
         if keys is None:
             key_range = slice(first * BK, min((last + 1) * BK, n))
-            return _Group(b, p, self.shared, row, i0, i1, r0, r1, slice(first, last + 1), key_range, None, key_range.stop - key_range.start)
+            return _Group(b, i0, i1, r0, r1, slice(first, last + 1), key_range, None, key_range.stop - key_range.start)
         used_bytes = np.bitwise_or.reduce(keys, axis=0) != 0  # [nK, BK / 8]
         cols = used_bytes.any(-1).nonzero()[0]
         run_bytes = used_bytes[cols].reshape(-1).nonzero()[0]  # positions among the tiles' bytes
         tokens = ((cols.repeat(BK // 8) * BK + np.tile(np.arange(0, BK, 8), len(cols)))[run_bytes, None] + np.arange(8)).reshape(-1)
         tokens = tokens[tokens < n]  # ascending: only the last run can pass N, and its bias columns go last
         as_tensor = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
-        return _Group(b, p, self.shared, row, i0, i1, r0, r1, as_tensor(cols), as_tensor(tokens), as_tensor(run_bytes), len(tokens))
+        return _Group(b, i0, i1, r0, r1, as_tensor(cols), as_tensor(tokens), as_tensor(run_bytes), len(tokens))
 
     def bias(self, grp: _Group, scratch: "_Scratch", log_size: torch.Tensor | None = None):
         """(bias [1, 1, M, L] or None, empty rows [M] or None) of the group's M queries and L keys, in
@@ -192,7 +181,7 @@ class _TileMasks:
         added to every allowed pair. Empty rows are those whose bias is all -inf (a log size of -inf
         removes a key). No bias and no empty row when every tile pair is full and there is no log
         size: full tiles have no padding and no empty row."""
-        state = self.tile_map[grp.row, grp.i0 : grp.i1][:, grp.cols]  # [g, T]
+        state = self.tile_map[grp.b, grp.i0 : grp.i1][:, grp.cols]  # [g, T]
         M = grp.r1 - grp.r0
         if log_size is None and grp.key_bytes is None and bool((state == 1).all()):
             return None, None
@@ -206,6 +195,71 @@ class _TileMasks:
         if log_size is not None:
             bias += log_size
         return bias[None, None], bias.amax(-1) == float("-inf")  # amax: ~20x faster than isneginf().all()
+
+
+# Gathered keys and values of one batch of per-head rows, at most (elements of k and v together).
+_ROW_BATCH_ELEMENTS = 1 << 23
+
+
+class _RowBatches:
+    """The rows of a per-head plan (one per sequence, plan head and query tile that attends to some
+    key tile), each with its key tiles (``cols`` [R, cap], padded with tile nK, an all-zero tile that
+    every padded q, k, v gets) and their bits indices (``states``, padding 0: all masked), in
+    batches of rows whose gathered keys stay within ``_ROW_BATCH_ELEMENTS``."""
+
+    def __init__(self, tiles: PlanTensors, block_q: int, block_k: int, dtype: torch.dtype):
+        B, Hp, nQ, nK = tiles.tile_map.shape
+        self.nQ, self.nK, self.block_q, self.block_k = nQ, nK, block_q, block_k
+        counts = (tiles.row_ptr[1:] - tiles.row_ptr[:-1]).long()
+        self.rows = counts.nonzero()[:, 0]  # rows without a tile keep output 0 and LSE -inf
+        self.cap = int(counts.max()) if counts.numel() else 0
+        slot = torch.arange(self.cap, device=counts.device)
+        used = slot < counts[self.rows, None]
+        pos = torch.where(used, tiles.row_ptr[:-1].long()[self.rows, None] + slot, 0)
+        self.cols = torch.where(used, tiles.col_idx[pos].long(), nK)
+        self.states = torch.where(used, tiles.entry_bits[pos].long(), 0)
+        self.head_rows, self.tile = self.rows // nQ, self.rows % nQ  # b * H + h, i
+        self.bytes = key_bytes(tiles.bits)[..., : block_k // 8].int()  # [S, BQ, BK / 8]
+        byte_bits = torch.arange(256, device=counts.device)[:, None] >> torch.arange(8, device=counts.device) & 1
+        self.byte_bias = byte_bits.to(dtype).reciprocal_().neg_().add_(1)  # 0 for a set bit, -inf if not
+        self.all_full = bool((self.states == 1).all())
+
+    def batches(self, channels: int):
+        step = max(1, _ROW_BATCH_ELEMENTS // max(1, 2 * self.cap * self.block_k * channels))
+        for r0 in range(0, self.rows.shape[0], step):
+            yield slice(r0, r0 + step)
+
+    def padded(self, x: torch.Tensor, block: int, tiles: int) -> torch.Tensor:
+        """x [B, H, N, C] padded with zero rows to ``tiles`` tiles of ``block``: [B * H, tiles, block, C]."""
+        B, H, N, C = x.shape
+        x = torch.nn.functional.pad(x, (0, 0, 0, tiles * block - N))
+        return x.view(B * H, tiles, block, C)
+
+    def queries(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        """[R, 1, BQ, C]: the query tiles of the batch's rows, from x = padded(q, BQ, nQ)."""
+        return x[self.head_rows[rows], self.tile[rows]][:, None]
+
+    def keys(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        """[R, 1, cap * BK, C]: the key tiles of the batch's rows, from x = padded(k, BK, nK + 1)."""
+        g = x[self.head_rows[rows, None], self.cols[rows]]  # [R, cap, BK, C]
+        return g.view(g.shape[0], 1, -1, g.shape[-1])
+
+    def key_index(self, rows: slice) -> torch.Tensor:
+        """[R, cap * BK]: each gathered key's row in padded(k, BK, nK + 1).view(-1, C)."""
+        tile = self.head_rows[rows, None] * (self.nK + 1) + self.cols[rows]
+        return (tile[..., None] * self.block_k + torch.arange(self.block_k, device=tile.device)).flatten(1)
+
+    def bias(self, rows: slice, log_size: torch.Tensor | None):
+        """(bias [R, 1, BQ, cap * BK] or None, empty query rows [R, 1, BQ] or None); ``log_size`` [R,
+        cap * BK] (the gathered keys') is added to every allowed pair."""
+        if log_size is None and self.all_full:
+            return None, None
+        states = self.states[rows]
+        words = self.bytes[states].permute(0, 2, 1, 3).flatten()  # [R, BQ, cap, BK / 8] in key order
+        bias = self.byte_bias.index_select(0, words).view(states.shape[0], self.block_q, -1)
+        if log_size is not None:
+            bias = bias + log_size[:, None, :]
+        return bias[:, None], (bias.amax(-1) == float("-inf"))[:, None]
 
 
 def _attend(q, k, v, bias, scale):
@@ -267,10 +321,12 @@ def sparse_attention(
     dtype, acc = q.dtype, accumulation_dtype(q.dtype)
     out = torch.zeros(B, H, N, D, dtype=acc, device=q.device)
     lse = torch.full((B, H, N), float("-inf"), dtype=acc, device=q.device)
+    if q.numel() and v.numel() and tiles.tile_map.shape[1] > 1:
+        return _per_head_forward(q, k, v, kv_log_size, tiles, block_q, block_k, scale)
     if q.numel() and v.numel():
         q, k, v = _prepared(q, acc), _prepared(k, acc, H), _prepared(v, acc, H)
         ls = None if kv_log_size is None else kv_log_size.to(acc)
-        masks = _TileMasks(tiles.tile_map, tiles.bits, block_q, block_k, N, acc)
+        masks = _TileMasks(tiles.tile_map[:, 0], tiles.bits, block_q, block_k, N, acc)
         scratch = _Scratch(q.device)
         for grp in masks.groups(H, D):
             bias, empty = masks.bias(grp, scratch, None if ls is None else ls[grp.b, grp.keys])
@@ -278,8 +334,8 @@ def sparse_attention(
             if empty is not None:  # rows with no allowed key: output 0, LSE -inf
                 o = o.masked_fill(empty[:, None], 0.0)
                 m = m.masked_fill(empty, float("-inf"))
-            out[grp.b, grp.heads, grp.r0 : grp.r1] = o[0]
-            lse[grp.b, grp.heads, grp.r0 : grp.r1] = m[0]
+            out[grp.b, :, grp.r0 : grp.r1] = o[0]
+            lse[grp.b, :, grp.r0 : grp.r1] = m[0]
     return out.to(dtype), lse
 
 
@@ -331,20 +387,81 @@ def sparse_attention_backward(
         ge = _prepared(grad_out, acc, extra=channel(one))
         lse = lse.to(acc)
         lse = torch.where(torch.isinf(lse), 0.0, lse)  # no allowed key: P = 0 anyway
-        masks = _TileMasks(tiles.tile_map, tiles.bits, block_q, block_k, N, acc)
+        if tiles.tile_map.shape[1] > 1:
+            return _per_head_backward(ge, qe, ke, ve, oe, lse, kv_log_size, k, v, tiles, block_q, block_k, scale)
+        masks = _TileMasks(tiles.tile_map[:, 0], tiles.bits, block_q, block_k, N, acc)
         scratch = _Scratch(q.device)
         for grp in masks.groups(H, E):
             bias, _ = masks.bias(grp, scratch)
             dqg, dkg, dvg = _attend_backward(
                 grp.query_rows(ge), grp.query_rows(qe), grp.key_rows(ke, scratch, "k"), grp.key_rows(ve, scratch, "v"),
-                grp.query_rows(oe), lse[grp.b : grp.b + 1, grp.heads, grp.r0 : grp.r1], bias, scale,
+                grp.query_rows(oe), lse[grp.b : grp.b + 1, :, grp.r0 : grp.r1], bias, scale,
             )
-            dq[grp.b, grp.heads, grp.r0 : grp.r1] = dqg[0]
-            _add_rows(dk[grp.b][:, grp.heads], grp.keys, dkg[0].transpose(0, 1))
-            _add_rows(dv[grp.b][:, grp.heads], grp.keys, dvg[0].transpose(0, 1))
+            dq[grp.b, :, grp.r0 : grp.r1] = dqg[0]
+            _add_rows(dk[grp.b], grp.keys, dkg[0].transpose(0, 1))
+            _add_rows(dv[grp.b], grp.keys, dvg[0].transpose(0, 1))
     dls = None if kv_log_size is None else dk[..., D].sum(-1)
     dq, dk, dv = dq[..., :D], dk[..., :D].transpose(1, 2), dv[..., :D].transpose(1, 2)
     if Hk != H:
         dk = dk.reshape(B, Hk, H // Hk, N, D).sum(2)
         dv = dv.reshape(B, Hk, H // Hk, N, D).sum(2)
     return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(), dls
+
+
+def _per_head_forward(q, k, v, kv_log_size, tiles, block_q, block_k, scale):
+    """``sparse_attention`` for a per-head plan: the rows of ``_RowBatches``, a batch per fused call."""
+    B, H, N, D = q.shape
+    dtype, acc = q.dtype, accumulation_dtype(q.dtype)
+    rows = _RowBatches(tiles, block_q, block_k, acc)
+    nQ, nK = rows.nQ, rows.nK
+    qp = rows.padded(_prepared(q, acc), block_q, nQ)
+    kp, vp = (rows.padded(_prepared(x, acc, H), block_k, nK + 1) for x in (k, v))
+    lsp = None if kv_log_size is None else torch.nn.functional.pad(kv_log_size.to(acc), (0, (nK + 1) * block_k - N))
+    out = torch.zeros(B * H, nQ, block_q, D, dtype=acc, device=q.device)
+    lse = torch.full((B * H, nQ, block_q), float("-inf"), dtype=acc, device=q.device)
+    for sl in rows.batches(D):
+        ls = None if lsp is None else lsp.view(-1)[(rows.head_rows[sl, None] // H) * lsp.shape[1] + rows.key_index(sl) % lsp.shape[1]]
+        bias, empty = rows.bias(sl, ls)
+        o, m = _attend(rows.queries(qp, sl), rows.keys(kp, sl), rows.keys(vp, sl), bias, scale)
+        if empty is not None:  # query rows with no allowed key: output 0, LSE -inf
+            o = o.masked_fill(empty[..., None], 0.0)
+            m = m.masked_fill(empty, float("-inf"))
+        out[rows.head_rows[sl], rows.tile[sl]] = o[:, 0]
+        lse[rows.head_rows[sl], rows.tile[sl]] = m[:, 0]
+    out = out.view(B, H, nQ * block_q, D)[:, :, :N]
+    return out.to(dtype), lse.view(B, H, -1)[:, :, :N].contiguous()
+
+
+def _per_head_backward(ge, qe, ke, ve, oe, lse, kv_log_size, k, v, tiles, block_q, block_k, scale):
+    """``sparse_attention_backward`` for a per-head plan, on the extended channels the shared path
+    prepares (log sizes and dLSE in one extra channel): per batch of rows one fused backward; dQ is
+    final per row, dK and dV are added into their keys (index_add_ in row order: deterministic)."""
+    B, H, N, E = qe.shape
+    D, Hk = k.shape[-1], k.shape[1]
+    acc = qe.dtype
+    rows = _RowBatches(tiles, block_q, block_k, acc)
+    nQ, nK = rows.nQ, rows.nK
+    qp, gp, op = (rows.padded(x, block_q, nQ) for x in (qe, ge, oe))
+    kp, vp = (rows.padded(x, block_k, nK + 1) for x in (ke, ve))
+    lp = torch.nn.functional.pad(lse, (0, nQ * block_q - N)).view(B * H, nQ, block_q)
+    dq = torch.zeros_like(qp)
+    dk = torch.zeros_like(kp).view(-1, E)
+    dv = torch.zeros_like(vp).view(-1, E)
+    for sl in rows.batches(E):
+        bias, _ = rows.bias(sl, None)  # the log sizes ride in the extra channel
+        dqg, dkg, dvg = _attend_backward(
+            rows.queries(gp, sl), rows.queries(qp, sl), rows.keys(kp, sl), rows.keys(vp, sl), rows.queries(op, sl),
+            lp[rows.head_rows[sl], rows.tile[sl]][:, None], bias, scale,
+        )
+        dq[rows.head_rows[sl], rows.tile[sl]] = dqg[:, 0]
+        index = rows.key_index(sl).flatten()
+        dk.index_add_(0, index, dkg[:, 0].reshape(-1, E))
+        dv.index_add_(0, index, dvg[:, 0].reshape(-1, E))
+    dq = dq.view(B, H, -1, E)[:, :, :N]
+    dk, dv = (x.view(B, H, -1, E)[:, :, :N] for x in (dk, dv))
+    dls = None if kv_log_size is None else dk[..., D].sum(1)
+    dq, dk, dv = dq[..., :D], dk[..., :D], dv[..., :D]
+    if Hk != H:
+        dk = dk.reshape(B, Hk, H // Hk, N, D).sum(2)
+        dv = dv.reshape(B, Hk, H // Hk, N, D).sum(2)
+    return dq.to(k.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(), dls
