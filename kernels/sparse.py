@@ -305,33 +305,36 @@ def _head_block(D: int) -> int:
 
 
 def tile_config(kernel: str, block_q: int, block_k: int, D: int, float32: bool) -> dict:
-    """The sub-tiles (SQ query rows, SK keys) and warps of one kernel ("fwd", "bwd_dq", "bwd_dkdv")
-    for a plan's (BQ, BK) tiles, head dimension D and input precision: the launchers and the AOT
-    cases read this one table.
+    """The sub-tiles (SQ query rows, SK keys), warps and pipeline stages of one kernel ("fwd",
+    "bwd_dq", "bwd_dkdv") for a plan's (BQ, BK) tiles, head dimension D and input precision: the
+    launchers and the AOT cases read this one table. Chosen from ``python bench/sparse_aot.py``
+    (compiles as launched, registers, spills, stack frames, shared memory; bench/NOTES.md):
 
     16-bit: the forward owns a whole query tile, the dQ programs 64-row sub-tiles (128 rows with D =
-    128 used a 5.9 KB stack frame on sm_80), the dK/dV programs 64 keys against 64-row sub-tiles
-    (keys as every GEMM's M dimension: M = 64, a Hopper warpgroup MMA); key tiles are walked 64 keys
-    at a time (128-wide sub-tiles spilled on sm_80/sm_90). float32 (IEEE products on CUDA cores,
-    twice the bytes per tile): 32-key sub-tiles and at most 64 query rows per program, which keep
-    the operands and accumulators in registers (``python -m vidtok aot``).
+    128 used a 5.9 KB stack frame on sm_80); key tiles are walked 64 keys at a time (128-wide
+    sub-tiles spilled). The dK/dV programs own 64 keys, the M dimension of all four of their
+    products (a Hopper warpgroup MMA takes M = 64), against 32-row query sub-tiles (64 rows at 128
+    query rows left 320-360 B stack frames on sm_90), or 64 with D = 128 and 64-row plan tiles.
+    float32 (IEEE products on CUDA cores, twice the bytes per operand): sub-tiles of 32 x 32
+    (forward), 16 x 32 (dQ) and 16 x 16 (dK/dV), 4 warps, 2 stages; larger ones left kilobytes of
+    stack or overflowed sm_80's 163 KB of shared memory.
     """
     BD = _head_block(D)
-    SK = min(block_k, 32 if float32 else 64)
+    if float32:
+        SQ, SK = {"fwd": (32, 32), "bwd_dq": (16, 32), "bwd_dkdv": (16, 16)}[kernel]
+        return {"SQ": min(block_q, SQ), "SK": min(block_k, SK), "BD": BD, "num_warps": 4, "num_stages": 2}
+    SK = min(block_k, 64)
     if kernel == "fwd":
-        SQ = min(block_q, 64) if float32 else block_q
-        warps = _num_warps(SQ, SK, BD)
+        SQ, warps = block_q, _num_warps(block_q, SK, BD)
     elif kernel == "bwd_dq":
         SQ = min(block_q, 64)
         warps = _num_warps(SQ, SK, BD)
     elif kernel == "bwd_dkdv":
-        SQ = min(block_q, 32 if float32 else 64)
-        warps = _num_warps(SK, SQ, BD)
+        SQ = min(block_q, 64 if block_q == 64 and BD >= 128 else 32)
+        warps = 8 if SK * BD >= 64 * 64 else 4
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
-    # float32 is not software-pipelined: with 2 or 3 stages its 128-token tiles needed 169-205 KB of
-    # shared memory, over sm_80's 163 KB (with 1, 98 KB; python bench/sparse_aot.py)
-    return {"SQ": SQ, "SK": SK, "BD": BD, "num_warps": warps, "num_stages": 1 if float32 else 3}
+    return {"SQ": SQ, "SK": SK, "BD": BD, "num_warps": warps, "num_stages": 3}
 
 
 # Head dimensions the kernels take (zero-padded in registers to the next power of two >= 16).

@@ -14,8 +14,8 @@ tile map on the host (free on CPUs).
 
 Per-head plans (``build_plan_topk``, ``per_head_plan``) choose different key tiles in every head, so
 query tiles share no key set: there every (sequence, head, query tile) row of the plan's CSR is its
-own problem, its key tiles gathered, and a batch of rows runs in one fused call (``_RowBatches``;
-VSA's layout of the same computation), the rows padded to the longest with an all-masked tile.
+own problem, its key tiles gathered, and a batch of rows with equal tile counts runs in one fused
+call (``_RowBatches``; VSA's layout of the same computation).
 """
 
 from __future__ import annotations
@@ -201,65 +201,76 @@ class _TileMasks:
 _ROW_BATCH_ELEMENTS = 1 << 23
 
 
-class _RowBatches:
-    """The rows of a per-head plan (one per sequence, plan head and query tile that attends to some
-    key tile), each with its key tiles (``cols`` [R, cap], padded with tile nK, an all-zero tile that
-    every padded q, k, v gets) and their bits indices (``states``, padding 0: all masked), in
-    batches of rows whose gathered keys stay within ``_ROW_BATCH_ELEMENTS``."""
+@dataclass
+class _RowBatch:
+    """Rows of a per-head plan (sequence b and plan head h as head_row = b * H + h, query tile i)
+    that attend to the same number of key tiles: ``cols`` [R, c] and their bits indices ``states``."""
 
-    def __init__(self, tiles: PlanTensors, block_q: int, block_k: int, dtype: torch.dtype):
+    head_rows: torch.Tensor
+    tile: torch.Tensor
+    cols: torch.Tensor
+    states: torch.Tensor
+
+
+class _RowBatches:
+    """The rows of a per-head plan, each one attention problem (its query tile against its own key
+    tiles, gathered), in batches of rows with equal tile counts (so no padding: a batch of full
+    tiles needs no bias) whose gathered keys stay within ``_ROW_BATCH_ELEMENTS``. Rows without a
+    tile are left out (output 0, LSE -inf). Reads the CSR's row lengths on the host."""
+
+    def __init__(self, tiles: PlanTensors, block_q: int, block_k: int, dtype: torch.dtype, channels: int):
         B, Hp, nQ, nK = tiles.tile_map.shape
         self.nQ, self.nK, self.block_q, self.block_k = nQ, nK, block_q, block_k
         counts = (tiles.row_ptr[1:] - tiles.row_ptr[:-1]).long()
-        self.rows = counts.nonzero()[:, 0]  # rows without a tile keep output 0 and LSE -inf
-        self.cap = int(counts.max()) if counts.numel() else 0
-        slot = torch.arange(self.cap, device=counts.device)
-        used = slot < counts[self.rows, None]
-        pos = torch.where(used, tiles.row_ptr[:-1].long()[self.rows, None] + slot, 0)
-        self.cols = torch.where(used, tiles.col_idx[pos].long(), nK)
-        self.states = torch.where(used, tiles.entry_bits[pos].long(), 0)
-        self.head_rows, self.tile = self.rows // nQ, self.rows % nQ  # b * H + h, i
+        self.batches = []
+        for c in torch.unique(counts).tolist():
+            if c == 0:
+                continue
+            rows = (counts == c).nonzero()[:, 0]
+            pos = tiles.row_ptr[:-1].long()[rows, None] + torch.arange(c, device=rows.device)
+            cols, states = tiles.col_idx[pos].long(), tiles.entry_bits[pos].long()
+            step = max(1, _ROW_BATCH_ELEMENTS // (2 * c * block_k * channels))
+            for r0 in range(0, rows.shape[0], step):
+                r = rows[r0 : r0 + step]
+                self.batches.append(_RowBatch(r // nQ, r % nQ, cols[r0 : r0 + step], states[r0 : r0 + step]))
         self.bytes = key_bytes(tiles.bits)[..., : block_k // 8].int()  # [S, BQ, BK / 8]
         byte_bits = torch.arange(256, device=counts.device)[:, None] >> torch.arange(8, device=counts.device) & 1
         self.byte_bias = byte_bits.to(dtype).reciprocal_().neg_().add_(1)  # 0 for a set bit, -inf if not
-        self.all_full = bool((self.states == 1).all())
 
-    def batches(self, channels: int):
-        step = max(1, _ROW_BATCH_ELEMENTS // max(1, 2 * self.cap * self.block_k * channels))
-        for r0 in range(0, self.rows.shape[0], step):
-            yield slice(r0, r0 + step)
-
-    def padded(self, x: torch.Tensor, block: int, tiles: int) -> torch.Tensor:
-        """x [B, H, N, C] padded with zero rows to ``tiles`` tiles of ``block``: [B * H, tiles, block, C]."""
+    def padded(self, x: torch.Tensor, block: int) -> torch.Tensor:
+        """x [B, H, N, C] as [B * H, tiles, block, C], zero rows added only when N is not a multiple of block."""
         B, H, N, C = x.shape
-        x = torch.nn.functional.pad(x, (0, 0, 0, tiles * block - N))
-        return x.view(B * H, tiles, block, C)
+        tiles = -(-N // block)
+        if tiles * block != N:
+            x = torch.nn.functional.pad(x, (0, 0, 0, tiles * block - N))
+        return x.reshape(B * H, tiles, block, C)
 
-    def queries(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
-        """[R, 1, BQ, C]: the query tiles of the batch's rows, from x = padded(q, BQ, nQ)."""
-        return x[self.head_rows[rows], self.tile[rows]][:, None]
+    def queries(self, x: torch.Tensor, batch: _RowBatch) -> torch.Tensor:
+        """[R, 1, BQ, C]: the batch's query tiles, from x = padded(q, BQ)."""
+        return x[batch.head_rows, batch.tile][:, None]
 
-    def keys(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
-        """[R, 1, cap * BK, C]: the key tiles of the batch's rows, from x = padded(k, BK, nK + 1)."""
-        g = x[self.head_rows[rows, None], self.cols[rows]]  # [R, cap, BK, C]
+    def keys(self, x: torch.Tensor, batch: _RowBatch) -> torch.Tensor:
+        """[R, 1, c * BK, C]: the batch's key tiles, from x = padded(k, BK)."""
+        g = x[batch.head_rows[:, None], batch.cols]  # [R, c, BK, C]
         return g.view(g.shape[0], 1, -1, g.shape[-1])
 
-    def key_index(self, rows: slice) -> torch.Tensor:
-        """[R, cap * BK]: each gathered key's row in padded(k, BK, nK + 1).view(-1, C)."""
-        tile = self.head_rows[rows, None] * (self.nK + 1) + self.cols[rows]
+    def key_index(self, batch: _RowBatch) -> torch.Tensor:
+        """[R, c * BK]: each gathered key's row in padded(k, BK).view(-1, C)."""
+        tile = batch.head_rows[:, None] * self.nK + batch.cols
         return (tile[..., None] * self.block_k + torch.arange(self.block_k, device=tile.device)).flatten(1)
 
-    def bias(self, rows: slice, log_size: torch.Tensor | None):
-        """(bias [R, 1, BQ, cap * BK] or None, empty query rows [R, 1, BQ] or None); ``log_size`` [R,
-        cap * BK] (the gathered keys') is added to every allowed pair."""
-        if log_size is None and self.all_full:
+    def bias(self, batch: _RowBatch, log_size: torch.Tensor | None):
+        """(bias [R, 1, BQ, c * BK] or None, empty query rows [R, 1, BQ] or None): the token masks of
+        partial tiles, plus ``log_size`` [R, c * BK] (the gathered keys') on every allowed pair. No
+        bias for a batch of full tiles without log sizes (full tiles have no padding, no empty row)."""
+        if log_size is None and bool((batch.states == 1).all()):
             return None, None
-        states = self.states[rows]
-        words = self.bytes[states].permute(0, 2, 1, 3).flatten()  # [R, BQ, cap, BK / 8] in key order
-        bias = self.byte_bias.index_select(0, words).view(states.shape[0], self.block_q, -1)
+        words = self.bytes[batch.states].permute(0, 2, 1, 3).flatten()  # [R, BQ, c, BK / 8] in key order
+        bias = self.byte_bias.index_select(0, words).view(batch.states.shape[0], self.block_q, -1)
         if log_size is not None:
             bias = bias + log_size[:, None, :]
-        return bias[:, None], (bias.amax(-1) == float("-inf"))[:, None]
+        empty = bias.amax(-1) == float("-inf")
+        return bias[:, None], (empty[:, None] if bool(empty.any()) else None)
 
 
 def _attend(q, k, v, bias, scale):
@@ -409,52 +420,53 @@ def sparse_attention_backward(
 
 
 def _per_head_forward(q, k, v, kv_log_size, tiles, block_q, block_k, scale):
-    """``sparse_attention`` for a per-head plan: the rows of ``_RowBatches``, a batch per fused call."""
+    """``sparse_attention`` for a per-head plan: the row batches of ``_RowBatches``, one fused call each."""
     B, H, N, D = q.shape
     dtype, acc = q.dtype, accumulation_dtype(q.dtype)
-    rows = _RowBatches(tiles, block_q, block_k, acc)
-    nQ, nK = rows.nQ, rows.nK
-    qp = rows.padded(_prepared(q, acc), block_q, nQ)
-    kp, vp = (rows.padded(_prepared(x, acc, H), block_k, nK + 1) for x in (k, v))
-    lsp = None if kv_log_size is None else torch.nn.functional.pad(kv_log_size.to(acc), (0, (nK + 1) * block_k - N))
+    rows = _RowBatches(tiles, block_q, block_k, acc, D)
+    nQ = rows.nQ
+    qp = rows.padded(_prepared(q, acc), block_q)
+    kp, vp = (rows.padded(_prepared(x, acc, H), block_k) for x in (k, v))
+    lsp = None if kv_log_size is None else torch.nn.functional.pad(kv_log_size.to(acc), (0, rows.nK * block_k - N))
     out = torch.zeros(B * H, nQ, block_q, D, dtype=acc, device=q.device)
     lse = torch.full((B * H, nQ, block_q), float("-inf"), dtype=acc, device=q.device)
-    for sl in rows.batches(D):
-        ls = None if lsp is None else lsp.view(-1)[(rows.head_rows[sl, None] // H) * lsp.shape[1] + rows.key_index(sl) % lsp.shape[1]]
-        bias, empty = rows.bias(sl, ls)
-        o, m = _attend(rows.queries(qp, sl), rows.keys(kp, sl), rows.keys(vp, sl), bias, scale)
+    for batch in rows.batches:
+        ls = None
+        if lsp is not None:  # the log sizes of the gathered keys: sequence b = head_row // H
+            ls = lsp[batch.head_rows[:, None] // H, rows.key_index(batch) % lsp.shape[1]]
+        bias, empty = rows.bias(batch, ls)
+        o, m = _attend(rows.queries(qp, batch), rows.keys(kp, batch), rows.keys(vp, batch), bias, scale)
         if empty is not None:  # query rows with no allowed key: output 0, LSE -inf
             o = o.masked_fill(empty[..., None], 0.0)
             m = m.masked_fill(empty, float("-inf"))
-        out[rows.head_rows[sl], rows.tile[sl]] = o[:, 0]
-        lse[rows.head_rows[sl], rows.tile[sl]] = m[:, 0]
+        out[batch.head_rows, batch.tile] = o[:, 0]
+        lse[batch.head_rows, batch.tile] = m[:, 0]
     out = out.view(B, H, nQ * block_q, D)[:, :, :N]
     return out.to(dtype), lse.view(B, H, -1)[:, :, :N].contiguous()
 
 
 def _per_head_backward(ge, qe, ke, ve, oe, lse, kv_log_size, k, v, tiles, block_q, block_k, scale):
     """``sparse_attention_backward`` for a per-head plan, on the extended channels the shared path
-    prepares (log sizes and dLSE in one extra channel): per batch of rows one fused backward; dQ is
+    prepares (log sizes and dLSE in one extra channel): one fused backward per row batch; dQ is
     final per row, dK and dV are added into their keys (index_add_ in row order: deterministic)."""
     B, H, N, E = qe.shape
     D, Hk = k.shape[-1], k.shape[1]
-    acc = qe.dtype
-    rows = _RowBatches(tiles, block_q, block_k, acc)
-    nQ, nK = rows.nQ, rows.nK
-    qp, gp, op = (rows.padded(x, block_q, nQ) for x in (qe, ge, oe))
-    kp, vp = (rows.padded(x, block_k, nK + 1) for x in (ke, ve))
-    lp = torch.nn.functional.pad(lse, (0, nQ * block_q - N)).view(B * H, nQ, block_q)
+    rows = _RowBatches(tiles, block_q, block_k, qe.dtype, E)
+    nQ = rows.nQ
+    qp, gp, op = (rows.padded(x, block_q) for x in (qe, ge, oe))
+    kp, vp = (rows.padded(x, block_k) for x in (ke, ve))
+    lp = rows.padded(lse[..., None], block_q)[..., 0]  # [B * H, nQ, BQ]
     dq = torch.zeros_like(qp)
-    dk = torch.zeros_like(kp).view(-1, E)
-    dv = torch.zeros_like(vp).view(-1, E)
-    for sl in rows.batches(E):
-        bias, _ = rows.bias(sl, None)  # the log sizes ride in the extra channel
+    dk = torch.zeros(kp.numel() // E, E, dtype=kp.dtype, device=kp.device)
+    dv = torch.zeros_like(dk)
+    for batch in rows.batches:
+        bias, _ = rows.bias(batch, None)  # the log sizes ride in the extra channel
         dqg, dkg, dvg = _attend_backward(
-            rows.queries(gp, sl), rows.queries(qp, sl), rows.keys(kp, sl), rows.keys(vp, sl), rows.queries(op, sl),
-            lp[rows.head_rows[sl], rows.tile[sl]][:, None], bias, scale,
+            rows.queries(gp, batch), rows.queries(qp, batch), rows.keys(kp, batch), rows.keys(vp, batch),
+            rows.queries(op, batch), lp[batch.head_rows, batch.tile][:, None], bias, scale,
         )
-        dq[rows.head_rows[sl], rows.tile[sl]] = dqg[:, 0]
-        index = rows.key_index(sl).flatten()
+        dq[batch.head_rows, batch.tile] = dqg[:, 0]
+        index = rows.key_index(batch).flatten()
         dk.index_add_(0, index, dkg[:, 0].reshape(-1, E))
         dv.index_add_(0, index, dvg[:, 0].reshape(-1, E))
     dq = dq.view(B, H, -1, E)[:, :, :N]
