@@ -459,6 +459,9 @@ def bench_build_plan(case, impl, device, measure, benchmark):
 TOPK_ATTENTION = [((16, 16, 16), 1, 4, 64, "cpu"), ((32, 32, 32), 1, 16, 128, "gpu"), ((16, 48, 80), 1, 24, 128, "gpu")]
 TOPK_DENSITIES = (0.1, 0.2, 0.3)  # target tile densities: topk = density * nK
 TOPK_PLAN = [((32, 32, 32), 1, 4, 64, "any"), ((32, 32, 32), 1, 16, 128, "gpu")]  # 32,768 tokens
+if QUICK:
+    TOPK_ATTENTION = [((8, 8, 8), 1, 2, 32, "quick")]
+    TOPK_PLAN = [((8, 8, 8), 1, 2, 32, "quick")]
 
 
 def _topk_inputs(grid, B, H, D, device, dtype):
@@ -473,7 +476,7 @@ def _topk_inputs(grid, B, H, D, device, dtype):
 
 def _topk_params(cases, impls):
     for grid, B, H, D, where in cases:
-        for density in TOPK_DENSITIES if cases is TOPK_ATTENTION else (0.2,):
+        for density in TOPK_DENSITIES if cases is TOPK_ATTENTION and not QUICK else (0.2,):
             for impl in impls:
                 why = None
                 if where == "gpu" and not ON_GPU:

@@ -263,6 +263,20 @@ def test_per_head_plans_match_oracle_with_gradients(seed, dtype, backend):
         torch.testing.assert_close(got.double(), exp, atol=atol, rtol=1e-4 if dtype == torch.float32 else 0, msg=name)
 
 
+@pytest.mark.parametrize("backend", runnable_backends("sparse_attention", "cpu", torch.float32))
+def test_opcheck_on_a_per_head_plan(backend):
+    layout = vidtok.VideoLayout.from_grid(2, 4, 4, num_global=2, cube=(1, 2, 4))
+    q, k, v = (x.requires_grad_() for x in _inputs(1, 2, 1, layout.num_tokens, 8, torch.float32, 5))
+    plan = vidtok.build_plan_topk(q.detach(), k.detach(), layout, topk=1, always=M.global_tokens(), block=(16, 16))
+    ls = torch.zeros(1, layout.num_tokens, requires_grad=True)
+    args = (q, k, v, ls, list(plan.tensors), 16, 16, 0.3, backend)
+    torch.library.opcheck(torch.ops.vidtok.sparse_attention.default, args)
+    out, lse = torch.ops.vidtok.sparse_attention.default(*args)
+    bargs = (torch.randn_like(out), torch.randn_like(lse), q.detach(), k.detach(), v.detach(), ls.detach(),
+             out.detach(), lse.detach(), list(plan.tensors), 16, 16, 0.3, backend)
+    torch.library.opcheck(torch.ops.vidtok.sparse_attention_backward.default, bargs)
+
+
 @pytest.mark.parametrize("call,error,match", [
     (lambda q, k, L, P: vidtok.build_plan_topk(q, k, L), ValueError, "needs topk=... or top_p="),
     (lambda q, k, L, P: vidtok.build_plan_topk(q, k, L, topk=0), ValueError, "topk must be >= 1"),

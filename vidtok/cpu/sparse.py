@@ -442,7 +442,7 @@ def _per_head_forward(q, k, v, kv_log_size, tiles, block_q, block_k, scale):
         out[batch.head_rows, batch.tile] = o[:, 0]
         lse[batch.head_rows, batch.tile] = m[:, 0]
     out = out.view(B, H, nQ * block_q, D)[:, :, :N]
-    return out.to(dtype), lse.view(B, H, -1)[:, :, :N].contiguous()
+    return out.to(dtype).contiguous(), lse.view(B, H, -1)[:, :, :N].contiguous()
 
 
 def _per_head_backward(ge, qe, ke, ve, oe, lse, kv_log_size, k, v, tiles, block_q, block_k, scale):
