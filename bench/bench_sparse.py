@@ -17,6 +17,14 @@ Groups (each one shape, one mask, every implementation):
   the same mask (index arithmetic on the grid; coordinate look-ups for a pruned layout). Before
   timing, the two block maps are checked to be the same tiles.
 
+- ``top-k sparse_attention fwd|bwd``: vidtok.sparse_attention on a per-head ``build_plan_topk`` plan
+  (the top-k 4x4x4 key cubes of each query cube and head plus the diagonal cube, on a cube-ordered
+  layout with 64-token tiles, q/k/v from ``vidtok.testing.attention_like_qkv``) at tile densities
+  0.1 / 0.2 / 0.3, beside dense SDPA with the same [B, H, N, N] boolean mask and, on GPUs,
+  FlexAttention with the same per-head BlockMask.
+- ``build_plan_topk``: building that plan from q and k beside the forward attention it plans, at
+  32,768 tokens (target: plan <= 5 % of the attention).
+
 Shapes: B in {1, 4}, H = 16, D in {64, 128}, bf16; grids
 16x24x24 and 32x24x24 (9,216 and 18,432 tokens) and a motion-gated 16x24x24 layout
 (``VideoLayout.from_keep`` of vidtok.motion_gate's keep mask on synthetic clips, ~40 % kept, a

@@ -895,8 +895,8 @@ def build_plan_topk(
         a SparsePlan with one plan per query head (``heads`` = H), built on the device with static
         shapes and no host sync (given ``always`` as a plan): its CSR rows have a fixed capacity,
         ``row_capacity`` = min(nK, topk (nK with top_p alone) + the ``always`` plan's row capacity).
-        Not differentiable (the choice is discrete). NaN in q or k gives a NaN coarse score, which
-        the descending sort places first: chosen, as "the highest" (NaN is undefined here).
+        Not differentiable (the choice is discrete). NaN in q or k gives NaN coarse scores: those
+        tiles are never chosen but take places among a row's top k (the row chooses fewer tiles).
     """
     B, H, N, D, Hk = _check_qk(q, k, layout)
     if topk is None and top_p is None:
