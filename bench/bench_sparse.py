@@ -17,6 +17,14 @@ Groups (each one shape, one mask, every implementation):
   the same mask (index arithmetic on the grid; coordinate look-ups for a pruned layout). Before
   timing, the two block maps are checked to be the same tiles.
 
+- ``top-k sparse_attention fwd|bwd``: vidtok.sparse_attention on a per-head ``build_plan_topk`` plan
+  (the top-k 4x4x4 key cubes of each query cube and head plus the diagonal cube, on a cube-ordered
+  layout with 64-token tiles, q/k/v from ``vidtok.testing.attention_like_qkv``) at tile densities
+  0.1 / 0.2 / 0.3, beside dense SDPA with the same [B, H, N, N] boolean mask and, on GPUs,
+  FlexAttention with the same per-head BlockMask.
+- ``build_plan_topk``: building that plan from q and k beside the forward attention it plans, at
+  32,768 tokens (target: plan <= 5 % of the attention).
+
 Shapes: B in {1, 4}, H = 16, D in {64, 128}, bf16; grids
 16x24x24 and 32x24x24 (9,216 and 18,432 tokens) and a motion-gated 16x24x24 layout
 (``VideoLayout.from_keep`` of vidtok.motion_gate's keep mask on synthetic clips, ~40 % kept, a
@@ -434,9 +442,9 @@ def bench_build_plan(case, impl, device, measure, benchmark):
             block_mask = fn()
         # the baseline builds the same tiles as the plan (else the comparison means nothing)
         tiles = block_mask.to_dense()[:, 0].bool().expand(B, -1, -1)
-        assert torch.equal(tiles, plan.tile_map != 0), "create_block_mask's tiles differ from build_plan's"
+        assert torch.equal(tiles, plan.tile_map[:, 0] != 0), "create_block_mask's tiles differ from build_plan's"
         benchmark.extra_info["flex_full_tiles"] = int(block_mask.full_kv_num_blocks.sum()) * (B // flex_B)
-    nQ, nK = plan.tile_map.shape[1:]
+    nQ, nK = plan.tile_map.shape[2:]
     # floor: read the token coordinates (int32 x 3 + int8 kind), write one int32 per tile pair
     bytes_moved = B * N * 13 + B * nQ * nK * 4
     # the slowest CPU case (a partial-heavy plan at 36,864 tokens) takes seconds per call
@@ -450,3 +458,116 @@ def bench_build_plan(case, impl, device, measure, benchmark):
     info["tile_density"] = plan.tile_density
     info["full_tiles"] = plan.num_full
     info["partial_tiles"] = plan.num_partial
+
+
+# ---------------------------------------------------------------------------------------------------
+# data-dependent plans: build_plan_topk (per head) and attention on them
+
+# (grid, cube, B, H, D, where): cube-ordered layouts, 64-token tiles = 4x4x4 cubes, as VSA runs them
+TOPK_ATTENTION = [((16, 16, 16), 1, 4, 64, "cpu"), ((32, 32, 32), 1, 16, 128, "gpu"), ((16, 48, 80), 1, 24, 128, "gpu")]
+TOPK_DENSITIES = (0.1, 0.2, 0.3)  # target tile densities: topk = density * nK
+TOPK_PLAN = [((32, 32, 32), 1, 4, 64, "any"), ((32, 32, 32), 1, 16, 128, "gpu")]  # 32,768 tokens
+if QUICK:
+    TOPK_ATTENTION = [((8, 8, 8), 1, 2, 32, "quick")]
+    TOPK_PLAN = [((8, 8, 8), 1, 2, 32, "quick")]
+
+
+def _topk_inputs(grid, B, H, D, device, dtype):
+    """q, k, v [B, H, N, D] in a cube-ordered layout's order, with the spatial and temporal structure
+    of vidtok.testing.attention_like_qkv (random inputs make every tile look alike)."""
+    from vidtok.testing import attention_like_qkv
+
+    layout = vidtok.VideoLayout.from_grid(*grid, cube=(4, 4, 4), batch=B, device=device)
+    q, k, v = attention_like_qkv(grid, B, H, D, seed=0)
+    return layout, *(layout.permute(x.to(device, dtype)) for x in (q, k, v))
+
+
+def _topk_params(cases, impls):
+    for grid, B, H, D, where in cases:
+        for density in TOPK_DENSITIES if cases is TOPK_ATTENTION and not QUICK else (0.2,):
+            for impl in impls:
+                why = None
+                if where == "gpu" and not ON_GPU:
+                    why = f"GPU shape ({'x'.join(map(str, grid))}, H={H}, D={D}): minutes per call on a CPU"
+                elif where == "cpu" and ON_GPU:
+                    why = "CPU-sized case; the GPU runs the full-size shapes"
+                elif impl.startswith("FlexAttention") and not ON_GPU:
+                    why = "FlexAttention has no CPU backward, and its CPU forward is not the baseline here"
+                marks = [pytest.mark.skip(reason=why)] if why else []
+                yield pytest.param(grid, B, H, D, density, impl, marks=marks,
+                                   id=f"{'x'.join(map(str, grid))}-B{B}-H{H}-D{D}-density{density}-{impl}")
+
+
+def _topk_plan(layout, q, k, density):
+    nK = -(-layout.num_tokens // BLOCK[1])
+    always = vidtok.build_plan(layout, M.cube_window((4, 4, 4)), block=BLOCK)  # the diagonal cube
+    return vidtok.build_plan_topk(q, k, layout, topk=max(1, round(density * nK)), always=always)
+
+
+_TOPK_ATTENTION_IMPLS = ("vidtok per-head top-k", "eager SDPA dense bool mask", "FlexAttention compiled")
+
+
+@pytest.mark.parametrize("grid,B,H,D,density,impl", list(_topk_params(TOPK_ATTENTION, _TOPK_ATTENTION_IMPLS)))
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+def bench_topk_attention(grid, B, H, D, density, impl, direction, device, measure, benchmark):
+    """Attention on a per-head build_plan_topk plan (top-k 4x4x4 key cubes per query cube and head,
+    plus the diagonal) beside dense SDPA with the same [B, H, N, N] boolean mask and, on GPUs,
+    FlexAttention with the same per-head BlockMask."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    layout, q, k, v = _topk_inputs(grid, B, H, D, device, dtype)
+    plan = _topk_plan(layout, q, k, density)
+    N = layout.num_tokens
+    benchmark.group = (f"top-k sparse_attention {direction} {'x'.join(map(str, grid))} ({N} tokens, 4x4x4 cubes) "
+                       f"tile density ~{density} B={B} H={H} D={D} {str(dtype)[6:]}")
+    if impl.startswith("vidtok"):
+        fn = lambda q, k, v: vidtok.sparse_attention(q, k, v, plan)  # noqa: E731
+    elif impl.startswith("eager SDPA"):
+        mask = plan.to_sdpa_mask()
+        fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+    else:
+        block_mask = plan.to_flex_block_mask()
+        fn = lambda q, k, v: _flex()(q, k, v, block_mask=block_mask)  # noqa: E731
+    backward = direction == "bwd"
+    work = _attention_work(plan, Case("x".join(map(str, grid)), B, 1, D, "", ""), dtype, backward)  # H in the plan
+    executed = work["dense_flops"] * H if impl.startswith("eager SDPA") else work["plan_flops"]
+    iterations, rounds = (3, 10) if device.type == "cuda" else (1, 3)
+    with torch._dynamo.config.patch(**_DYNAMO):
+        if backward:
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
+            out = fn(q, k, v)
+            dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+            seconds = measure(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
+                              bytes_moved=work["bytes_moved"] * H, flops=executed, iterations=iterations, rounds=rounds)
+        else:
+            with torch.no_grad():
+                seconds = measure(lambda: fn(q, k, v), bytes_moved=work["bytes_moved"] * H, flops=executed,
+                                  iterations=iterations, rounds=rounds)
+    info = benchmark.extra_info
+    info.update({name: work[name] for name in ("density", "tile_density", "num_tokens")})
+    info["executed_flops"] = executed
+    info["useful_TFLOPps"] = work["useful_flops"] / seconds / 1e12
+
+
+@pytest.mark.parametrize("grid,B,H,D,density,impl", list(_topk_params(TOPK_PLAN, ("vidtok build_plan_topk", "vidtok sparse_attention fwd on that plan"))))
+def bench_build_plan_topk(grid, B, H, D, density, impl, device, measure, benchmark):
+    """Building a per-head top-k plan from q and k (pool, coarse scores, top-k, union with the
+    diagonal, CSR) beside the forward attention it plans: target plan <= 5 % of attention at
+    32,768 tokens. The diagonal's static plan is built once outside the timed region."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    layout, q, k, v = _topk_inputs(grid, B, H, D, device, dtype)
+    nK = -(-layout.num_tokens // BLOCK[1])
+    always = vidtok.build_plan(layout, M.cube_window((4, 4, 4)), block=BLOCK)
+    topk = max(1, round(density * nK))
+    plan = vidtok.build_plan_topk(q, k, layout, topk=topk, always=always)
+    benchmark.group = (f"build_plan_topk {'x'.join(map(str, grid))} ({layout.num_tokens} tokens, 4x4x4 cubes) topk={topk} "
+                       f"B={B} H={H} D={D} {str(dtype)[6:]}")
+    if impl == "vidtok build_plan_topk":
+        fn = lambda: vidtok.build_plan_topk(q, k, layout, topk=topk, always=always)  # noqa: E731
+        bytes_moved = 2 * q.numel() * q.element_size() + plan.tile_map.numel() * 4
+    else:
+        fn = lambda: vidtok.sparse_attention(q, k, v, plan)  # noqa: E731
+        bytes_moved = 4 * q.numel() * q.element_size()
+    with torch.no_grad():
+        measure(fn, bytes_moved=bytes_moved, iterations=3 if device.type == "cuda" else 1, rounds=10 if device.type == "cuda" else 3)
+    benchmark.extra_info["density"] = plan.density
+    benchmark.extra_info["tile_density"] = plan.tile_density

@@ -20,8 +20,8 @@ def dense_received(q, k, allowed, scale, kv_log_size, rows):
     s = q.double() @ kk.transpose(-1, -2) * scale
     if kv_log_size is not None:
         s = s + kv_log_size.double()[:, None, None, :]
-    if allowed is not None:
-        s = s.masked_fill(~allowed[:, None], float("-inf"))
+    if allowed is not None:  # [B, M, N] for every head, or [B, H, M, N] per head
+        s = s.masked_fill(~(allowed if allowed.dim() == 4 else allowed[:, None]), float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)  # a row without keys: 0
     return p[:, :, rows].sum(2).mean(1)
 
@@ -73,6 +73,24 @@ def test_plan_counts_only_allowed_pairs(block, device, dtype, backend):
         torch.testing.assert_close(got.cpu().double(), want, **tol)
         if reduce == "sum":  # every query row has a key here, so the masses add up to the rows
             torch.testing.assert_close(got.sum(1).cpu(), torch.full((2,), float(N)), atol=1e-2, rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend", runnable_backends("attention_received", "cpu", torch.float32))
+def test_per_head_plan_counts_each_heads_pairs(backend):
+    """A per-head plan (head h uses its own spec): each head's received mass comes from its own allowed
+    pairs, with a shared CSR row per (sequence, plan head)."""
+    layout = vidtok.VideoLayout.from_grid(3, 4, 5, num_global=1, batch=2)
+    specs = [masks.temporal_window(1, 1) & masks.spatial_window(3, 3) | masks.global_tokens(), masks.frame_local()]
+    plans = [vidtok.build_plan(layout, spec, block=(16, 16)) for spec in specs]
+    plan = vidtok.per_head_plan(plans, torch.tensor([[0, 1, 1], [1, 0, 0]]))
+    N = plan.num_tokens
+    q, k = _qk(2, 3, 3, N, N, 16, seed=11)
+    allowed = plan.to_dense()
+    assert allowed.shape == (2, 3, N, N)
+    for reduce in ("sum", "cls"):
+        want = dense_received(q, k, allowed, 16**-0.5, None, ROWS[reduce])
+        got = vidtok.attention_received(q, k, plan=plan, reduce=reduce, backend=backend)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
 
 
 def test_rows_without_keys_give_nothing():

@@ -31,12 +31,88 @@ def test_to_and_expand():
     assert three.kv_log_size is None and (three.grid, three.num_global) == (want.grid, want.num_global)
     spec = M.neighborhood((1, 3, 3)) | M.global_tokens()
     assert torch.equal(vidtok.build_plan(three, spec, block=(16, 16)).tile_map, vidtok.build_plan(want, spec, block=(16, 16)).tile_map)
+    assert three.order is None and want.order is None
     sized = vidtok.VideoLayout(layout.coords, layout.kind, layout.lengths, layout.grid, 1, torch.rand(1, layout.num_tokens))
     assert torch.equal(sized.expand(2).kv_log_size, sized.kv_log_size.expand(2, -1))
     with pytest.raises(ValueError, match="only a layout of one sequence"):
         three.expand(6)
     with pytest.raises(ValueError, match="batch must be >= 1"):
         layout.expand(0)
+
+
+@pytest.mark.parametrize("grid,cube,G,at", [
+    ((4, 4, 8), (2, 2, 4), 3, 0), ((3, 5, 6), (2, 2, 4), 2, 90), ((3, 5, 6), (1, 4, 4), 5, 17), ((2, 3, 3), None, 2, 7),
+], ids=str)
+def test_from_grid_orders_tokens_in_cubes_with_global_tokens_anywhere(grid, cube, G, at):
+    """Source order: video tokens row-major with the global tokens before video token ``at``. In
+    cube order every run of ct * ch * cw positions (after the global tokens when they come first,
+    padded) is one cube's tokens in (t, h, w) order, padding where the cube leaves the grid;
+    permute / unpermute move between the orders and are inverse to each other."""
+    T, h, w = grid
+    layout = vidtok.VideoLayout.from_grid(*grid, num_global=G, global_at=at, cube=cube, batch=2)
+    n = T * h * w
+    source_coords = torch.stack(torch.meshgrid(*(torch.arange(x) for x in grid), indexing="ij"), -1).reshape(-1, 3)
+    source_coords = torch.cat([source_coords[:at], torch.full((G, 3), -1), source_coords[at:]])
+    source_kind = torch.tensor([1] * at + [2] * G + [1] * (n - at), dtype=torch.int8)
+    assert layout.num_source_tokens == n + G and layout.lengths.tolist() == [n + G] * 2
+    # the layout's positions hold the source tokens that ``order`` names
+    x = torch.cat([source_coords, source_kind[:, None].long()], 1)[None].expand(2, -1, -1)
+    placed = layout.permute(x, dim=1)
+    assert torch.equal(placed[..., :3], layout.coords.long().masked_fill(layout.kind[..., None] == 0, 0))
+    assert torch.equal(placed[..., 3], layout.kind.long())
+    assert torch.equal(layout.unpermute(placed, dim=1), x)
+    if cube is None:
+        assert layout.order is None and torch.equal(layout.coords[0].long(), source_coords)
+        return
+    V = cube[0] * cube[1] * cube[2]
+    kind, coords = layout.kind[0], layout.coords[0].long()
+    offset = -(-G // V) * V if at == 0 else 0
+    assert (kind[:G] == 2).all() if at == 0 else (kind[-G:] == 2).all()
+    video = coords[offset : offset + (layout.num_tokens - offset - (0 if at == 0 else G))].view(-1, V, 3)
+    video_kind = kind[offset : offset + video.shape[0] * V].view(-1, V)
+    counts = [-(-a // c) for a, c in zip(grid, cube)]
+    for c in range(video.shape[0]):
+        corner = torch.tensor([c // (counts[1] * counts[2]), c // counts[2] % counts[1], c % counts[2]]) * torch.tensor(cube)
+        inside = [(t, y, z) for t in range(cube[0]) for y in range(cube[1]) for z in range(cube[2])]
+        for slot, d in enumerate(inside):
+            pos = corner + torch.tensor(d)
+            if (pos < torch.tensor(grid)).all():
+                assert video_kind[c, slot] == 1 and torch.equal(video[c, slot], pos), (c, slot)
+            else:
+                assert video_kind[c, slot] == 0
+
+
+def test_permute_is_differentiable_and_checks_its_input():
+    layout = vidtok.VideoLayout.from_grid(3, 3, 5, num_global=2, cube=(2, 2, 2))
+    x = torch.randn(1, 2, layout.num_source_tokens, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: layout.permute(t), (x,))
+    y = torch.randn(1, 2, layout.num_tokens, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: layout.unpermute(t), (y,))
+    with pytest.raises(ValueError, match="must hold the layout's 47 S source tokens"):
+        layout.permute(torch.randn(1, 2, 46, 4))
+    with pytest.raises(ValueError, match="dim must be an int in"):
+        layout.unpermute(y, dim=4)
+    with pytest.raises(ValueError, match=r"global_at must be in \[0, T \* h \* w = 45\]"):
+        vidtok.VideoLayout.from_grid(3, 3, 5, num_global=2, global_at=46)
+    with pytest.raises(ValueError, match="cube h must be >= 1"):
+        vidtok.VideoLayout.from_grid(3, 3, 5, cube=(1, 0, 2))
+
+
+def test_a_cube_is_a_tile():
+    """Cube order with tiles of one cube: the diagonal (cube_window) and every cube window is a set
+    of full tile pairs, and attention in cube order equals attention in row-major order."""
+    grid, cube = (4, 8, 8), (2, 4, 2)
+    cubed = vidtok.VideoLayout.from_grid(*grid, cube=cube, num_global=16)
+    rows = vidtok.VideoLayout.from_grid(*grid, num_global=16)
+    spec = M.cube_window(cube, radius=(1, 0, 1)) | M.global_tokens()
+    plan = vidtok.build_plan(cubed, spec, block=(16, 16))
+    assert plan.num_partial == 0 and plan.num_full > 0
+    assert torch.equal(plan.to_dense(), truth_mask(cubed, spec))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, rows.num_tokens, 8, generator=g) for _ in range(3))
+    expected = vidtok.sparse_attention(q, k, v, vidtok.build_plan(rows, spec, block=(16, 16)))
+    out = vidtok.sparse_attention(*(cubed.permute(x) for x in (q, k, v)), plan)
+    torch.testing.assert_close(cubed.unpermute(out), expected, atol=1e-6, rtol=1e-5)
 
 
 def test_from_keep_packs_kept_tokens_in_order():
@@ -104,7 +180,8 @@ def test_tiles_match_brute_force(seed, block):
     truth = truth_mask(layout, spec)
     BQ, BK = block
     B, N = layout.batch, layout.num_tokens
-    nQ, nK = plan.tile_map.shape[1:]
+    assert plan.heads == 1
+    nQ, nK = plan.tile_map.shape[2:]
     padded = torch.zeros(B, nQ * BQ, nK * BK, dtype=torch.bool)
     padded[:, :N, :N] = truth
     tiles = padded.view(B, nQ, BQ, nK, BK).permute(0, 1, 3, 2, 4)
@@ -113,7 +190,7 @@ def test_tiles_match_brute_force(seed, block):
     kvalid = torch.zeros(B, nK * BK, dtype=torch.bool)
     kvalid[:, :N] = layout.kind != 0
     full_valid = valid.view(B, nQ, BQ).all(-1)[:, :, None] & kvalid.view(B, nK, BK).all(-1)[:, None, :]
-    tm = plan.tile_map
+    tm = plan.tile_map[:, 0]
     assert not tiles[tm == 0].any()
     assert tiles[tm == 1].all() and full_valid[tm == 1].all()
     # partial tiles: the stored bits are the truth
@@ -194,7 +271,7 @@ def test_flex_block_mask_matches_plan_and_attention(seed):
     plan = vidtok.build_plan(layout, spec, block=(16, 32))
     bm = plan.to_flex_block_mask()
     assert bm.BLOCK_SIZE == (16, 32)
-    assert torch.equal(bm.to_dense()[:, 0].bool(), plan.tile_map != 0)
+    assert torch.equal(bm.to_dense().bool(), plan.tile_map != 0)
     B, N = layout.batch, layout.num_tokens
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, 2, N, 16, generator=g) for _ in range(3))

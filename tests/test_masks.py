@@ -68,6 +68,24 @@ def test_video_specs_follow_their_definitions():
     assert torch.equal(fl_g[2:, 2:], (dt == 0)[2:, 2:])
 
 
+def test_cube_window_and_all_pairs_follow_their_definitions():
+    grid = (5, 6, 7)
+    layout = vidtok.VideoLayout.from_grid(*grid, num_global=2, global_at=40)
+    q, k = _pairs(layout)
+    video = ~q.g & ~k.g
+    for cube, radius in [((2, 3, 4), (0, 0, 0)), ((1, 2, 2), (1, 0, 1)), ((4, 4, 4), (0, 1, 0))]:
+        near = [((k[d] // cube[d]) - (q[d] // cube[d])).abs() <= radius[d] for d in range(3)]
+        assert torch.equal(M.cube_window(cube, radius=radius).pred(q, k, grid), near[0] & near[1] & near[2] & video)
+    assert M.all_pairs().pred(q, k, grid).all()
+    assert not (~M.all_pairs()).pred(q, k, grid).any()
+    with pytest.raises(ValueError, match="cube h must be >= 1"):
+        M.cube_window((2, 0, 2))
+    with pytest.raises(ValueError, match="radius w must be >= 0"):
+        M.cube_window((2, 2, 2), radius=(0, 0, -1))
+    with pytest.raises(TypeError, match=r"radius must be a tuple \(t, h, w\)"):
+        M.cube_window((2, 2, 2), radius=1)
+
+
 def test_composition_is_pointwise():
     grid = (3, 4, 4)
     layout = vidtok.VideoLayout.from_grid(*grid, num_global=1)
@@ -126,7 +144,8 @@ def test_classify_is_exact_for_single_tokens():
     layout = vidtok.VideoLayout.from_grid(*grid, num_global=1)
     q_all, k_all = _pairs(layout)
     for spec in [M.frame_local(), M.temporal_window(1, 2), M.causal_in_time() & M.spatial_window(3, 3),
-                 M.neighborhood((2, 3, 3)), M.global_tokens() | M.frame_local()]:
+                 M.neighborhood((2, 3, 3)), M.global_tokens() | M.frame_local(), M.cube_window((2, 2, 3), radius=(0, 1, 0)),
+                 M.all_pairs(), ~M.all_pairs()]:
         truth = spec.pred(q_all, k_all, grid)
         for i, j in itertools.product(range(0, layout.num_tokens, 5), range(0, layout.num_tokens, 3)):
             b_q = _bounds(layout.coords[0, i : i + 1], layout.kind[0, i : i + 1])

@@ -22,12 +22,11 @@ def _inputs(B, H, Hk, N, D, dtype, seed, logit_scale=1.0):
 
 def _cases(dtypes=(torch.float32, torch.float16, torch.bfloat16), gpu_dtypes=None):
     """(device, dtype, backend): every runnable one on the CPU for ``dtypes``, and with a GPU the CUDA
-    ones for ``gpu_dtypes`` (default ``dtypes``): Triton in float16/bfloat16, the reference in float32
-    (the op's GPU path for float32)."""
+    ones for ``gpu_dtypes`` (default ``dtypes``)."""
     for device in devices():
         for dtype in dtypes if device == "cpu" else gpu_dtypes or dtypes:
             for backend in runnable_backends("sparse_attention", device, dtype):
-                if backend == "cuda" or (device == "cuda" and backend == "triton" and dtype == torch.float32):
+                if backend == "cuda":
                     continue
                 yield pytest.param(device, dtype, backend, id=f"{device}-{str(dtype)[6:]}-{backend}")
 

@@ -38,7 +38,9 @@ __all__ = [
     "Coords",
     "MaskSpec",
     "TilePairs",
+    "all_pairs",
     "causal_in_time",
+    "cube_window",
     "frame_local",
     "frame_pairs",
     "global_tokens",
@@ -353,6 +355,42 @@ class _Neighborhood(_Window):
         return f"neighborhood({self.kernel}, is_causal={self.is_causal})"
 
 
+class _CubeWindow(_Window):
+    dims = (0, 1, 2)
+
+    def __init__(self, cube: tuple[int, int, int], radius: tuple[int, int, int]):
+        self.cube, self.radius = cube, radius
+
+    def interval(self, dim, qd, grid):
+        c, r = self.cube[dim], self.radius[dim]
+        first = torch.div(qd, c, rounding_mode="floor") * c  # the first coordinate of the query's cube
+        return first - r * c, first + (r + 1) * c - 1
+
+    def shift_invariant(self):
+        return (False, False, False)  # cube boundaries sit at multiples of the cube size
+
+    def __repr__(self):
+        return f"cube_window({self.cube}, radius={self.radius})"
+
+
+class _AllPairs(MaskSpec):
+    def pred(self, q, k, grid):
+        return torch.ones(torch.broadcast_shapes(q.g.shape, k.g.shape), dtype=torch.bool, device=q.g.device)
+
+    def pred_words(self, tiles, grid):
+        return tiles.all_keys().expand(-1, tiles.q.g.shape[1], -1)
+
+    def classify(self, q, k, grid):
+        q_any, k_any = q.has_video | q.has_global, k.has_video | k.has_global
+        return q_any & k_any, torch.ones_like(q_any & k_any)
+
+    def shift_invariant(self):
+        return (True, True, True)
+
+    def __repr__(self):
+        return "all_pairs()"
+
+
 class _FramePairs(MaskSpec):
     """Video pairs whose (query frame, key frame) is True in a [T, T] table."""
 
@@ -441,6 +479,29 @@ def neighborhood(kernel: tuple[int, int, int], *, is_causal: tuple[bool, bool, b
     if not isinstance(is_causal, (tuple, list)) or len(is_causal) != 3 or not all(isinstance(c, bool) for c in is_causal):
         raise TypeError(f"is_causal must be a tuple of 3 bools, got {is_causal!r}")
     return _Neighborhood(tuple(kernel), tuple(is_causal))
+
+
+def cube_window(cube: tuple[int, int, int], *, radius: tuple[int, int, int] = (0, 0, 0)) -> MaskSpec:
+    """Sliding tile attention (STA, Zhang et al. 2025): the grid is cut into cubes of ``cube`` = (ct,
+    ch, cw) tokens (the first cube of each dimension starts at 0), and a query attends to the keys of
+    every cube within ``radius`` cubes of its own along each dimension (not clamped at the borders:
+    border cubes see fewer). ``radius=(0, 0, 0)`` is the block diagonal, every cube with itself: the
+    "diagonal" that ``vidtok.build_plan_topk`` unions with its chosen tiles on a cube-ordered layout
+    (``VideoLayout.from_grid(..., cube=...)``), where each cube pair is one full tile pair."""
+    for name, value in (("cube", cube), ("radius", radius)):
+        if not isinstance(value, (tuple, list)) or len(value) != 3:
+            raise TypeError(f"{name} must be a tuple (t, h, w) of 3 ints, got {value!r}")
+    for name, value in zip(("cube t", "cube h", "cube w"), cube):
+        _check_int(name, value, 1)
+    for name, value in zip(("radius t", "radius h", "radius w"), radius):
+        _check_int(name, value, 0)
+    return _CubeWindow(tuple(cube), tuple(radius))
+
+
+def all_pairs() -> MaskSpec:
+    """Every pair of tokens (video and global; padding never attends): dense attention as a spec. Its
+    complement ``~all_pairs()`` allows nothing (``build_plan_topk``'s default for ``always``)."""
+    return _AllPairs()
 
 
 def global_tokens() -> MaskSpec:

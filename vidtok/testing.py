@@ -241,8 +241,8 @@ def sparse_truth_mask(layout, spec) -> torch.Tensor:
 
 
 def sparse_attention_oracle(q, k, v, mask, scale, kv_log_size=None):
-    """Dense masked attention in float64 (mask bool [B, N, N]): rows with no allowed key give 0 and
-    LSE -inf. The oracle every sparse_attention backend is checked against."""
+    """Dense masked attention in float64 (mask bool [B, N, N], or [B, H, N, N] per head): rows with
+    no allowed key give 0 and LSE -inf. The oracle every sparse_attention backend is checked against."""
     qd, kd, vd = q.double(), k.double(), v.double()
     H = q.shape[1]
     kd = kd.repeat_interleave(H // k.shape[1], dim=1)
@@ -250,7 +250,7 @@ def sparse_attention_oracle(q, k, v, mask, scale, kv_log_size=None):
     s = qd @ kd.transpose(-1, -2) * scale
     if kv_log_size is not None:
         s = s + kv_log_size.double()[:, None, None, :]
-    s = s.masked_fill(~mask[:, None], float("-inf"))
+    s = s.masked_fill(~(mask if mask.dim() == 4 else mask[:, None]), float("-inf"))
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
     return p @ vd, lse
@@ -293,6 +293,9 @@ def sparse_random_spec(rng, grid, depth: int = 0):
             is_causal=(rng.random() < 0.3, rng.random() < 0.2, False),
         ),
         lambda: masks.global_tokens(),
+        lambda: masks.cube_window((rng.randint(1, 2), rng.randint(1, 3), rng.randint(1, 3)),
+                                  radius=(rng.randint(0, 1), rng.randint(0, 1), 0)),
+        lambda: masks.all_pairs(),
         # a spec without its own pred_words: the plan evaluates it through the generic fallback
         lambda: masks.frame_pairs(torch.tensor([[rng.random() < 0.5 for _ in range(T)] for _ in range(T)])),
     ]
@@ -307,8 +310,9 @@ def sparse_random_spec(rng, grid, depth: int = 0):
 
 
 def sparse_random_layout(seed: int, *, max_grid=(4, 6, 6)):
-    """(layout, rng): a small random VideoLayout -- a full grid, or a random keep mask (varying tokens
-    per frame, padded sequences) -- with 0-3 global tokens, and the ``random.Random`` that drew it."""
+    """(layout, rng): a small random VideoLayout -- a full grid (global tokens anywhere in it, tokens
+    in row-major or cube order, cubes padded), or a random keep mask (varying tokens per frame, padded
+    sequences) -- with 0-3 global tokens, and the ``random.Random`` that drew it."""
     import random
 
     from vidtok.sparse import VideoLayout
@@ -317,9 +321,44 @@ def sparse_random_layout(seed: int, *, max_grid=(4, 6, 6)):
     grid = tuple(rng.randint(1, m) for m in max_grid)
     G = rng.randint(0, 3)
     if rng.random() < 0.4:
-        return VideoLayout.from_grid(*grid, num_global=G, batch=rng.randint(1, 2)), rng
+        n = grid[0] * grid[1] * grid[2]
+        at = rng.choice([0, n, rng.randint(0, n)])
+        cube = rng.choice([None, (1, 2, 2), (2, 2, 4), (1, 1, 4)])
+        return VideoLayout.from_grid(*grid, num_global=G, global_at=at, cube=cube, batch=rng.randint(1, 2)), rng
     keep = torch.rand(rng.randint(1, 3), *grid, generator=torch.Generator().manual_seed(seed)) < rng.uniform(0.2, 0.9)
     return VideoLayout.from_keep(keep, num_global=G), rng
+
+
+def attention_like_qkv(grid, B: int, H: int, D: int, *, seed: int = 0, sharpness: float = 8.0, content: float = 0.5):
+    """q, k, v float32 [B, H, T * h * w, D] in (t, h, w) row-major order whose attention has the
+    structure of a video diffusion transformer's (Sparse VideoGen's spatial and temporal heads):
+    head h % 3 == 0 attends to the tokens of nearby frames at any position ("spatial" heads), 1 to
+    nearby positions in any frame ("temporal" heads), 2 to a 3-D neighbourhood.
+
+    Positions enter through random Fourier features: q and k hold a * [cos(w . p), sin(w . p)] for
+    D / 2 frequencies w ~ N(0, 1 / sigma^2) per axis (sigma per head type; 0 frequency on the axes a
+    head ignores), so q . k is a Gaussian kernel of the position difference; the logits of the
+    nearest keys reach ``sharpness``. ``content``: the weight of a per-token random part (a query
+    and its own key correlated), which makes the attention depend on the data and not only on the
+    positions. v is standard normal. Deterministic in ``seed``."""
+    T, h, w = grid
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in grid), indexing="ij"), -1).reshape(-1, 3)
+    N, F = pos.shape[0], D // 2
+    sigmas = {0: (1.0, float("inf"), float("inf")), 1: (float("inf"), 1.5, 1.5), 2: (1.5, 2.5, 2.5)}
+    q = torch.empty(B, H, N, D)
+    k = torch.empty(B, H, N, D)
+    for b in range(B):
+        for head in range(H):
+            sigma = torch.tensor(sigmas[head % 3])
+            freq = torch.randn(3, F, generator=g) / sigma[:, None]  # inf sigma: 0 frequency
+            phase = pos @ freq
+            feat = torch.cat([phase.cos(), phase.sin()], -1) * (sharpness * D**0.5 / F) ** 0.5  # q . k / sqrt(D) <= sharpness
+            noise = torch.randn(N, D, generator=g) * content
+            q[b, head] = feat + noise
+            k[b, head] = feat + 0.7 * noise + 0.7 * content * torch.randn(N, D, generator=g)
+    v = torch.randn(B, H, N, D, generator=g)
+    return q, k, v
 
 
 # ---------------------------------------------------------------------------------------------------

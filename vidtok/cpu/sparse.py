@@ -11,6 +11,11 @@ ATen's fused CPU flash-attention kernels (``aten::_scaled_dot_product_flash_atte
 its backward: the blocked online softmax torch's own SDPA runs on CPUs). The backward adds each
 group's dK and dV into its keys in group order: deterministic. Picking the groups reads the plan's
 tile map on the host (free on CPUs).
+
+Per-head plans (``build_plan_topk``, ``per_head_plan``) choose different key tiles in every head, so
+query tiles share no key set: there every (sequence, head, query tile) row of the plan's CSR is its
+own problem, its key tiles gathered, and a batch of rows with equal tile counts runs in one fused
+call (``_RowBatches``; VSA's layout of the same computation).
 """
 
 from __future__ import annotations
@@ -192,6 +197,82 @@ class _TileMasks:
         return bias[None, None], bias.amax(-1) == float("-inf")  # amax: ~20x faster than isneginf().all()
 
 
+# Gathered keys and values of one batch of per-head rows, at most (elements of k and v together).
+_ROW_BATCH_ELEMENTS = 1 << 23
+
+
+@dataclass
+class _RowBatch:
+    """Rows of a per-head plan (sequence b and plan head h as head_row = b * H + h, query tile i)
+    that attend to the same number of key tiles: ``cols`` [R, c] and their bits indices ``states``."""
+
+    head_rows: torch.Tensor
+    tile: torch.Tensor
+    cols: torch.Tensor
+    states: torch.Tensor
+
+
+class _RowBatches:
+    """The rows of a per-head plan, each one attention problem (its query tile against its own key
+    tiles, gathered), in batches of rows with equal tile counts (so no padding: a batch of full
+    tiles needs no bias) whose gathered keys stay within ``_ROW_BATCH_ELEMENTS``. Rows without a
+    tile are left out (output 0, LSE -inf). Reads the CSR's row lengths on the host."""
+
+    def __init__(self, tiles: PlanTensors, block_q: int, block_k: int, dtype: torch.dtype, channels: int):
+        B, Hp, nQ, nK = tiles.tile_map.shape
+        self.nQ, self.nK, self.block_q, self.block_k = nQ, nK, block_q, block_k
+        counts = (tiles.row_ptr[1:] - tiles.row_ptr[:-1]).long()
+        self.batches = []
+        for c in torch.unique(counts).tolist():
+            if c == 0:
+                continue
+            rows = (counts == c).nonzero()[:, 0]
+            pos = tiles.row_ptr[:-1].long()[rows, None] + torch.arange(c, device=rows.device)
+            cols, states = tiles.col_idx[pos].long(), tiles.entry_bits[pos].long()
+            step = max(1, _ROW_BATCH_ELEMENTS // (2 * c * block_k * channels))
+            for r0 in range(0, rows.shape[0], step):
+                r = rows[r0 : r0 + step]
+                self.batches.append(_RowBatch(r // nQ, r % nQ, cols[r0 : r0 + step], states[r0 : r0 + step]))
+        self.bytes = key_bytes(tiles.bits)[..., : block_k // 8].int()  # [S, BQ, BK / 8]
+        byte_bits = torch.arange(256, device=counts.device)[:, None] >> torch.arange(8, device=counts.device) & 1
+        self.byte_bias = byte_bits.to(dtype).reciprocal_().neg_().add_(1)  # 0 for a set bit, -inf if not
+
+    def padded(self, x: torch.Tensor, block: int) -> torch.Tensor:
+        """x [B, H, N, C] as [B * H, tiles, block, C], zero rows added only when N is not a multiple of block."""
+        B, H, N, C = x.shape
+        tiles = -(-N // block)
+        if tiles * block != N:
+            x = torch.nn.functional.pad(x, (0, 0, 0, tiles * block - N))
+        return x.reshape(B * H, tiles, block, C)
+
+    def queries(self, x: torch.Tensor, batch: _RowBatch) -> torch.Tensor:
+        """[R, 1, BQ, C]: the batch's query tiles, from x = padded(q, BQ)."""
+        return x[batch.head_rows, batch.tile][:, None]
+
+    def keys(self, x: torch.Tensor, batch: _RowBatch) -> torch.Tensor:
+        """[R, 1, c * BK, C]: the batch's key tiles, from x = padded(k, BK)."""
+        g = x[batch.head_rows[:, None], batch.cols]  # [R, c, BK, C]
+        return g.view(g.shape[0], 1, -1, g.shape[-1])
+
+    def key_index(self, batch: _RowBatch) -> torch.Tensor:
+        """[R, c * BK]: each gathered key's row in padded(k, BK).view(-1, C)."""
+        tile = batch.head_rows[:, None] * self.nK + batch.cols
+        return (tile[..., None] * self.block_k + torch.arange(self.block_k, device=tile.device)).flatten(1)
+
+    def bias(self, batch: _RowBatch, log_size: torch.Tensor | None):
+        """(bias [R, 1, BQ, c * BK] or None, empty query rows [R, 1, BQ] or None): the token masks of
+        partial tiles, plus ``log_size`` [R, c * BK] (the gathered keys') on every allowed pair. No
+        bias for a batch of full tiles without log sizes (full tiles have no padding, no empty row)."""
+        if log_size is None and bool((batch.states == 1).all()):
+            return None, None
+        words = self.bytes[batch.states].permute(0, 2, 1, 3).flatten()  # [R, BQ, c, BK / 8] in key order
+        bias = self.byte_bias.index_select(0, words).view(batch.states.shape[0], self.block_q, -1)
+        if log_size is not None:
+            bias = bias + log_size[:, None, :]
+        empty = bias.amax(-1) == float("-inf")
+        return bias[:, None], (empty[:, None] if bool(empty.any()) else None)
+
+
 def _attend(q, k, v, bias, scale):
     """(softmax(scale q k^T + bias) v, its natural-log LSE) for q [R, H, M, D], k, v [R, H, L, D],
     bias [R, 1, M, L] or None, in ATen's fused CPU flash-attention kernel. Rows whose bias is all
@@ -251,10 +332,12 @@ def sparse_attention(
     dtype, acc = q.dtype, accumulation_dtype(q.dtype)
     out = torch.zeros(B, H, N, D, dtype=acc, device=q.device)
     lse = torch.full((B, H, N), float("-inf"), dtype=acc, device=q.device)
+    if q.numel() and v.numel() and tiles.tile_map.shape[1] > 1:
+        return _per_head_forward(q, k, v, kv_log_size, tiles, block_q, block_k, scale)
     if q.numel() and v.numel():
         q, k, v = _prepared(q, acc), _prepared(k, acc, H), _prepared(v, acc, H)
         ls = None if kv_log_size is None else kv_log_size.to(acc)
-        masks = _TileMasks(tiles.tile_map, tiles.bits, block_q, block_k, N, acc)
+        masks = _TileMasks(tiles.tile_map[:, 0], tiles.bits, block_q, block_k, N, acc)
         scratch = _Scratch(q.device)
         for grp in masks.groups(H, D):
             bias, empty = masks.bias(grp, scratch, None if ls is None else ls[grp.b, grp.keys])
@@ -315,7 +398,9 @@ def sparse_attention_backward(
         ge = _prepared(grad_out, acc, extra=channel(one))
         lse = lse.to(acc)
         lse = torch.where(torch.isinf(lse), 0.0, lse)  # no allowed key: P = 0 anyway
-        masks = _TileMasks(tiles.tile_map, tiles.bits, block_q, block_k, N, acc)
+        if tiles.tile_map.shape[1] > 1:
+            return _per_head_backward(ge, qe, ke, ve, oe, lse, kv_log_size, k, v, tiles, block_q, block_k, scale)
+        masks = _TileMasks(tiles.tile_map[:, 0], tiles.bits, block_q, block_k, N, acc)
         scratch = _Scratch(q.device)
         for grp in masks.groups(H, E):
             bias, _ = masks.bias(grp, scratch)
@@ -332,3 +417,63 @@ def sparse_attention_backward(
         dk = dk.reshape(B, Hk, H // Hk, N, D).sum(2)
         dv = dv.reshape(B, Hk, H // Hk, N, D).sum(2)
     return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(), dls
+
+
+def _per_head_forward(q, k, v, kv_log_size, tiles, block_q, block_k, scale):
+    """``sparse_attention`` for a per-head plan: the row batches of ``_RowBatches``, one fused call each."""
+    B, H, N, D = q.shape
+    dtype, acc = q.dtype, accumulation_dtype(q.dtype)
+    rows = _RowBatches(tiles, block_q, block_k, acc, D)
+    nQ = rows.nQ
+    qp = rows.padded(_prepared(q, acc), block_q)
+    kp, vp = (rows.padded(_prepared(x, acc, H), block_k) for x in (k, v))
+    lsp = None if kv_log_size is None else torch.nn.functional.pad(kv_log_size.to(acc), (0, rows.nK * block_k - N))
+    out = torch.zeros(B * H, nQ, block_q, D, dtype=acc, device=q.device)
+    lse = torch.full((B * H, nQ, block_q), float("-inf"), dtype=acc, device=q.device)
+    for batch in rows.batches:
+        ls = None
+        if lsp is not None:  # the log sizes of the gathered keys: sequence b = head_row // H
+            ls = lsp[batch.head_rows[:, None] // H, rows.key_index(batch) % lsp.shape[1]]
+        bias, empty = rows.bias(batch, ls)
+        o, m = _attend(rows.queries(qp, batch), rows.keys(kp, batch), rows.keys(vp, batch), bias, scale)
+        if empty is not None:  # query rows with no allowed key: output 0, LSE -inf
+            o = o.masked_fill(empty[..., None], 0.0)
+            m = m.masked_fill(empty, float("-inf"))
+        out[batch.head_rows, batch.tile] = o[:, 0]
+        lse[batch.head_rows, batch.tile] = m[:, 0]
+    out = out.view(B, H, nQ * block_q, D)[:, :, :N]
+    return out.to(dtype).contiguous(), lse.view(B, H, -1)[:, :, :N].contiguous()
+
+
+def _per_head_backward(ge, qe, ke, ve, oe, lse, kv_log_size, k, v, tiles, block_q, block_k, scale):
+    """``sparse_attention_backward`` for a per-head plan, on the extended channels the shared path
+    prepares (log sizes and dLSE in one extra channel): one fused backward per row batch; dQ is
+    final per row, dK and dV are added into their keys (index_add_ in row order: deterministic)."""
+    B, H, N, E = qe.shape
+    D, Hk = k.shape[-1], k.shape[1]
+    rows = _RowBatches(tiles, block_q, block_k, qe.dtype, E)
+    nQ = rows.nQ
+    qp, gp, op = (rows.padded(x, block_q) for x in (qe, ge, oe))
+    kp, vp = (rows.padded(x, block_k) for x in (ke, ve))
+    lp = rows.padded(lse[..., None], block_q)[..., 0]  # [B * H, nQ, BQ]
+    dq = torch.zeros_like(qp)
+    dk = torch.zeros(kp.numel() // E, E, dtype=kp.dtype, device=kp.device)
+    dv = torch.zeros_like(dk)
+    for batch in rows.batches:
+        bias, _ = rows.bias(batch, None)  # the log sizes ride in the extra channel
+        dqg, dkg, dvg = _attend_backward(
+            rows.queries(gp, batch), rows.queries(qp, batch), rows.keys(kp, batch), rows.keys(vp, batch),
+            rows.queries(op, batch), lp[batch.head_rows, batch.tile][:, None], bias, scale,
+        )
+        dq[batch.head_rows, batch.tile] = dqg[:, 0]
+        index = rows.key_index(batch).flatten()
+        dk.index_add_(0, index, dkg[:, 0].reshape(-1, E))
+        dv.index_add_(0, index, dvg[:, 0].reshape(-1, E))
+    dq = dq.view(B, H, -1, E)[:, :, :N]
+    dk, dv = (x.view(B, H, -1, E)[:, :, :N] for x in (dk, dv))
+    dls = None if kv_log_size is None else dk[..., D].sum(1)
+    dq, dk, dv = dq[..., :D], dk[..., :D], dv[..., :D]
+    if Hk != H:
+        dk = dk.reshape(B, Hk, H // Hk, N, D).sum(2)
+        dv = dv.reshape(B, Hk, H // Hk, N, D).sum(2)
+    return dq.to(k.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(), dls

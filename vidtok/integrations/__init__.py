@@ -14,8 +14,12 @@
   that dispatches through transformers' AttentionInterface (VideoMAE, ViViT, V-JEPA 2, ViT, ...).
 - ``vidtok.integrations.timm``: ``apply_tome(model, r)`` / ``remove(model)``, ToMe token merging
   inside a timm VisionTransformer (Bolya et al., ICLR 2023) on ``vidtok.bipartite_merge``.
+- ``vidtok.integrations.diffusers``: ``video_layout(transformer, latent_grid)``,
+  ``apply_sparse_attention(transformer, layout, ...)`` / ``remove_sparse_attention(transformer)``:
+  static, top-k or per-head sparse attention in diffusers' Wan, CogVideoX and HunyuanVideo
+  transformers, through their attention processors.
 
-Both are imported on first access, so ``import vidtok`` never imports transformers or timm; without
+They are imported on first access, so ``import vidtok`` never imports transformers, timm or diffusers; without
 the library, accessing the submodule raises an ImportError saying what to ``pip install``.
 """
 
@@ -28,10 +32,10 @@ from vidtok.integrations.policies import (
 )
 
 __all__ = ["Budget", "DropStatic", "EVS", "KeepAll", "KeepAttended", "MergeClusters", "MergeComponents", "MergeTemporal",
-           "Policy", "SelectFrames", "policies", "timm", "transformers"]
+           "Policy", "SelectFrames", "diffusers", "policies", "timm", "transformers"]
 
 
 def __getattr__(name: str):
-    if name in ("timm", "transformers"):
+    if name in ("diffusers", "timm", "transformers"):
         return importlib.import_module(f"vidtok.integrations.{name}")
     raise AttributeError(f"module 'vidtok.integrations' has no attribute {name!r}")

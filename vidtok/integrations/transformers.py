@@ -575,8 +575,8 @@ def apply_sparse_attention(model, layout, spec, *, block: tuple[int, int] = (64,
     ``attention_mask``, attention dropout (training with a dropout probability > 0) or other options
     the op lacks (sliding windows, soft-capping, varlen ``cu_seq_lens``) raise a ValueError naming
     them instead of being approximated. Applying again replaces the layout and spec. On GPUs run the
-    model in bfloat16 or float16: there sparse_attention's Triton kernels take 16-bit inputs, and
-    float32 runs on its reference path, which reads the plan on the host in every layer.
+    model in bfloat16 or float16 for speed: sparse_attention's Triton kernels take float32 too, but
+    with IEEE fp32 products (no tensor cores).
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "_attn_implementation"):

@@ -2,8 +2,8 @@
 
 A plan reaches every backend as ``PlanTensors`` (see vidtok.sparse.SparsePlan); the reference reads two:
 
-- ``tile_map`` int32 [B, nQ, nK]: 0 = empty tile pair, 1 = full (every pair attends), s >= 2 = partial,
-  whose token mask is ``bits[s]``;
+- ``tile_map`` int32 [B, Hp, nQ, nK] (Hp = 1: one plan for every head; Hp = H: one per query head):
+  0 = empty tile pair, 1 = full (every pair attends), s >= 2 = partial, whose token mask is ``bits[s]``;
 - ``bits`` int32 [2 + P, BQ, ceil(BK / 32)]: bit ``c % 32`` of word ``bits[s, r, c // 32]`` says whether
   query r of the tile attends to key c; ``bits[0]`` is all zeros and ``bits[1]`` all ones, so
   ``bits[tile_map]`` is the token mask of every tile pair.
@@ -35,9 +35,10 @@ ROWS_SCORES = 1 << 24
 class PlanTensors(NamedTuple):
     """A SparsePlan's tensors, as custom ops pass them (int32, on the layout's device).
 
-    tile_map [B, nQ, nK] and bits [2 + U, BQ, ceil(BK / 32)] as above; row_ptr [B * nQ + 1], col_idx
-    [nnz], entry_bits [nnz]: CSR of the non-empty tile pairs by query tile; col_ptr [B * nK + 1],
-    row_idx [nnz], entry_bits_t [nnz]: the same pairs by key tile (for backward passes that own keys).
+    tile_map [B, Hp, nQ, nK] and bits [S, BQ, ceil(BK / 32)] as above; row_ptr [B * Hp * nQ + 1],
+    col_idx, entry_bits: CSR of the non-empty tile pairs by query tile (row (b * Hp + h) * nQ + i);
+    col_ptr [B * Hp * nK + 1], row_idx, entry_bits_t: the same pairs by key tile (for backward passes
+    that own keys). The index arrays may be longer than their last pointer (a fixed capacity).
     """
 
     tile_map: torch.Tensor
@@ -67,11 +68,11 @@ def unpack_bits(bits: torch.Tensor, block_k: int) -> torch.Tensor:
 
 
 def dense_mask(tile_map: torch.Tensor, bits: torch.Tensor, block_q: int, block_k: int, n: int) -> torch.Tensor:
-    """bool [B, rows, n]: the token mask of the query tiles in ``tile_map`` [B, nQ', nK] (all of a
-    plan's, or a band of them), rows = nQ' * block_q cut at n, keys cut at n."""
-    B, nQ, nK = tile_map.shape
-    mask = unpack_bits(bits, block_k)[tile_map.long()]  # [B, nQ, nK, BQ, BK]
-    return mask.permute(0, 1, 3, 2, 4).reshape(B, nQ * block_q, nK * block_k)[:, :n, :n]
+    """bool [B, Hp, rows, n]: the token mask of the query tiles in ``tile_map`` [B, Hp, nQ', nK] (all
+    of a plan's, or a band of them), rows = nQ' * block_q cut at n, keys cut at n."""
+    B, Hp, nQ, nK = tile_map.shape
+    mask = unpack_bits(bits, block_k)[tile_map.long()]  # [B, Hp, nQ, nK, BQ, BK]
+    return mask.permute(0, 1, 2, 4, 3, 5).reshape(B, Hp, nQ * block_q, nK * block_k)[:, :, :n, :n]
 
 
 def _expand_heads(x: torch.Tensor, H: int) -> torch.Tensor:
@@ -81,7 +82,7 @@ def _expand_heads(x: torch.Tensor, H: int) -> torch.Tensor:
 
 def _bands(tiles: PlanTensors, block_q: int, n: int, heads: int):
     """(i0, i1, r0, r1): bands of query tiles [i0, i1), query rows [r0, r1), whose scores fit ROWS_SCORES."""
-    B, nQ, _ = tiles.tile_map.shape
+    B, _, nQ, _ = tiles.tile_map.shape
     per_band = max(1, ROWS_SCORES // max(1, B * heads * block_q * n))
     for i0 in range(0, nQ, per_band):
         i1 = min(i0 + per_band, nQ)
@@ -91,11 +92,11 @@ def _bands(tiles: PlanTensors, block_q: int, n: int, heads: int):
 def _scores(q, k, kv_log_size, tiles, block_q, block_k, scale, i0, i1, r0, r1):
     """S [B, H, r1 - r0, N] of a band of query rows: scale * q k^T + log size, -inf where masked."""
     n = k.shape[2]
-    allowed = dense_mask(tiles.tile_map[:, i0:i1], tiles.bits, block_q, block_k, n)[:, : r1 - r0]
+    allowed = dense_mask(tiles.tile_map[:, :, i0:i1], tiles.bits, block_q, block_k, n)[:, :, : r1 - r0]
     s = torch.matmul(q[:, :, r0:r1], k.transpose(-1, -2)) * scale
     if kv_log_size is not None:
         s = s + kv_log_size[:, None, None, :]
-    return s.masked_fill(~allowed[:, None], float("-inf"))
+    return s.masked_fill(~allowed, float("-inf"))  # a shared plan (Hp = 1) broadcasts over the heads
 
 
 def sparse_attention(
