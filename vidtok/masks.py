@@ -140,7 +140,7 @@ class MaskSpec:
         raise NotImplementedError
 
     def validate(self, grid: tuple[int, int, int]) -> None:
-        """Raise ValueError if the spec cannot apply to a video of this (T, H, W) grid."""
+        """Raise ValueError if the spec cannot apply to a video of this (T, h, w) token grid."""
 
     def shift_invariant(self) -> tuple[bool, bool, bool]:
         """Per dimension (t, h, w): whether shifting every video token's coordinate by the same integer
@@ -463,7 +463,7 @@ def spatial_window(kh: int, kw: int) -> MaskSpec:
 
 
 def neighborhood(kernel: tuple[int, int, int], *, is_causal: tuple[bool, bool, bool] = (False, False, False)) -> MaskSpec:
-    """NATTEN's 3-D neighborhood attention (stride 1, dilation 1), on the layout's full (T, H, W) grid.
+    """NATTEN's 3-D neighborhood attention (stride 1, dilation 1), on the layout's full (T, h, w) token grid.
 
     Per dimension with extent L and kernel K: non-causal, the window is the K positions
     [c - K // 2, c + K // 2 + K % 2 - 1] with centre c = the query clamped to [K // 2, L - 1 - (K // 2 +

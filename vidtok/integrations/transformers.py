@@ -563,7 +563,7 @@ def apply_sparse_attention(model, layout, spec, *, block: tuple[int, int] = (64,
             tokens in the layout's order (a token count that differs is refused; an order that differs,
             e.g. Qwen2-VL's vision blocks, which order tokens by 2x2 merge windows, cannot be seen).
         layout: the ``vidtok.VideoLayout`` of the layers' token sequence (N tokens in the model's
-            order, e.g. ``VideoLayout.from_grid(T, H, W, num_global=1)`` for a [CLS] token followed by
+            order, e.g. ``VideoLayout.from_grid(T, h, w, num_global=1)`` for a [CLS] token followed by
             the video's patches in (t, h, w) order). One sequence serves any batch; B sequences serve
             batches of B. Its ``kv_log_size`` (``from_merge``), if any, is added to the keys' logits.
         spec: a ``vidtok.masks`` spec, e.g. ``masks.neighborhood((3, 7, 7)) | masks.global_tokens()``.
