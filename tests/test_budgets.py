@@ -311,15 +311,21 @@ def test_topk_per_frame_edges(device, dtype, backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
-def test_topk_per_frame_cpu_backend_long_frames(dtype, nan_allowed):
-    """The cpu backend's per-frame selection (N >= LOOP_FROM_N), ties and NaN included."""
-    from vidtok.cpu.select import LOOP_FROM_N
-
-    B, T, N = 1, 3, LOOP_FROM_N + 37
-    scores = _tied_scores(B, T, N, seed=8, dtype=dtype)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_topk_per_frame_cpu_backend_padded_selection(dtype, seed, nan_allowed):
+    """The cpu backend's thresholds from one padded top-k: budgets from 0 to N in one call, long and
+    short frames, ties, +inf, -inf and NaN."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = 2, 3
+    N = int(torch.randint(1, 700, (1,), generator=g))
+    scores = _tied_scores(B, T, N, seed=seed + 8, dtype=dtype)
     scores[0, -1, ::7] = float("nan")
-    budgets = torch.tensor([[0, N, 301]])
+    scores[1, 0, ::5] = float("inf")
+    budgets = torch.randint(0, N + 1, (B, T), generator=g)
+    budgets[0, 0], budgets[1, 1] = 0, N
     _check_against_oracle(scores, budgets, None, "cpu")
+    _check_against_oracle(scores, torch.full((B, T), N // 2), None, "cpu")  # equal budgets: no padding
+    _check_against_oracle(scores, torch.zeros(B, T, dtype=torch.long), None, "cpu")
 
 
 def test_topk_per_frame_random_float64_reference():

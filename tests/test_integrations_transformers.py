@@ -1,7 +1,9 @@
-"""vidtok.integrations.transformers on tiny random-weight Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision.
+"""vidtok.integrations.transformers on tiny random-weight Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision
+and InternVL.
 
-Fully offline: models are built from configs (no downloads, no processors); prompts are built by hand
-from the video placeholder token ids, and pixel inputs have the shapes the processors would give.
+Fully offline: models are built from configs (no downloads); prompts are built by hand from the
+placeholder token ids, and pixel inputs have the shapes the processors would give. InternVL's
+``internvl_video_rows`` is also checked on a real ``InternVLProcessor`` with a tokenizer built here.
 """
 
 from __future__ import annotations
@@ -27,19 +29,24 @@ TEXT = dict(
     vocab_size=VOCAB, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, max_position_embeddings=512,
 )
 MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision", "internvl"]
 TIMESTAMP = 30  # Qwen3-VL: one text token before each temporal patch stands for its "<t seconds>"
+FRAME = 40  # InternVL: one text token before each frame stands for its "FrameN:"
 NEW_TOKENS = 3
 
 
 class Case:
     """A tiny model of one family and the inputs its processor would produce for a prompt with one video
     per row: ``[BOS, 5, V_START, <video placeholders>, V_END, 6, 7]``; Qwen3-VL puts a timestamp token
-    and its own V_START ... V_END around each temporal patch's placeholders, as its processor does."""
+    and its own V_START ... V_END around each temporal patch's placeholders, as its processor does;
+    InternVL a "FrameN:" token and <img> ... </img> around each frame's image placeholders, its frames
+    being rows of ``pixel_values`` named by ``video_rows``."""
 
     def __init__(self, family: str):
         self.family = family
-        self.qwen = family != "llava_onevision"
+        self.qwen = family not in ("llava_onevision", "internvl")
+        self.internvl = family == "internvl"
+        self.placeholder = IMAGE if self.internvl else VIDEO
         torch.manual_seed(0)
         if family == "qwen2_vl":
             config = transformers.Qwen2VLConfig(
@@ -64,6 +71,13 @@ class Case:
                 image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=V_START, vision_end_token_id=V_END,
             )
             self.model = transformers.Qwen3VLForConditionalGeneration(config)
+        elif family == "internvl":
+            config = transformers.InternVLConfig(
+                vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=[32, 32], patch_size=[8, 8]),
+                text_config=transformers.Qwen2Config(**TEXT), image_token_id=IMAGE, image_seq_length=4,
+            )
+            self.model = transformers.InternVLForConditionalGeneration(config)
         else:
             config = transformers.LlavaOnevisionConfig(
                 vision_config=transformers.SiglipVisionConfig(
@@ -76,9 +90,10 @@ class Case:
             self.model = transformers.LlavaOnevisionForConditionalGeneration(config)
         self.model.eval()
         # LLM-side grid of every video: Qwen 3 temporal patches (6 frames) of 4x4 patches -> (3, 2, 2)
-        # after the 2x2 merger; LLaVA 3 frames of 4x4 SigLIP patches -> (3, 2, 2) after pooling.
+        # after the 2x2 merger; LLaVA 3 frames of 4x4 SigLIP patches -> (3, 2, 2) after pooling;
+        # InternVL 3 frames of 4x4 patches -> (3, 2, 2) after its pixel shuffle.
         self.grid = (3, 2, 2)
-        self.tokens = 12 + (0 if self.qwen else 1)  # LLaVA adds image_newline
+        self.tail = 1 if family == "llava_onevision" else 0  # LLaVA adds image_newline
 
     def video(self, static: bool, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
@@ -92,15 +107,23 @@ class Case:
         """The placeholder span of one video of T temporal patches (2x2 LLM tokens each)."""
         if self.family == "qwen3_vl":
             return sum(([TIMESTAMP + t, V_START] + [VIDEO] * 4 + [V_END] for t in range(T)), [])
-        return [V_START] + [VIDEO] * (4 * T + (0 if self.qwen else 1)) + [V_END]
+        if self.internvl:
+            return sum(([FRAME + t, V_START] + [IMAGE] * 4 + [V_END] for t in range(T)), [])
+        return [V_START] + [VIDEO] * (4 * T + self.tail) + [V_END]
 
     def inputs(self, statics: list[bool], seed: int = 0, image: bool = False) -> dict:
-        """One video per row (static or not); ``image`` (Qwen only) puts a 4x4-patch image before it."""
+        """One video per row (static or not); ``image`` (Qwen, InternVL) puts a one-row image before it."""
         picture = [V_START] + [IMAGE] * 4 + [V_END] if image else []
         ids = torch.tensor([[BOS, 5] + picture + self.video_ids() + [6, 7]] * len(statics))
         videos = [self.video(s, seed + i) for i, s in enumerate(statics)]
         kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
-        if self.qwen:
+        if self.internvl:
+            g = torch.Generator().manual_seed(seed + 50)
+            pictures = [torch.randn(1, 3, 32, 32, generator=g) if image else torch.zeros(0, 3, 32, 32) for _ in statics]
+            kw["pixel_values"] = torch.cat([torch.cat(pair) for pair in zip(pictures, videos)])
+            per_row = 3 + int(image)
+            kw["video_rows"] = torch.tensor([[row * per_row + int(image), 3] for row in range(len(statics))])
+        elif self.qwen:
             kw.update(
                 pixel_values_videos=torch.cat(videos),
                 video_grid_thw=torch.tensor([[3, 4, 4]] * len(statics)),
@@ -117,7 +140,27 @@ class Case:
         return kw
 
     def generate(self, kw, **extra):
+        if not vt.is_applied(self.model):  # the unpatched generate refuses the argument it does not know
+            kw = {k: v for k, v in kw.items() if k != "video_rows"}
         return self.model.generate(**kw, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, **extra)
+
+    def compressed(self, out) -> vt.CompressedVideoOutput:
+        """The patched forward's record of the videos (InternVL: in its image outputs)."""
+        return out.image_outputs if self.internvl else out.video_outputs
+
+    def single(self, kw: dict, row: int) -> dict:
+        """The inputs of one row of ``kw`` (made by ``inputs``, one video per row and no image)."""
+        pixels = ("pixel_values", "video_rows", "pixel_values_videos", "video_grid_thw")
+        single = {k: v[row : row + 1] for k, v in kw.items() if k not in pixels}
+        if self.internvl:
+            single["pixel_values"] = kw["pixel_values"].view(-1, 3, 3, 32, 32)[row]
+            single["video_rows"] = torch.tensor([[0, 3]])
+        elif self.qwen:
+            single["pixel_values_videos"] = kw["pixel_values_videos"].view(2, -1, 96)[row]
+            single["video_grid_thw"] = kw["video_grid_thw"][row : row + 1]
+        else:
+            single["pixel_values_videos"] = kw["pixel_values_videos"][row : row + 1]
+        return single
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -152,7 +195,7 @@ class Recorder:
 
 def test_keep_all_is_exact(patched):
     case, model = patched, patched.model
-    kw = case.inputs([False, False], seed=1, image=case.qwen)
+    kw = case.inputs([False, False], seed=1, image=case.qwen or case.internvl)
     labels = kw["input_ids"].masked_fill(kw["input_ids"] >= IMAGE, -100)
     with torch.no_grad():
         ref = model(**kw).logits
@@ -179,11 +222,11 @@ def test_drop_static_generate_prefill_sees_fewer_tokens(patched):
     with torch.no_grad(), Recorder(model) as rec:
         out = model(**kw)
     assert rec.lengths == [L - (T - 1) * h * w]  # a static video keeps frame 0 only
-    video = (kw["input_ids"][0] == VIDEO).nonzero().squeeze(1)
+    video = (kw["input_ids"][0] == case.placeholder).nonzero().squeeze(1)
     assert out.logits.shape[1] == L - (T - 1) * h * w
-    assert isinstance(out.video_outputs, vt.CompressedVideoOutput)
-    assert out.video_outputs.grid == (case.grid,)
-    assert torch.equal(out.video_outputs.origin[0], torch.arange(h * w))
+    assert isinstance(case.compressed(out), vt.CompressedVideoOutput)
+    assert case.compressed(out).grid == (case.grid,)
+    assert torch.equal(case.compressed(out).origin[0], torch.arange(h * w))
     # labels shrink with the prompt: the loss is the one of the compressed sequence
     labels = kw["input_ids"].masked_fill(kw["input_ids"] >= IMAGE, -100)
     dropped = torch.zeros(L, dtype=torch.bool)
@@ -216,7 +259,7 @@ def _kept_columns(kw, origins):
 def test_qwen_positions_are_kept(patched):
     case, model = patched, patched.model
     if not case.qwen:
-        pytest.skip("M-RoPE is Qwen's; LLaVA-OneVision is checked in test_llava_positions_number_the_kept_prompt")
+        pytest.skip("M-RoPE is Qwen's; 1-D RoPE is checked in test_1d_positions_number_the_kept_prompt")
     kw = case.inputs([True], image=True)
     for name, first in (("input_ids", PAD), ("attention_mask", 0), ("mm_token_type_ids", 0)):  # left-padded
         kw[name] = torch.cat([torch.tensor([[first]]), kw[name]], 1)
@@ -242,12 +285,12 @@ def test_qwen_positions_are_kept(patched):
     assert torch.equal(rec.positions[1][1:, 0, 0], full[:, 0, -1] + 1)
 
 
-def test_llava_positions_number_the_kept_prompt(patched):
-    """1-D RoPE: forward numbers each compressed row 0, 1, ... after its new left padding, exactly as
-    generate() derives positions from the compressed attention mask."""
+def test_1d_positions_number_the_kept_prompt(patched):
+    """1-D RoPE (LLaVA-OneVision, InternVL): forward numbers each compressed row 0, 1, ... after its new
+    left padding, exactly as generate() derives positions from the compressed attention mask."""
     case, model = patched, patched.model
     if case.qwen:
-        pytest.skip("LLaVA-OneVision only")
+        pytest.skip("1-D RoPE only")
     kw = case.inputs([True, False], seed=5)
     vt.apply(model, DropStatic(0.99))
     with torch.no_grad(), Recorder(model) as rec:
@@ -298,17 +341,12 @@ def test_batch_rows_compressed_differently(patched):
     vt.apply(model, DropStatic(0.99))
     with torch.no_grad(), Recorder(model) as rec:
         both = model(**kw)
-    kept = [o.numel() for o in both.video_outputs.origin]
+    kept = [o.numel() for o in case.compressed(both).origin]
     assert kept[0] == h * w and kept[1] > h * w  # random frames are not static
     assert rec.lengths == [L - (T * h * w - kept[1])]
     alone = []
     for row in range(2):
-        single = {k: v[row : row + 1] for k, v in kw.items() if k not in ("pixel_values_videos", "video_grid_thw")}
-        if case.qwen:
-            single["pixel_values_videos"] = kw["pixel_values_videos"].view(2, -1, 96)[row]
-            single["video_grid_thw"] = kw["video_grid_thw"][row : row + 1]
-        else:
-            single["pixel_values_videos"] = kw["pixel_values_videos"][row : row + 1]
+        single = case.single(kw, row)
         with torch.no_grad():
             alone.append(model(**single).logits[0, -1])
     torch.testing.assert_close(both.logits[:, -1], torch.stack(alone), atol=1e-5, rtol=1e-5)
@@ -319,15 +357,15 @@ def test_batch_rows_compressed_differently(patched):
 
 
 def test_beam_search(patched):
-    """num_beams/num_return_sequences expand the compressed features; LLaVA-OneVision can only when
-    every video kept the same count (its pooled features are one tensor per video)."""
+    """num_beams/num_return_sequences expand the compressed features; LLaVA-OneVision and InternVL can
+    only when every video (prompt row) kept the same count (their features are one tensor)."""
     case, model = patched, patched.model
     vt.apply(model, DropStatic(0.99))
     for statics in ([True, True], [True, False]):
         kw = case.inputs(statics, seed=7)
         L = kw["input_ids"].shape[1]
         if not case.qwen and statics == [True, False]:
-            with pytest.raises(ValueError, match="different token counts"):
+            with pytest.raises(ValueError, match="kept different .* counts"):
                 case.generate(kw, num_beams=2, num_return_sequences=2)
             continue
         seq = case.generate(kw, num_beams=2, num_return_sequences=2)
@@ -347,10 +385,10 @@ def test_policy_errors_are_clear(patched):
         model(**kw)
     vt.apply(model, KeepAll())
     bad = dict(kw, input_ids=kw["input_ids"][:, 1:], attention_mask=kw["attention_mask"][:, 1:])
-    bad["input_ids"][0, 0] = VIDEO  # one placeholder too many
+    bad["input_ids"][0, 0] = case.placeholder  # one placeholder too many
     if case.qwen:
         bad["mm_token_type_ids"] = (bad["input_ids"] == VIDEO).long() * 2
-    with pytest.raises(ValueError, match="video placeholder tokens"):
+    with pytest.raises(ValueError, match=f"hold {case.tail + 13} placeholder tokens \\(id {case.placeholder}\\)"):
         model(**bad)
     with pytest.raises(ValueError, match="needs input_ids to find the video placeholder"):
         embeds = model.get_input_embeddings()(kw["input_ids"])
@@ -441,7 +479,7 @@ def test_vidtok_policies_generate_with_fewer_tokens(patched, policy):
         out = model(**kw)
     expected = L - (T - 1) * h * w
     assert rec.lengths == [expected] and out.logits.shape[1] == expected
-    origin = out.video_outputs.origin[0]
+    origin = case.compressed(out).origin[0]
     if isinstance(policy, MergeTemporal):
         assert torch.equal(origin, torch.arange(h * w))  # each chain stands at its frame-0 root
     else:
@@ -457,7 +495,8 @@ def test_vidtok_policies_generate_with_fewer_tokens(patched, policy):
 
 
 def _varied_inputs(case, Ts: list[int], seed: int = 0) -> dict:
-    """One video per row of Ts[i] temporal patches (LLaVA: frames, equal in a batch), rows left-padded."""
+    """One video per row of Ts[i] temporal patches (LLaVA, InternVL: frames; LLaVA's equal in a batch),
+    rows left-padded."""
     g = torch.Generator().manual_seed(seed)
     rows = [[BOS, 5] + case.video_ids(T) + [6, 7] for T in Ts]
     width = max(map(len, rows))
@@ -470,6 +509,9 @@ def _varied_inputs(case, Ts: list[int], seed: int = 0) -> dict:
         kw["mm_token_type_ids"] = (ids == VIDEO).long() * 2
         if case.family == "qwen2_5_vl":
             kw["second_per_grid_ts"] = torch.tensor([2.0] * len(Ts))
+    elif case.internvl:
+        kw["pixel_values"] = torch.randn(sum(Ts), 3, 32, 32, generator=g)
+        kw["video_rows"] = torch.tensor([[sum(Ts[:i]), T] for i, T in enumerate(Ts)])
     else:
         kw["pixel_values_videos"] = torch.randn(len(Ts), Ts[0], 3, 32, 32, generator=g)
     return kw
@@ -486,18 +528,17 @@ def test_count_predicted_before_encoding_is_the_count_after(patched, policy):
     prefill that reaches the language model has exactly that many placeholders."""
     case, model = patched, patched.model
     vt.apply(model, policy)
-    for Ts in ([3, 2], [2]) if case.qwen else ([3, 3], [2]):
+    for Ts in ([3, 3], [2]) if case.family == "llava_onevision" else ([3, 2], [2]):
         kw = _varied_inputs(case, Ts, seed=len(Ts))
         if case.qwen:
             predicted = vt.video_token_counts(model, policy, video_grid_thw=kw["video_grid_thw"])
         else:
             predicted = vt.video_token_counts(model.config, policy, num_frames=Ts)
-        tail = 0 if case.qwen else 1
-        full = [4 * T + tail for T in Ts]
+        full = [4 * T + case.tail for T in Ts]
         assert all(isinstance(c, int) for c in predicted)
         with torch.no_grad(), Recorder(model) as rec:
             out = model(**kw)
-        assert [o.numel() + tail for o in out.video_outputs.origin] == predicted
+        assert [o.numel() + case.tail for o in case.compressed(out).origin] == predicted
         lengths = kw["attention_mask"].shape[1] - torch.tensor(full) + torch.tensor(predicted)
         assert rec.lengths == [int(lengths.max())]
         if case.family == "qwen3_vl":
@@ -584,3 +625,102 @@ def test_policy_constructors_reject_bad_arguments():
         Budget(4, allocate="greedy")
     with pytest.raises(ValueError, match="token_score must be one of"):
         Budget(4, token_score="random")
+
+
+# ---------------------------------------------------------------------------------------------------
+# InternVL: videos are rows of pixel_values, named by internvl_video_rows from the processor's call
+
+
+def _internvl_processor(image_token_id: int):
+    """A real InternVLProcessor on 32 x 32 images (4 tokens per image row) with a word-level tokenizer
+    built here; its <IMG_CONTEXT> id is ``image_token_id``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "hello", "look", "and"] + [f"Frame{i}:" for i in range(1, 9)]
+    vocab = {w: i for i, w in enumerate(words)}
+    specials = {"<img>": image_token_id + 2, "</img>": image_token_id + 3, "<IMG_CONTEXT>": image_token_id,
+                "<video>": image_token_id + 1}
+    vocab.update(specials)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+        extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
+                              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(specials)})
+    return transformers.InternVLProcessor(
+        image_processor=transformers.GotOcr2ImageProcessor(size={"height": 32, "width": 32}, crop_to_patches=True,
+                                                          max_patches=4),
+        tokenizer=tokenizer,
+        video_processor=transformers.InternVLVideoProcessor(size={"height": 32, "width": 32}),
+        image_seq_length=4,
+    )
+
+
+def test_internvl_video_rows_from_the_processor():
+    """Images of several tiles and videos in two prompt rows: the rows found are the videos' frames in
+    the processor's pixel_values, and the patched model compresses exactly those."""
+    import numpy as np
+
+    processor = _internvl_processor(IMAGE)
+    rng = np.random.default_rng(0)
+    clip = rng.integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    wide = rng.integers(0, 255, (40, 90, 3), dtype=np.uint8)  # several tiles
+    text = ["hello <IMG_CONTEXT> look <video> and", "<video> look and hello look and hello <IMG_CONTEXT> <video>"]
+    inputs = processor(text=text, images=[wide, wide], videos=[clip, clip.copy(), clip[::-1].copy()],
+                       return_tensors="pt", padding=True)
+    rows = vt.internvl_video_rows(processor, text, inputs["input_ids"])
+    tiles = (inputs["input_ids"][0] == IMAGE).sum().item() // 4 - 3  # row 0: the image's tiles, then 3 frames
+    assert tiles > 1
+    assert rows.tolist() == [[tiles, 3], [tiles + 3, 3], [2 * tiles + 6, 3]]
+    assert inputs["pixel_values"].shape[0] == 2 * tiles + 9
+    torch.testing.assert_close(inputs["pixel_values"][tiles + 3 : tiles + 6], inputs["pixel_values"][tiles : tiles + 3])
+
+    case = Case("internvl")
+    model = case.model
+    kw = dict(inputs, video_rows=rows)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    try:
+        vt.apply(model, KeepAll())
+        with torch.no_grad():
+            assert torch.equal(model(**kw).logits, reference)
+        policy = EVS(0.5)
+        vt.apply(model, policy)
+        predicted = vt.video_token_counts(model, policy, num_frames=[3, 3, 3])
+        with torch.no_grad(), Recorder(model) as rec:
+            out = model(**kw)
+        assert [o.numel() for o in out.image_outputs.origin] == predicted == [vidtok.evs_count(4, 3, 0.5)] * 3
+        per_row = [1, 2]  # videos per prompt row
+        L = kw["input_ids"].shape[1]
+        assert rec.lengths == [L - min(n * (12 - predicted[0]) for n in per_row)]  # the longer row sets the width
+        seq = case.generate(kw)
+        assert torch.equal(seq[:, :L], kw["input_ids"])
+    finally:
+        vt.remove(model)
+
+    assert vt.internvl_video_rows(processor, ["hello <IMG_CONTEXT>"], inputs["input_ids"][:1, :10]).shape == (0, 2)
+    with pytest.raises(ValueError, match="not the processor's output for this text"):
+        vt.internvl_video_rows(processor, text[:1], inputs["input_ids"])
+
+
+def test_internvl_video_rows_errors_name_the_argument():
+    case = Case("internvl")
+    model = vt.apply(case.model, KeepAll())
+    kw = case.inputs([False])
+    for rows, match in (
+        (torch.tensor([[0, 4]]), "inside the 3 rows of pixel_values"),
+        (torch.tensor([[0, 0]]), "at least one frame"),
+        (torch.tensor([[1, 2], [0, 1]]), "non-overlapping runs"),
+        (torch.tensor([0, 3]), "video_rows must be integer \\[V, 2\\]"),
+        (torch.tensor([[0.0, 3.0]]), "video_rows must be integer"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            model(**dict(kw, video_rows=rows))
+    with pytest.raises(ValueError, match="no pixel_values were given"):
+        model(**{k: v for k, v in kw.items() if k != "pixel_values"})
+    # without video_rows the frames are images: nothing is compressed
+    with torch.no_grad(), Recorder(model) as rec:
+        model(**{k: v for k, v in kw.items() if k != "video_rows"})
+    assert rec.lengths == [kw["input_ids"].shape[1]]

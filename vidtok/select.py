@@ -675,7 +675,8 @@ def topk_per_frame(
         capacity: columns of ``index``, at least every video's total budget; None reads the largest
             total on the host (one sync; pass it for static shapes under torch.compile). A capacity
             below a video's total is a ValueError (a device-side assert on GPUs), never a truncation.
-        backend: "reference", "triton" (N <= 4096) or "auto".
+        backend: "reference", "triton" (N <= 4096), "cpu" (CPU tensors) or "auto" (the Triton kernel
+            on GPUs, the cpu backend on CPUs).
 
     Returns:
         ``Kept(keep, index)``: keep bool ``[B, T, N]`` with exactly budgets[b, t] True in row (b, t);
@@ -687,6 +688,8 @@ def topk_per_frame(
     k-th largest by bisection on the order-preserving integer image of the float32 scores (32 counting
     passes over registers), ties at the threshold resolved by a prefix count, and the kept positions
     written at the frame's offset in ``index``: one read of the scores, one write of keep and index.
+    The cpu backend takes every frame's threshold from one batched, unsorted ``torch.topk`` of the
+    frames padded to a common rank (vidtok.cpu.select), then the same tie rule.
     """
     check_tensor("scores", scores, rank=3, layout="[B, T, N]", dtypes=REFERENCE_DTYPES)
     B, T, N = scores.shape

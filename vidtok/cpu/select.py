@@ -1,12 +1,14 @@
 """topk_per_frame tuned for CPUs: the ``cpu`` backend of vidtok.topk_per_frame.
 
 The rule is the reference's (vidtok.reference.select.topk_per_frame: the higher score, then the lower
-index; NaN as -inf). The reference sorts all frames at once, which is the faster way for short frames
-(many frames of few tokens: no per-frame call). For long frames a sort does more work than needed:
-there each frame's budgets[b, t]-th largest score comes from one ``torch.kthvalue`` call (a
-linear-time selection), and the keep mask follows from these thresholds in one vectorised pass
-(scores above the threshold, then the ties at it in index order), so ties never depend on the
-library's order. Reading the budgets on the host is free on CPUs.
+index; NaN as -inf). The reference sorts every frame, which costs a full sort per frame. Here each
+frame's threshold, its budgets[b, t]-th largest score, comes from one batched selection instead: every
+frame is padded with kmax - k copies of +inf and k - kmin copies of -inf (kmax, kmin: the largest and
+smallest budget), so that the kmax-th largest score of every padded frame is the k-th largest of the
+frame, and one unsorted ``torch.topk(kmax)`` and a minimum give all thresholds (a linear-time
+selection per frame, no sort). The keep mask follows in one vectorised pass: scores above the
+threshold, then the ties at it in index order, so ties never depend on the library's order. Reading
+the budgets' extremes on the host is free on CPUs.
 """
 
 from __future__ import annotations
@@ -15,27 +17,27 @@ import torch
 
 from vidtok.reference import select as reference
 
-# Frames of at least this many tokens take one kthvalue call each. Single-thread minima on CI's
-# shared 2-core Xeon (bench/NOTES.md, topk_per_frame): a stable sort of 256 tokens ~40 us per frame,
-# of 4096 tokens ~540 us; a kthvalue call ~17 us + ~25 ns per token: they cross between 256 and 576.
-LOOP_FROM_N = 512
-
 
 def topk_per_frame(scores: torch.Tensor, budgets: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(keep bool ``[B, T, N]``, index int32 ``[B, capacity]``), as the reference."""
     B, T, N = scores.shape
-    if N < LOOP_FROM_N or B * T == 0:
-        return reference.topk_per_frame(scores, budgets, capacity)
     s = scores.to(torch.float64 if scores.dtype == torch.float64 else torch.float32)
-    s = torch.where(torch.isnan(s), float("-inf"), s)
-    k = budgets.to(torch.int64)[..., None]
-    # the k-th largest score of every frame is its (N - k + 1)-th smallest; +inf for k = 0 (nothing
-    # is above it and no tie is taken)
-    none = s.new_full((), float("inf"))
+    s = s.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    k = budgets.to(torch.int32).reshape(B * T, 1)
+    kmax = int(k.max()) if k.numel() else 0
+    if kmax == 0:
+        keep = torch.zeros(B, T, N, dtype=torch.bool)
+        return keep, reference.kept_index(keep, capacity)
+    kmin = int(k.min())
     rows = s.reshape(B * T, N)
-    tops = [torch.kthvalue(row, N - kk + 1).values if kk else none for row, kk in zip(rows, k.reshape(-1).tolist())]
-    threshold = torch.stack(tops).view(B, T, 1)
+    if kmax > kmin:
+        slot = torch.arange(kmax - kmin)
+        rows = torch.cat([rows, torch.where(slot < kmax - k, float("inf"), float("-inf")).to(s.dtype)], dim=1)
+    # a frame with k = 0 holds kmax copies of +inf: its threshold is +inf, above which nothing lies
+    threshold = rows.topk(kmax, dim=1, sorted=False).values.amin(1).view(B, T, 1)
+    k = k.view(B, T, 1)
     above = s > threshold
     tied = s == threshold
-    keep = above | (tied & (tied.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
+    need = k - above.sum(-1, keepdim=True, dtype=torch.int32)
+    keep = above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= need))
     return keep, reference.kept_index(keep, capacity)

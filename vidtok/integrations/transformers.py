@@ -1,19 +1,21 @@
 """Hugging Face transformers: compress video tokens between the vision tower and the language model.
 
 ``apply(model, policy)`` patches one loaded ``Qwen2VLForConditionalGeneration``,
-``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration`` or
-``LlavaOnevisionForConditionalGeneration`` (transformers 5.x) so that every video it reads goes through ``policy`` (see ``vidtok.integrations.policies``)
-after the vision tower and before the language model; ``remove(model)`` undoes it. Only the instance
+``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``,
+``LlavaOnevisionForConditionalGeneration`` or ``InternVLForConditionalGeneration`` (transformers 5.x)
+so that every video it reads goes through ``policy`` (see ``vidtok.integrations.policies``) after the
+vision tower and before the language model; ``remove(model)`` undoes it. Only the instance
 is patched (its ``forward`` and ``generate`` become instance attributes wrapping the originals, with
 the originals' signatures); no transformers class or file changes, and other instances are untouched.
 
-What the patched model does when it is given ``pixel_values_videos`` (in ``forward`` or ``generate``):
+What the patched model does when it is given a video, ``pixel_values_videos`` (InternVL:
+``video_rows``, below), in ``forward`` or ``generate``:
 
 1. Predicts each video's token count from the config and the input shapes alone (the policy's
    ``num_tokens(grid)``; ``video_token_counts`` gives the same numbers to whoever sizes prompts), runs
    the model's own ``get_video_features`` (vision tower, then Qwen's 2x2 patch merger or
-   LLaVA-OneVision's projector + bilinear pooling) and calls ``policy(features, grid)`` once per video
-   on its ``[T*h*w, C]`` tokens. A video whose output count differs from the prediction is a
+   LLaVA-OneVision's projector + bilinear pooling, InternVL's pixel shuffle + projector) and calls
+   ``policy(features, grid)`` once per video on its ``[T*h*w, C]`` tokens. A video whose output count differs from the prediction is a
    ValueError before anything reaches the language model. LLaVA-OneVision's trailing
    ``image_newline`` token is always kept. Qwen3-VL's DeepStack features keep the same tokens.
 2. Shrinks the prompt to match: each video's run of placeholder tokens (``config.video_token_id``)
@@ -27,10 +29,11 @@ What the patched model does when it is given ``pixel_values_videos`` (in ``forwa
    columns: a kept video token keeps the (t, h, w) position of the input token it stands at
    (``origin``), timestamps and text keep theirs, as vLLM's EVS does.
    ``model.model.rope_deltas`` is set so that decoding continues after the last original position.
-   LLaVA-OneVision (1-D RoPE): the compressed prompt is numbered 0, 1, 2, ... as if it were the
-   prompt (what ``generate`` derives from the attention mask).
+   LLaVA-OneVision and InternVL (1-D RoPE): the compressed prompt is numbered 0, 1, 2, ... as if it
+   were the prompt (what ``generate`` derives from the attention mask).
 4. Calls the original ``forward``/``generate`` with the compressed prompt and the compressed features
-   as ``mm_encoder_outputs={"video": CompressedVideoOutput}`` (it records each video's ``origin``).
+   as ``mm_encoder_outputs={"video": CompressedVideoOutput}`` (it records each video's ``origin``;
+   InternVL: ``{"image": ...}``, holding the images' features too).
 
 Results: ``forward`` returns logits (and loss) over the *compressed* sequence, its
 ``video_outputs`` is the ``CompressedVideoOutput``. ``generate`` returns the prompt you passed
@@ -43,16 +46,24 @@ Host syncs: the kept counts are data-dependent, so each prefill with a video rea
 once per prompt, outside vidtok's kernel hot paths; decoding steps add none. It rules out CUDA-graph
 capture of the prefill, and ``generate`` must run eagerly for that step (the usual default).
 
-InternVL (``InternVLForConditionalGeneration``) is not supported: its processor turns a video into
-per-frame images (``pixel_values`` rows behind image tokens, "Frame1: <img>...</img>"), so the model
-never sees which images form a video; compressing across frames would need the caller to say which
-``pixel_values`` rows are one video's frames, an argument transformers' InternVL does not carry.
+InternVL: its processor turns a video into per-frame images ("Frame1: <img><IMG_CONTEXT>...</img>",
+the frames' pixels among the images' in ``pixel_values``), so the model cannot tell a video from
+images. ``internvl_video_rows(processor, text, input_ids)`` recovers each video's rows from the
+processor's call; pass them as ``video_rows=`` and the patched model compresses those frames
+(``<IMG_CONTEXT>`` placeholders of a frame drop with its tokens; the "FrameN: <img>" text stays), its
+images passing through whole. Without ``video_rows`` it runs unchanged::
+
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=text, videos=[clip], return_tensors="pt")
+    rows = vidtok.integrations.transformers.internvl_video_rows(processor, text, inputs["input_ids"])
+    model.generate(**inputs, video_rows=rows, max_new_tokens=64)
 
 Limits (each raises a ValueError saying so): a video needs ``input_ids`` (not only
 ``inputs_embeds``) to find its placeholders, and must arrive at the prefill (a cache that already
 holds tokens plus new ``pixel_values_videos`` is refused); LLaVA-OneVision batches whose videos keep
 different token counts cannot use ``num_beams``/``num_return_sequences`` > 1 (transformers expands
-its pooled video features as one tensor per video). Call ``remove`` before ``copy.deepcopy`` of a
+its pooled video features as one tensor per video), nor InternVL batches whose prompt rows keep
+different placeholder counts. Call ``remove`` before ``copy.deepcopy`` of a
 patched model (the wrappers refer to the original instance).
 
 Sparse video attention: ``apply_sparse_attention(model, layout, spec)`` makes the attention layers of
@@ -82,6 +93,7 @@ __all__ = [
     "CompressedVideoOutput",
     "apply",
     "apply_sparse_attention",
+    "internvl_video_rows",
     "is_applied",
     "remove",
     "remove_sparse_attention",
@@ -90,7 +102,10 @@ __all__ = [
 
 _QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 _LLAVA = ("llava_onevision",)
-SUPPORTED_MODEL_TYPES = _QWEN + _LLAVA
+_INTERNVL = ("internvl",)
+SUPPORTED_MODEL_TYPES = _QWEN + _LLAVA + _INTERNVL
+# the call argument that carries a family's videos: InternVL's frames are pixel_values rows named by video_rows
+_VIDEO_INPUT = {"qwen": "pixel_values_videos", "llava": "pixel_values_videos", "internvl": "video_rows"}
 _MISSING = object()
 _STATE = "_vidtok_patch"
 
@@ -102,7 +117,9 @@ class CompressedVideoOutput(BaseModelOutputWithPooling):
     ``pooler_output`` holds the compressed features in the layout the model's ``forward`` reads:
     Qwen: a tuple with one ``[L'_i, C]`` tensor per video; LLaVA-OneVision: ``[V, L' + 1, C]`` when
     every video kept the same count ``L'`` (the ``+ 1`` is ``image_newline``), otherwise all videos
-    concatenated as ``[1, sum_i (L'_i + 1), C]``. ``last_hidden_state``/``hidden_states``/
+    concatenated as ``[1, sum_i (L'_i + 1), C]``; InternVL (passed as ``mm_encoder_outputs["image"]``):
+    the features of every kept image placeholder, images and video frames in prompt order, as
+    ``[B, n, C]`` when every prompt row keeps ``n`` of them, otherwise ``[1, total, C]``. ``last_hidden_state``/``hidden_states``/
     ``attentions`` are the tower's, unchanged. ``origin[i]``: int64 ``[L'_i]``, the flat (t, h, w)
     index of each kept token of video i; ``grid[i]``: its LLM-side ``(T, h, w)``. Qwen3-VL:
     ``deepstack_features``, one tuple per DeepStack layer with each video's ``[L'_i, C]`` features of
@@ -122,12 +139,15 @@ class _Patch:
         self.saved: dict[str, object] = {}
 
 
+def _family_of(model_type: str) -> str:
+    return "qwen" if model_type in _QWEN else "llava" if model_type in _LLAVA else "internvl"
+
+
 def _family(model) -> str:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     inner = getattr(model, "model", None)
-    if model_type not in SUPPORTED_MODEL_TYPES or not hasattr(inner, "get_video_features") or not hasattr(
-        model, "generate"
-    ):
+    encoder = "get_image_features" if model_type in _INTERNVL else "get_video_features"
+    if model_type not in SUPPORTED_MODEL_TYPES or not hasattr(inner, encoder) or not hasattr(model, "generate"):
         raise TypeError(
             "apply() patches a transformers *ForConditionalGeneration model of type "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}; got {type(model).__name__} (model_type {model_type!r})"
@@ -137,15 +157,16 @@ def _family(model) -> str:
         raise TypeError(
             f"{type(model).__name__}.forward takes no mm_encoder_outputs: this transformers version is too old"
         )
-    return "qwen" if model_type in _QWEN else "llava"
+    return _family_of(model_type)
 
 
 def apply(model, policy):
     """Compress every video ``model`` reads with ``policy``; returns ``model`` (patched in place).
 
     Args:
-        model: a loaded ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``
-            or ``LlavaOnevisionForConditionalGeneration``.
+        model: a loaded ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+            ``Qwen3VLForConditionalGeneration``, ``LlavaOnevisionForConditionalGeneration`` or
+            ``InternVLForConditionalGeneration``.
         policy: ``policy(features [T*h*w, C], grid (T, h, w)) -> (features_out [L', C], origin int64
             [L'])``, e.g. ``DropStatic(0.95)``; see ``vidtok.integrations.policies``.
 
@@ -210,7 +231,7 @@ def _check_prefill(arguments: dict) -> None:
     cache = arguments.get("cache", arguments.get("past_key_values"))
     if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
         raise ValueError(
-            "vidtok compresses videos at the prefill only; got pixel_values_videos with a cache that already "
+            "vidtok compresses videos at the prefill only; got a video with a cache that already "
             f"holds {cache.get_seq_length()} tokens"
         )
 
@@ -222,7 +243,7 @@ def _make_forward(model, state: _Patch):
     @functools.wraps(original)
     def forward(*args, **kwargs):
         arguments = _arguments(signature, args, kwargs)
-        if arguments.get("pixel_values_videos") is None:
+        if arguments.get(_VIDEO_INPUT[state.family]) is None:
             return original(*args, **kwargs)
         _check_prefill(arguments)
         return original(**_compress(model, state, arguments, for_generate=False))
@@ -237,7 +258,7 @@ def _make_generate(model, state: _Patch):
     @functools.wraps(original)
     def generate(*args, **kwargs):
         arguments = _arguments(signature, args, kwargs)
-        if arguments.get("pixel_values_videos") is None:
+        if arguments.get(_VIDEO_INPUT[state.family]) is None:
             return original(*args, **kwargs)
         inputs = arguments.pop("inputs", None)
         if inputs is not None:
@@ -264,17 +285,27 @@ def _make_generate(model, state: _Patch):
 
 
 def _check_expansion(model, state: _Patch, new: dict) -> None:
-    video = new["mm_encoder_outputs"]["video"]
-    if state.family != "llava" or len(video.origin) == 1 or video.pooler_output.shape[0] == len(video.origin):
+    """generate expands a pooled feature tensor one group per video (LLaVA-OneVision) or per prompt row
+    (InternVL); features concatenated across groups of different counts cannot be expanded."""
+    if state.family == "qwen":
+        return
+    if state.family == "llava":
+        video = new["mm_encoder_outputs"]["video"]
+        groups, what = len(video.origin), f"videos kept different token counts ({[len(o) for o in video.origin]})"
+    else:
+        video = new["mm_encoder_outputs"]["image"]
+        counts = (new["input_ids"] == model.config.image_token_id).sum(1).tolist()
+        groups, what = len(counts), f"prompt rows kept different image placeholder counts ({counts})"
+    if groups == 1 or video.pooler_output.shape[0] == groups:
         return
     config = new.get("generation_config") or model.generation_config
     beams = new.get("num_beams") or config.num_beams or 1
     returns = new.get("num_return_sequences") or config.num_return_sequences or 1
     if beams * returns > 1:
+        name = "LLaVA-OneVision" if state.family == "llava" else "InternVL"
         raise ValueError(
-            "LLaVA-OneVision videos of one batch kept different token counts "
-            f"({[len(o) for o in video.origin]}); transformers cannot expand them for num_beams={beams}, "
-            f"num_return_sequences={returns}: generate one video per call or use a single beam"
+            f"{name}: the {what} of one batch; transformers cannot expand them for num_beams={beams}, "
+            f"num_return_sequences={returns}: generate one prompt per call or use a single beam"
         )
 
 
@@ -287,6 +318,13 @@ def _llava_side(config) -> int:
     return math.ceil(config.vision_config.image_size // config.vision_config.patch_size / 2)
 
 
+def _internvl_side(config) -> int:
+    """InternVL's tokens per side of one frame: patches per side times the pixel-shuffle ratio."""
+    vision = config.vision_config
+    size, patch = (v[0] if isinstance(v, (list, tuple)) else v for v in (vision.image_size, vision.patch_size))
+    return int(size // patch * config.downsample_ratio)
+
+
 def _llm_grids(config, family: str, video_grid_thw=None, num_frames=None) -> list[tuple[int, int, int]]:
     """Every video's LLM-side (T, h, w), from the config and the input shapes alone (no encoder)."""
     if family == "qwen":
@@ -295,7 +333,7 @@ def _llm_grids(config, family: str, video_grid_thw=None, num_frames=None) -> lis
         m = config.vision_config.spatial_merge_size
         return [(int(t), int(h) // m, int(w) // m) for t, h, w in torch.as_tensor(video_grid_thw).tolist()]
     frames = [num_frames] if isinstance(num_frames, int) else list(num_frames)
-    side = _llava_side(config)
+    side = _llava_side(config) if family == "llava" else _internvl_side(config)
     return [(int(f), side, side) for f in frames]
 
 
@@ -307,9 +345,10 @@ def video_token_counts(model, policy, *, video_grid_thw=None, num_frames=None) -
         model: a model (or its config) of a type ``apply`` takes.
         policy: a policy; its ``num_tokens(grid)`` gives the count (see ``vidtok.integrations.policies``).
         video_grid_thw: Qwen-VL: ``[V, 3]`` as the processor gives it (patches before the spatial merge).
-        num_frames: LLaVA-OneVision: frames per video, an int (one video) or a list.
+        num_frames: LLaVA-OneVision and InternVL: frames per video, an int (one video) or a list.
 
-    Returns one entry per video: the LLM tokens (LLaVA-OneVision: plus its ``image_newline``), or None
+    Returns one entry per video: the LLM tokens (LLaVA-OneVision: plus its ``image_newline``; InternVL:
+    the ``<IMG_CONTEXT>`` placeholders of its frames, without the "FrameN: <img>" text), or None
     where the policy keeps a data-dependent number (``DropStatic``, threshold merges). The patched model
     checks every video against this count before anything reaches the language model.
     """
@@ -318,17 +357,107 @@ def video_token_counts(model, policy, *, video_grid_thw=None, num_frames=None) -
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise TypeError(f"video_token_counts takes a model or config of type {', '.join(SUPPORTED_MODEL_TYPES)}, "
                         f"got model_type {model_type!r}")
-    family = "qwen" if model_type in _QWEN else "llava"
+    family = _family_of(model_type)
     if (video_grid_thw is None) == (num_frames is None) or (family == "qwen") != (video_grid_thw is not None):
-        raise ValueError("pass video_grid_thw for Qwen-VL models, num_frames for LLaVA-OneVision")
-    tail = 0 if family == "qwen" else 1
+        raise ValueError("pass video_grid_thw for Qwen-VL models, num_frames for LLaVA-OneVision and InternVL")
+    tail = 1 if family == "llava" else 0
     counts = [predicted_tokens(policy, grid) for grid in _llm_grids(config, family, video_grid_thw, num_frames)]
     return [None if c is None else c + tail for c in counts]
 
 
+def internvl_video_rows(processor, text, input_ids: torch.Tensor) -> torch.Tensor:
+    """InternVL: which rows of ``pixel_values`` are the frames of each video of a processor call.
+
+    InternVL's processor turns each ``<video>`` of the text into per-frame images ("Frame1: <img>
+    <IMG_CONTEXT>... </img>") and puts their pixels among the images' in ``pixel_values``, so the
+    model cannot tell a video from images. Pass the result as ``video_rows=`` to a patched InternVL
+    model (``apply``) to have its videos compressed.
+
+    Args:
+        processor: the ``InternVLProcessor`` that made ``input_ids``.
+        text: the text (a string or a list, one per prompt row) given to the processor.
+        input_ids: the processor's ``input_ids``.
+
+    Returns int64 ``[V, 2]``: each video's first ``pixel_values`` row and its frame count, in prompt
+    order. Found by walking the runs of ``<IMG_CONTEXT>`` tokens in the order the processor stacked
+    the pixels: an image is one run (its tiles), a video one run per frame; every video of a call has
+    the same number of frames (the processor stacks them).
+    """
+    texts = [text] if isinstance(text, str) else list(text)
+    order = [m.lastgroup for row in texts for m in processor.multimodal_pattern.finditer(row)]
+    per_row = processor.image_seq_length
+    runs = []  # lengths of the runs of image tokens, in row-major order
+    for row in (torch.as_tensor(input_ids) == processor.image_token_id).tolist():
+        length = 0
+        for is_image in row + [False]:
+            if is_image:
+                length += 1
+            elif length:
+                runs.append(length)
+                length = 0
+    videos = order.count("video")
+    images = len(order) - videos
+    if videos == 0:
+        return torch.zeros(0, 2, dtype=torch.int64)
+    frames, left = divmod(len(runs) - images, videos)
+    if frames < 1 or left or any(n % per_row for n in runs):
+        raise ValueError(
+            f"input_ids hold {len(runs)} runs of image tokens for {images} images and {videos} videos of the "
+            "text: they are not the processor's output for this text")
+    out, row, run = [], 0, 0
+    for kind in order:
+        if kind == "image":
+            row += runs[run] // per_row
+            run += 1
+        else:
+            if any(n != per_row for n in runs[run : run + frames]):
+                raise ValueError("a video frame of input_ids is not one image row long: not the processor's output "
+                                 "for this text")
+            out.append((row, frames))
+            row += frames
+            run += frames
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def _video_rows(arguments: dict) -> list[tuple[int, int]]:
+    """InternVL: each video's (first row, frames) in ``pixel_values``, checked against its rows."""
+    pixel_values = arguments.get("pixel_values")
+    if pixel_values is None:
+        raise ValueError("InternVL: video_rows names rows of pixel_values, but no pixel_values were given")
+    rows = torch.as_tensor(arguments["video_rows"])
+    if rows.dim() != 2 or rows.shape[1] != 2 or rows.dtype.is_floating_point or rows.dtype == torch.bool:
+        raise ValueError(f"video_rows must be integer [V, 2] (first pixel_values row, frames), got {rows.dtype} "
+                         f"{tuple(rows.shape)}")
+    pairs = [(int(s), int(f)) for s, f in rows.tolist()]
+    end = 0
+    for s, f in pairs:
+        if s < end or f < 1 or s + f > pixel_values.shape[0]:
+            raise ValueError(
+                f"video_rows must list non-overlapping runs of at least one frame, in order, inside the "
+                f"{pixel_values.shape[0]} rows of pixel_values; got {pairs}")
+        end = s + f
+    return pairs
+
+
 def _video_features(model, family: str, arguments: dict):
-    """(tower output, per-video [n_i, C] bodies, per-video tails or None, per-video LLM-side grids)."""
+    """(tower output, per-video [n_i, C] bodies, per-video tails or None, per-video LLM-side grids).
+    InternVL: the tower output covers every pixel_values row (images and frames)."""
     inner, config = model.model, model.config
+    if family == "internvl":
+        rows = _video_rows(arguments)
+        output = inner.get_image_features(
+            arguments["pixel_values"],
+            vision_feature_layer=arguments.get("vision_feature_layer"),
+            vision_feature_select_strategy=arguments.get("vision_feature_select_strategy"),
+            return_dict=True,
+        )
+        pooled = output.pooler_output  # [rows, side * side, C]
+        side = _internvl_side(config)
+        if pooled.shape[1] != side * side:
+            raise ValueError(f"InternVL features have {pooled.shape[1]} tokens per image row, expected "
+                             f"{side}x{side} from the config; unsupported feature layout")
+        bodies = [pooled[s : s + f].reshape(f * side * side, -1) for s, f in rows]
+        return output, bodies, [None] * len(rows), [(f, side, side) for _, f in rows]
     pixel_values_videos = arguments["pixel_values_videos"]
     if family == "qwen":
         grid_thw = arguments.get("video_grid_thw")
@@ -375,11 +504,11 @@ def _compress(model, state: _Patch, arguments: dict, *, for_generate: bool) -> d
     input_ids = arguments.get("input_ids")
     if input_ids is None:
         raise ValueError(
-            "vidtok needs input_ids to find the video placeholder tokens; got pixel_values_videos with "
-            "inputs_embeds only"
+            "vidtok needs input_ids to find the video placeholder tokens; got a video with inputs_embeds only"
         )
-    if (arguments.get("mm_encoder_outputs") or {}).get("video") is not None:
-        raise ValueError("got both pixel_values_videos and mm_encoder_outputs['video']")
+    modality = "image" if family == "internvl" else "video"  # where the compressed features go
+    if (arguments.get("mm_encoder_outputs") or {}).get(modality) is not None:
+        raise ValueError(f"got both {_VIDEO_INPUT[family]} and mm_encoder_outputs[{modality!r}]")
     attention_mask = arguments.get("attention_mask")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"attention_mask must be [batch, seq] (2-D), got shape {tuple(attention_mask.shape)}")
@@ -391,8 +520,11 @@ def _compress(model, state: _Patch, arguments: dict, *, for_generate: bool) -> d
     # 1. The policy, once per video; its count predicted from the grid before the encoder runs.
     if family == "qwen":
         grids = _llm_grids(config, family, arguments.get("video_grid_thw"))
+    elif family == "llava":
+        videos = arguments["pixel_values_videos"]
+        grids = _llm_grids(config, family, num_frames=[videos.shape[1]] * videos.shape[0])
     else:
-        grids = _llm_grids(config, family, num_frames=[arguments["pixel_values_videos"].shape[1]] * arguments["pixel_values_videos"].shape[0])
+        grids = _llm_grids(config, family, num_frames=[f for _, f in _video_rows(arguments)])
     predicted = [predicted_tokens(state.policy, grid) for grid in grids]
     output, bodies, tails, grids = _video_features(model, family, arguments)
     device = input_ids.device
@@ -415,14 +547,31 @@ def _compress(model, state: _Patch, arguments: dict, *, for_generate: bool) -> d
         origins.append(origin)
         keeps.append(keep)
 
+    if family == "internvl":
+        # Every image placeholder of the call, images and frames: images keep all of theirs, and the
+        # features become the kept ones in prompt order.
+        pooled = output.pooler_output
+        per_row = pooled.shape[1]
+        flat = pooled.reshape(-1, pooled.shape[-1])
+        keep_all = torch.ones(flat.shape[0], dtype=torch.bool, device=device)
+        pieces, done = [], 0
+        for (s, f), keep, out in zip(_video_rows(arguments), keeps, outs):
+            keep_all[s * per_row : (s + f) * per_row] = keep
+            pieces += [flat[done * per_row : s * per_row], out.to(flat.dtype)]
+            done = s + f
+        features = torch.cat(pieces + [flat[done * per_row :]])
+        keeps = [keep_all]
+
     # 2. Which prompt columns survive. masked_scatter fills placeholders in row-major order, so the
-    #    i-th placeholder of the whole batch belongs to the i-th video token in order.
-    video_mask = input_ids == config.video_token_id
+    #    i-th placeholder of the whole batch belongs to the i-th video token in order (InternVL: the
+    #    i-th image token of the rows of pixel_values).
+    placeholder = config.image_token_id if family == "internvl" else config.video_token_id
+    video_mask = input_ids == placeholder
     placeholders, expected = int(video_mask.sum()), sum(k.numel() for k in keeps)
     if placeholders != expected:
+        given = "the rows of pixel_values give" if family == "internvl" else "the videos give"
         raise ValueError(
-            f"input_ids hold {placeholders} video placeholder tokens (id {config.video_token_id}) but the "
-            f"videos give {expected} tokens"
+            f"input_ids hold {placeholders} placeholder tokens (id {placeholder}) but {given} {expected} tokens"
         )
     keep_seq = torch.ones_like(video_mask)
     keep_seq[video_mask] = torch.cat(keeps)
@@ -439,7 +588,8 @@ def _compress(model, state: _Patch, arguments: dict, *, for_generate: bool) -> d
         return packed
 
     new_padding = bool((pad > 0).any())
-    new = {k: v for k, v in arguments.items() if k != "pixel_values_videos"}
+    consumed = ("pixel_values", "video_rows") if family == "internvl" else ("pixel_values_videos",)
+    new = {k: v for k, v in arguments.items() if k not in consumed}
     pad_id = config.text_config.pad_token_id
     new["input_ids"] = pack(input_ids, 0 if pad_id is None else pad_id)
     if attention_mask is None and (new_padding or for_generate):
@@ -476,6 +626,9 @@ def _compress(model, state: _Patch, arguments: dict, *, for_generate: bool) -> d
     # 4. The compressed features, in the layout the model's forward reads.
     if family == "qwen":
         pooler = tuple(outs)
+    elif family == "internvl":
+        counts = (new["input_ids"] == placeholder).sum(1).tolist()
+        pooler = features.view(batch, counts[0], -1) if len(set(counts)) == 1 else features[None]
     elif len({o.shape[0] for o in outs}) == 1:
         pooler = torch.stack(outs)
     else:
@@ -492,8 +645,8 @@ def _compress(model, state: _Patch, arguments: dict, *, for_generate: bool) -> d
         grid=tuple(grids),
         deepstack_features=deepstack,
     )
-    mm_encoder_outputs = {**(arguments.get("mm_encoder_outputs") or {}), "video": video}
-    if arguments.get("pixel_values") is not None:
+    mm_encoder_outputs = {**(arguments.get("mm_encoder_outputs") or {}), modality: video}
+    if family != "internvl" and arguments.get("pixel_values") is not None:
         if mm_encoder_outputs.get("image") is not None:
             raise ValueError("got both pixel_values and mm_encoder_outputs['image']")
         mm_encoder_outputs["image"] = _image_features(model, family, arguments)

@@ -530,10 +530,11 @@ def kept_index(keep: torch.Tensor, capacity: int) -> torch.Tensor:
     (t, n) order, then -1 (a prefix sum and a scatter, never ``nonzero``)."""
     B = keep.shape[0]
     flat = keep.reshape(B, -1)
-    slot = torch.where(flat, flat.cumsum(1) - 1, capacity)  # dropped tokens go to a scratch column
+    # dropped tokens go to a scratch column; kept ones are below capacity (the op checks the totals)
+    slot = torch.where(flat, flat.cumsum(1) - 1, capacity)
     index = torch.full((B, capacity + 1), -1, dtype=torch.int32, device=keep.device)
     positions = torch.arange(flat.shape[1], dtype=torch.int32, device=keep.device).expand_as(flat)
-    index.scatter_(1, slot.clamp(max=capacity), positions)
+    index.scatter_(1, slot, positions)
     return index[:, :capacity].contiguous()
 
 
