@@ -557,7 +557,7 @@ def _compress(model, state: _Patch, arguments: dict, *, for_generate: bool) -> d
         pieces, done = [], 0
         for (s, f), keep, out in zip(_video_rows(arguments), keeps, outs):
             keep_all[s * per_row : (s + f) * per_row] = keep
-            pieces += [flat[done * per_row : s * per_row], out.to(flat.dtype)]
+            pieces += [flat[done * per_row : s * per_row], out]
             done = s + f
         features = torch.cat(pieces + [flat[done * per_row :]])
         keeps = [keep_all]

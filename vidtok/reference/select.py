@@ -501,9 +501,16 @@ def allocate_budget(
         w = s.nan_to_num(0.0)
     positive = w > 0
     reach = torch.where(positive, hi, lo).sum(1)  # the most the positive weights can absorb
-    first = _water_fill(w, lo, hi, torch.minimum(tot, reach))
-    # the rest spread evenly over the zero-weight frames, the positive ones at their maximum
-    rest = _water_fill((~positive).to(torch.float64), torch.where(positive, hi, lo), hi, tot)
+    # Two fills, computed as one batch of 2B rows (the rows are independent): the weights up to what
+    # they can absorb, and the rest spread evenly over the zero-weight frames with the positive ones
+    # at their maximum. A video whose total exceeds `reach` takes the second.
+    both = _water_fill(
+        torch.cat([w, (~positive).to(torch.float64)]),
+        torch.cat([lo, torch.where(positive, hi, lo)]),
+        torch.cat([hi, hi]),
+        torch.cat([torch.minimum(tot, reach), tot]),
+    )
+    first, rest = both.chunk(2)
     a = torch.where((tot > reach)[:, None], rest, first)
     return round_to_total(a, lo, hi, total.long())
 
