@@ -62,6 +62,22 @@ def test_cli_on_a_synthetic_clip(clip_path, tmp_path, capsys):
         assert str(out / name) in captured.out
 
 
+def test_sweep_compares_rules_at_equal_budgets():
+    """Every rule of the keep-fraction-vs-PSNR sweep keeps exactly what the last_kept gate kept at the
+    same threshold (whole frames uniform in time: the nearest number of whole frames)."""
+    r = run_demo(synthetic_clip(12, 48, 64, cut_at=6, seed=3), frames=4)
+    rules = {row[0] for row in r.curve}
+    assert rules == {"last_kept", "prev", "uniform in time", "EVS, exact K", "equal frame budgets, exact K",
+                     "distinct frame budgets, exact K"}
+    T, h, w = 12, 3, 4
+    for tau in {row[1] for row in r.curve}:
+        fraction = {rule: kf for rule, t, kf, _, _ in r.curve if t == tau}
+        K = round(fraction["last_kept"] * T * h * w)
+        for rule in ("EVS, exact K", "equal frame budgets, exact K", "distinct frame budgets, exact K"):
+            assert round(fraction[rule] * T * h * w) == K, (tau, rule)
+        assert abs(fraction["uniform in time"] * T - fraction["last_kept"] * T) <= 0.5 + 1e-9
+
+
 def test_python_api_with_an_encoder_and_no_files():
     frames = synthetic_clip(12, 48, 64, cut_at=6, seed=2)
     calls = []

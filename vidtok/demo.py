@@ -55,7 +55,7 @@ from vidtok import _backend, masks
 from vidtok.merge import Merged, temporal_merge, unmerge
 from vidtok.motion import Gate, Packed, motion_gate, motion_report, pack, patch_delta, unpack
 from vidtok.reference.motion import carry_and_run_length, patchify, rebuild
-from vidtok.select import frame_scores, greedy_select, scene_boundaries, uniform_indices
+from vidtok.select import allocate_budget, frame_scores, greedy_select, scene_boundaries, topk_per_frame, uniform_indices
 from vidtok.sparse import SparsePlan, VideoLayout, build_plan, sparse_attention
 
 __all__ = ["DEFAULT_CLIP", "DemoResult", "Stage", "default_clip", "run_demo"]
@@ -513,24 +513,52 @@ def _gate_of(keep: torch.Tensor) -> Gate:
     return Gate(keep, torch.zeros(keep.shape, device=keep.device), run, carry)
 
 
+def _frame_distinctiveness(video5: torch.Tensor) -> torch.Tensor:
+    """[1, T]: 1 - cos(frame, mean frame) on 16x16 grey thumbnails (VidCom2's frame uniqueness)."""
+    grey = video5[0].float().mean(1, keepdim=True)  # [T, 1, H, W]
+    thumbs = F.adaptive_avg_pool2d(grey, 16).flatten(1)
+    return (1 - F.cosine_similarity(thumbs, thumbs.mean(0, keepdim=True), dim=-1)).clamp_min(0)[None]
+
+
+def _exact_keep(delta: torch.Tensor, K: int, frame_weight: torch.Tensor | None) -> torch.Tensor:
+    """Exactly K patches: frame 0 whole, the rest spread over the later frames by ``frame_weight``
+    (None: evenly) with ``allocate_budget``, then each frame's most-changed patches (``topk_per_frame``)."""
+    B, T, h, w = delta.shape
+    lo = torch.zeros(B, T, dtype=torch.int64, device=delta.device)
+    lo[:, 0] = h * w
+    weight = torch.zeros(B, T, device=delta.device) if frame_weight is None else frame_weight
+    budgets = allocate_budget(weight, K, min_per_frame=lo, max_per_frame=h * w,
+                              mode="uniform" if frame_weight is None else "proportional")
+    return topk_per_frame(delta.reshape(B, T, h * w), budgets, capacity=K).keep.view(B, T, h, w)
+
+
 def _sweep(video5: torch.Tensor, patch: int, done: dict) -> list:
     """(rule, tau, keep_fraction, psnr, psnr_worst) over SWEEP_TAUS of the last_kept gate (``done``:
-    tau -> Gate already computed), the prev gate, and whole frames uniform in time at last_kept's
-    budget."""
+    tau -> Gate already computed), the prev gate, and, at last_kept's budget K, whole frames uniform
+    in time and three rules that keep exactly K patches (frame 0 whole): EVS's one ranking of the
+    change over the clip (``motion_gate(keep=K)``), and per-frame budgets, equal or proportional to
+    each frame's distinctiveness, filled with each frame's most-changed patches."""
     _, T, _, H, W = video5.shape
     shape = (1, T, H // patch, W // patch)
     # the prev gate keeps exactly the slices whose delta to the previous slice exceeds tau (slice 0's
     # delta is +inf), so one patch_delta serves every tau; last_kept is sequential and is re-run
     delta = patch_delta(video5, patch)
+    distinct = _frame_distinctiveness(video5)
     rows = []
     for tau in SWEEP_TAUS:
         gate = done[tau] if tau in done else motion_gate(video5, patch, tau)
-        for rule, g in (("last_kept", gate), ("prev", _gate_of(delta > tau))):
+        K = int(gate.keep.sum())
+        rules = [
+            ("last_kept", gate),
+            ("prev", _gate_of(delta > tau)),
+            ("uniform in time", _gate_of(_uniform_keep(shape, K, video5.device))),
+            ("EVS, exact K", motion_gate(video5, patch, keep=K)),
+            ("equal frame budgets, exact K", _gate_of(_exact_keep(delta, K, None))),
+            ("distinct frame budgets, exact K", _gate_of(_exact_keep(delta, K, distinct))),
+        ]
+        for rule, g in rules:
             r = motion_report(video5, g)
             rows.append((rule, tau, r["keep_fraction"], r["psnr_mean"], r["psnr_min"]))
-        g = _gate_of(_uniform_keep(shape, int(gate.keep.sum()), video5.device))
-        r = motion_report(video5, g)
-        rows.append(("uniform in time", tau, r["keep_fraction"], r["psnr_mean"], r["psnr_min"]))
     return rows
 
 
@@ -700,7 +728,8 @@ def run_demo(
             every stage it is timed: called once, then 2 to 5 more times (1 more when a call takes
             over 3 s).
         seed: seed of the random projections (tokens and attention weights).
-        sweep: also measure the keep-fraction-vs-PSNR curve (eight thresholds, three rules).
+        sweep: also measure the keep-fraction-vs-PSNR curve (eight thresholds; the last_kept and prev
+            gates, and at last_kept's budget whole frames uniform in time and three exact-count rules).
         progress: draw a progress line on stderr.
 
     Returns a ``DemoResult``; ``str(result)`` is the table the CLI prints. Raises FileNotFoundError,
@@ -898,9 +927,16 @@ def _write_curve(path: str, r: DemoResult) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for rule, style in (("last_kept", "-o"), ("prev", "-s"), ("uniform in time", "-^")):
+    labels = {
+        "last_kept": ("-o", "gate, last_kept (this run)"),
+        "prev": ("-s", "gate, prev"),
+        "uniform in time": ("-^", "whole frames, uniform in time"),
+        "EVS, exact K": ("--D", "exact K: EVS, one ranking of the clip"),
+        "equal frame budgets, exact K": ("--v", "exact K: equal frame budgets"),
+        "distinct frame budgets, exact K": ("--x", "exact K: budgets by frame distinctiveness"),
+    }
+    for rule, (style, label) in labels.items():
         pts = sorted((kf, p, wst) for name, _, kf, p, wst in r.curve if name == rule)
-        label = {"last_kept": "gate, last_kept (this run)", "prev": "gate, prev", "uniform in time": "whole frames, uniform in time"}[rule]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, markersize=4, label=label)
         if rule == "last_kept":
             ax.plot([p[0] for p in pts], [p[2] for p in pts], ":", color=ax.lines[-1].get_color(), label="last_kept, worst frame")
@@ -917,7 +953,7 @@ def _write_curve(path: str, r: DemoResult) -> str:
     ax.set_title(f"{os.path.basename(r.source.split(' (')[0])}, {T} frames of {r.frames.shape[2]}x{r.frames.shape[3]} "
                  f"pixels (H x W), patch {r.patch} (labels: tau, grey levels)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
