@@ -17,7 +17,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from vidtok.integrations import EVS, Budget, DropStatic, KeepAll, MergeTemporal, SelectFrames  # noqa: E402
+from vidtok.integrations import EVS, Budget, DropStatic, KeepAll, KeepAttended, MergeClusters, MergeTemporal, SelectFrames  # noqa: E402
 from vidtok.integrations import transformers as vt  # noqa: E402
 import vidtok  # noqa: E402
 from vidtok.integrations.policies import check_output  # noqa: E402
@@ -518,7 +518,7 @@ def _varied_inputs(case, Ts: list[int], seed: int = 0) -> dict:
 
 
 COUNTED = [KeepAll(), EVS(0.5), EVS(0.7, per_frame=True), Budget(5), Budget(ratio=0.5, allocate="softmax", token_score="change"),
-           MergeTemporal(r=3), SelectFrames(2, method="uniform")]
+           MergeTemporal(r=3), SelectFrames(2, method="uniform"), KeepAttended(5), MergeClusters(4, k=2, per_frame=True)]
 
 
 @pytest.mark.parametrize("policy", COUNTED, ids=repr)
