@@ -315,9 +315,11 @@ def test_topk_per_frame_edges(device, dtype, backend):
 def test_topk_per_frame_cpu_backend_padded_selection(dtype, seed, nan_allowed):
     """The cpu backend's thresholds from one padded top-k: budgets from 0 to N in one call, long and
     short frames, ties, +inf, -inf and NaN."""
+    from vidtok.cpu.select import SHORT_FRAME
+
     g = torch.Generator().manual_seed(seed)
     B, T = 2, 3
-    N = int(torch.randint(1, 700, (1,), generator=g))
+    N = int(torch.randint(SHORT_FRAME, 700, (1,), generator=g))  # shorter frames take the reference's sort
     scores = _tied_scores(B, T, N, seed=seed + 8, dtype=dtype)
     scores[0, -1, ::7] = float("nan")
     scores[1, 0, ::5] = float("inf")
@@ -326,6 +328,15 @@ def test_topk_per_frame_cpu_backend_padded_selection(dtype, seed, nan_allowed):
     _check_against_oracle(scores, budgets, None, "cpu")
     _check_against_oracle(scores, torch.full((B, T), N // 2), None, "cpu")  # equal budgets: no padding
     _check_against_oracle(scores, torch.zeros(B, T, dtype=torch.long), None, "cpu")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_topk_per_frame_and_allocate_budget_empty_batches(backend):
+    for B, T, N in ((0, 3, 40), (2, 0, 40), (0, 0, 1)):
+        out = vidtok.topk_per_frame(torch.zeros(B, T, N), torch.zeros(B, T, dtype=torch.long), backend=backend)
+        assert out.keep.shape == (B, T, N) and out.index.shape == (B, 0)
+    assert vidtok.allocate_budget(torch.zeros(2, 0), torch.zeros(2, dtype=torch.long)).shape == (2, 0)
+    assert vidtok.allocate_budget(torch.zeros(0, 5), 0).shape == (0, 5)
 
 
 def test_topk_per_frame_random_float64_reference():

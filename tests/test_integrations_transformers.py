@@ -724,3 +724,34 @@ def test_internvl_video_rows_errors_name_the_argument():
     with torch.no_grad(), Recorder(model) as rec:
         model(**{k: v for k, v in kw.items() if k != "video_rows"})
     assert rec.lengths == [kw["input_ids"].shape[1]]
+
+
+def test_internvl_prompts_without_video_and_rows_that_are_not_frames():
+    import numpy as np
+
+    processor = _internvl_processor(IMAGE)
+    case = Case("internvl")
+    model = case.model
+    text = ["hello look and"]
+    plain = processor(text=text, return_tensors="pt")
+    rows = vt.internvl_video_rows(processor, text, plain["input_ids"])
+    assert rows.shape == (0, 2)
+    with torch.no_grad():
+        reference = model(**plain).logits
+    reference_seq = case.generate(dict(plain))
+    rng = np.random.default_rng(1)
+    wide = rng.integers(0, 255, (40, 90, 3), dtype=np.uint8)  # 3 tiles: one run of 12 placeholders
+    clip = rng.integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    text2 = ["hello <IMG_CONTEXT> look <video> and"]
+    mixed = processor(text=text2, images=[wide], videos=[clip], return_tensors="pt")
+    assert vt.internvl_video_rows(processor, text2, mixed["input_ids"]).tolist() == [[3, 3]]
+    try:
+        vt.apply(model, Budget(2))
+        with torch.no_grad():  # an empty video_rows: the prompt has no video, the call runs unchanged
+            assert torch.equal(model(**plain, video_rows=rows).logits, reference)
+        assert torch.equal(case.generate(dict(plain, video_rows=rows)), reference_seq)
+        for wrong in ([[0, 3]], [[1, 1]], [[2, 2]]):  # the image's tiles, or a tile and a frame
+            with pytest.raises(ValueError, match="not one frame's run"):
+                model(**mixed, video_rows=torch.tensor(wrong))
+    finally:
+        vt.remove(model)

@@ -8,7 +8,8 @@ smallest budget), so that the kmax-th largest score of every padded frame is the
 frame, and one unsorted ``torch.topk(kmax)`` and a minimum give all thresholds (a linear-time
 selection per frame, no sort). The keep mask follows in one vectorised pass: scores above the
 threshold, then the ties at it in index order, so ties never depend on the library's order. Reading
-the budgets' extremes on the host is free on CPUs.
+the budgets' extremes on the host is free on CPUs. Frames shorter than SHORT_FRAME tokens take the
+reference's sort, which is faster there.
 """
 
 from __future__ import annotations
@@ -17,10 +18,16 @@ import torch
 
 from vidtok.reference import select as reference
 
+# Below this many tokens per frame the reference's one sort of all frames is faster than the padding
+# and the selection (one thread, 8 x 4096 frames: 3.7 vs 4.2 ms at N = 4, 38 vs 37 ms at N = 32).
+SHORT_FRAME = 32
+
 
 def topk_per_frame(scores: torch.Tensor, budgets: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(keep bool ``[B, T, N]``, index int32 ``[B, capacity]``), as the reference."""
     B, T, N = scores.shape
+    if N < SHORT_FRAME:
+        return reference.topk_per_frame(scores, budgets, capacity)
     s = scores.to(torch.float64 if scores.dtype == torch.float64 else torch.float32)
     s = s.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     k = budgets.to(torch.int32).reshape(B * T, 1)

@@ -30,7 +30,8 @@ What the patched model does when it is given a video, ``pixel_values_videos`` (I
    (``origin``), timestamps and text keep theirs, as vLLM's EVS does.
    ``model.model.rope_deltas`` is set so that decoding continues after the last original position.
    LLaVA-OneVision and InternVL (1-D RoPE): the compressed prompt is numbered 0, 1, 2, ... as if it
-   were the prompt (what ``generate`` derives from the attention mask).
+   were the prompt (what ``generate`` derives from the attention mask). Given ``position_ids`` (any
+   family) are not recomputed: the kept columns keep theirs.
 4. Calls the original ``forward``/``generate`` with the compressed prompt and the compressed features
    as ``mm_encoder_outputs={"video": CompressedVideoOutput}`` (it records each video's ``origin``;
    InternVL: ``{"image": ...}``, holding the images' features too).
@@ -51,7 +52,8 @@ the frames' pixels among the images' in ``pixel_values``), so the model cannot t
 images. ``internvl_video_rows(processor, text, input_ids)`` recovers each video's rows from the
 processor's call; pass them as ``video_rows=`` and the patched model compresses those frames
 (``<IMG_CONTEXT>`` placeholders of a frame drop with its tokens; the "FrameN: <img>" text stays), its
-images passing through whole. Without ``video_rows`` it runs unchanged::
+images passing through whole. Without ``video_rows`` (or with an empty one, a prompt without video)
+it runs unchanged; a named row that is not one frame's run of placeholders is a ValueError::
 
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(text=text, videos=[clip], return_tensors="pt")
@@ -236,6 +238,16 @@ def _check_prefill(arguments: dict) -> None:
         )
 
 
+def _has_video(family: str, arguments: dict, kwargs: dict) -> bool:
+    """Whether the call carries a video; an empty InternVL ``video_rows`` (a prompt without one) is
+    dropped from ``kwargs`` and the call runs unchanged."""
+    videos = arguments.get(_VIDEO_INPUT[family])
+    if family == "internvl" and videos is not None and torch.as_tensor(videos).numel() == 0:
+        kwargs.pop("video_rows", None)
+        return False
+    return videos is not None
+
+
 def _make_forward(model, state: _Patch):
     original = model.forward
     signature = inspect.signature(original)
@@ -243,7 +255,7 @@ def _make_forward(model, state: _Patch):
     @functools.wraps(original)
     def forward(*args, **kwargs):
         arguments = _arguments(signature, args, kwargs)
-        if arguments.get(_VIDEO_INPUT[state.family]) is None:
+        if not _has_video(state.family, arguments, kwargs):
             return original(*args, **kwargs)
         _check_prefill(arguments)
         return original(**_compress(model, state, arguments, for_generate=False))
@@ -258,7 +270,7 @@ def _make_generate(model, state: _Patch):
     @functools.wraps(original)
     def generate(*args, **kwargs):
         arguments = _arguments(signature, args, kwargs)
-        if arguments.get(_VIDEO_INPUT[state.family]) is None:
+        if not _has_video(state.family, arguments, kwargs):
             return original(*args, **kwargs)
         inputs = arguments.pop("inputs", None)
         if inputs is not None:
@@ -439,6 +451,24 @@ def _video_rows(arguments: dict) -> list[tuple[int, int]]:
     return pairs
 
 
+def _check_frame_runs(placeholders: torch.Tensor, rows: list[tuple[int, int]], per_row: int) -> None:
+    """InternVL: every row that video_rows names must be one frame, a run of exactly ``per_row``
+    placeholders in the prompt ("FrameN: <img>...</img>"); an image's tiles share one longer run."""
+    width = placeholders.shape[1]
+    pos = placeholders.flatten().nonzero().squeeze(1).tolist()  # batch-flat positions, in feature order
+    for s, f in rows:
+        for row in range(s, s + f):
+            first, last = row * per_row, (row + 1) * per_row - 1
+            joined = [(first > 0 and pos[first - 1] + 1 == pos[first] and pos[first - 1] // width == pos[first] // width),
+                      (last + 1 < len(pos) and pos[last] + 1 == pos[last + 1] and pos[last] // width == pos[last + 1] // width)]
+            one_run = pos[last] - pos[first] == per_row - 1 and pos[first] // width == pos[last] // width
+            if not one_run or any(joined):
+                raise ValueError(
+                    f"video_rows names pixel_values row {row}, whose {per_row} placeholders are not one frame's run "
+                    "of their own in input_ids (the tiles of an image share one run): video_rows must name video "
+                    "frames only (see internvl_video_rows)")
+
+
 def _video_features(model, family: str, arguments: dict):
     """(tower output, per-video [n_i, C] bodies, per-video tails or None, per-video LLM-side grids).
     InternVL: the tower output covers every pixel_values row (images and frames)."""
@@ -573,6 +603,8 @@ def _compress(model, state: _Patch, arguments: dict, *, for_generate: bool) -> d
         raise ValueError(
             f"input_ids hold {placeholders} placeholder tokens (id {placeholder}) but {given} {expected} tokens"
         )
+    if family == "internvl":
+        _check_frame_runs(video_mask, _video_rows(arguments), output.pooler_output.shape[1])
     keep_seq = torch.ones_like(video_mask)
     keep_seq[video_mask] = torch.cat(keeps)
     batch = input_ids.shape[0]

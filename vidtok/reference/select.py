@@ -431,7 +431,7 @@ def _water_fill(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, total: torc
     safe_w = torch.where(positive, w, torch.ones_like(w))
     never = torch.full_like(w, float("inf"))
     enter, leave = torch.where(positive, lo / safe_w, never), torch.where(positive, hi / safe_w, never)
-    at = torch.sort(torch.cat([torch.zeros_like(w[:, :1]), enter, leave], 1), dim=1).values  # [B, 2T + 1], at[:, 0] = 0 where S = sum lo <= total
+    at = torch.sort(torch.cat([w.new_zeros(B, 1), enter, leave], 1), dim=1).values  # [B, 2T + 1], at[:, 0] = 0 where S = sum lo <= total
     goal = total[:, None]
     first = torch.zeros(B, 1, dtype=torch.int64, device=w.device)
     last = torch.full((B, 1), 2 * T, dtype=torch.int64, device=w.device)
@@ -535,8 +535,8 @@ def topk_per_frame(scores: torch.Tensor, budgets: torch.Tensor, capacity: int) -
 def kept_index(keep: torch.Tensor, capacity: int) -> torch.Tensor:
     """int32 ``[B, capacity]``: the flat positions t * N + n of the kept tokens of keep ``[B, T, N]`` in
     (t, n) order, then -1 (a prefix sum and a scatter, never ``nonzero``)."""
-    B = keep.shape[0]
-    flat = keep.reshape(B, -1)
+    B, T, N = keep.shape
+    flat = keep.reshape(B, T * N)
     # dropped tokens go to a scratch column; kept ones are below capacity (the op checks the totals)
     slot = torch.where(flat, flat.cumsum(1) - 1, capacity)
     index = torch.full((B, capacity + 1), -1, dtype=torch.int32, device=keep.device)
