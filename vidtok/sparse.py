@@ -739,7 +739,9 @@ def _keys_to_words(keys: torch.Tensor) -> torch.Tensor:
 def _tile_validity(qkind: torch.Tensor, kkind: torch.Tensor, first_bits: int) -> tuple[TileValidity, torch.Tensor]:
     """The TileValidity of tiles of kinds qkind [B, nQ, BQ] and kkind [B, nK, BK] (``_padded_tile_coords``)
     and the bit patterns [E, BQ, W] of its partial "every valid pair" states, numbered from
-    ``first_bits``. Tiles with equal padding positions share one pattern (found with one host sync)."""
+    ``first_bits``. Tiles with equal padding positions share one pattern. The numbers of patterns and of
+    partial pairs size the outputs, so they are read on the host (three syncs, once per plan, beside
+    build_plan's own read of its tile count)."""
     def patterns(kind):
         valid = (kind != _KIND_PAD).flatten(0, 1)  # [B * n, block]
         ids = _row_ids(valid.long()) if valid.shape[0] else valid.new_zeros(0, dtype=torch.int64)

@@ -6,6 +6,7 @@ Kept in the package (not in tests/) so that benchmarks and users' own tests use 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -363,8 +364,6 @@ def attention_like_qkv(grid, B: int, H: int, D: int, *, seed: int = 0, sharpness
 
 # ---------------------------------------------------------------------------------------------------
 # Synthetic long-video frame embeddings: frame selection quality without a pretrained model
-
-from typing import NamedTuple  # noqa: E402  (appended section)
 
 
 class SyntheticVideo(NamedTuple):

@@ -5,6 +5,11 @@ listed in ``Decode.features``), one record per video. Each stage's ``apply(recor
 returns it; ``stage(batch)`` does the same on a one-video Ray Data batch (``batch_size=1``), and
 turns an exception into the record's ``error`` so that one bad video never stops a run.
 
+Records live on the host, so every stage ends by copying its few per-video results there (a sync per
+stage and video, outside vidtok's ops); the shot bookkeeping between ops (cut positions, stitching,
+capping) is small host work on those results. Decode copies each chunk's embeddings and deltas as it
+goes: its ops timer then measures finished GPU work, and the device holds one chunk at a time.
+
 Frame indices inside a record count *analysed* frames (the decoded frames kept at ``Config.fps``);
 the table (``shot_table``) reports source frame numbers and seconds.
 """

@@ -303,8 +303,8 @@ class EVS:
     ``evs_count(h*w, T, q)`` highest scores of the whole video are kept (ties to the lower (t, h, w)
     position, as their stable argsort). Kept tokens keep their prompt slots and M-RoPE positions.
 
-    ``per_frame=True`` fixes each frame's count instead (the misaligned per-frame placeholders of
-    vLLM issue 30847 cannot happen): frame 0 whole, the other frames split the rest of the same total
+    ``per_frame=True`` fixes each frame's count instead, so a prompt with one placeholder run per
+    frame (timestamps between frames) cannot misalign with the kept tokens: frame 0 whole, the other frames split the rest of the same total
     evenly, the earlier frames taking the extra token (``allocate_budget``'s "uniform" rule), and
     each frame keeps its top tokens (``topk_per_frame``). ``frame_counts(grid)`` gives them.
 

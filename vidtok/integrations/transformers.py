@@ -469,12 +469,12 @@ def _check_frame_runs(placeholders: torch.Tensor, rows: list[tuple[int, int]], p
                     "frames only (see internvl_video_rows)")
 
 
-def _video_features(model, family: str, arguments: dict):
+def _video_features(model, family: str, arguments: dict, rows: list[tuple[int, int]] | None):
     """(tower output, per-video [n_i, C] bodies, per-video tails or None, per-video LLM-side grids).
-    InternVL: the tower output covers every pixel_values row (images and frames)."""
+    InternVL: the tower output covers every pixel_values row (images and frames); ``rows`` are the
+    videos' (first row, frames)."""
     inner, config = model.model, model.config
     if family == "internvl":
-        rows = _video_rows(arguments)
         output = inner.get_image_features(
             arguments["pixel_values"],
             vision_feature_layer=arguments.get("vision_feature_layer"),
@@ -548,15 +548,17 @@ def _compress(model, state: _Patch, arguments: dict, *, for_generate: bool) -> d
         )
 
     # 1. The policy, once per video; its count predicted from the grid before the encoder runs.
+    rows = None  # InternVL: each video's (first pixel_values row, frames)
     if family == "qwen":
         grids = _llm_grids(config, family, arguments.get("video_grid_thw"))
     elif family == "llava":
         videos = arguments["pixel_values_videos"]
         grids = _llm_grids(config, family, num_frames=[videos.shape[1]] * videos.shape[0])
     else:
-        grids = _llm_grids(config, family, num_frames=[f for _, f in _video_rows(arguments)])
+        rows = _video_rows(arguments)
+        grids = _llm_grids(config, family, num_frames=[f for _, f in rows])
     predicted = [predicted_tokens(state.policy, grid) for grid in grids]
-    output, bodies, tails, grids = _video_features(model, family, arguments)
+    output, bodies, tails, grids = _video_features(model, family, arguments, rows)
     device = input_ids.device
     outs, origins, keeps = [], [], []
     for i, (body, tail, grid) in enumerate(zip(bodies, tails, grids)):
@@ -585,7 +587,7 @@ def _compress(model, state: _Patch, arguments: dict, *, for_generate: bool) -> d
         flat = pooled.reshape(-1, pooled.shape[-1])
         keep_all = torch.ones(flat.shape[0], dtype=torch.bool, device=device)
         pieces, done = [], 0
-        for (s, f), keep, out in zip(_video_rows(arguments), keeps, outs):
+        for (s, f), keep, out in zip(rows, keeps, outs):
             keep_all[s * per_row : (s + f) * per_row] = keep
             pieces += [flat[done * per_row : s * per_row], out]
             done = s + f
@@ -604,7 +606,7 @@ def _compress(model, state: _Patch, arguments: dict, *, for_generate: bool) -> d
             f"input_ids hold {placeholders} placeholder tokens (id {placeholder}) but {given} {expected} tokens"
         )
     if family == "internvl":
-        _check_frame_runs(video_mask, _video_rows(arguments), output.pooler_output.shape[1])
+        _check_frame_runs(video_mask, rows, output.pooler_output.shape[1])
     keep_seq = torch.ones_like(video_mask)
     keep_seq[video_mask] = torch.cat(keeps)
     batch = input_ids.shape[0]
